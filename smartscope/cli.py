@@ -1,0 +1,239 @@
+"""`smartscope` command line: demo, serve, worker, simulate, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from smartscope.config import ConfigError, SmartscopeConfig, load_config
+
+log = logging.getLogger("smartscope")
+
+
+def _load(path: str | None) -> SmartscopeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+# -- demo ----------------------------------------------------------------------
+
+
+def _serve_in_thread(app, host: str) -> tuple[object, int]:
+    """uvicorn on a free loopback port, in a background thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("API server did not start")
+        time.sleep(0.05)
+    return server, port
+
+
+def _http(method: str, url: str, token: str | None = None, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from smartscope.api import create_app
+    from smartscope.service import Daemon
+
+    config = _load(args.config)
+    # private, collision-free ports: the demo is one process tree on loopback
+    config.transport.frames_address = "tcp://127.0.0.1:0"
+    config.transport.results_address = "tcp://127.0.0.1:0"
+    config.inference.workers = max(1, config.inference.workers)
+    out = Path(args.out)
+    token = secrets.token_urlsafe(24)
+    try:
+        daemon = Daemon(config)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    server = None
+    try:
+        print(f"starting {config.inference.workers} inference worker(s)…", flush=True)
+        daemon.spawn_workers()
+        daemon.wait_for_workers(config.inference.workers)
+        print(f"workers ready on {daemon.status()['provider']}", flush=True)
+        server, port = _serve_in_thread(create_app(daemon, token=token), "127.0.0.1")
+        base = f"http://127.0.0.1:{port}"
+        print(f"API on {base} (docs: {base}/docs)", flush=True)
+        daemon.storage_root.mkdir(parents=True, exist_ok=True)
+        run = daemon.start_acquisition(out, args.frames)
+        while not run.done.wait(1.0):
+            st = _http("GET", f"{base}/status")
+            latest = st.get("latest") or {}
+            print(f"  frame {st.get('frames_acquired', 0):>6}/{run.n_frames}  inferred {st.get('frames_inferred', 0):>6}"
+                  f"  emitters {latest.get('n_emitters', '-'):>3}  activation {st['actuators'].get('activation_mw') or 0:6.1f} mW"
+                  f"  z {st['actuators'].get('z_um') or 0:+.3f} µm" + (f"  HOLD: {st['hold']}" if st.get("hold") else ""),
+                  flush=True)
+        summary = run.summary
+        print(json.dumps({k: summary[k] for k in ("state", "frames_acquired", "frames_saved", "frames_inferred",
+                                                  "frames_dropped_inference", "latency_ms", "provider",
+                                                  "actions", "localizations")}, indent=2))
+        print(f"results in {out}/")
+        return 0 if summary["state"] == "finished" else 1
+    finally:
+        if server is not None:
+            server.should_exit = True
+        daemon.close()
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from smartscope.api import create_app
+    from smartscope.service import Daemon
+
+    config = _load(args.config)
+    host = args.host or config.api.host
+    port = args.port if args.port is not None else config.api.port
+    token = config.api.resolved_token()
+    if token is None:
+        log.warning("no API token (SMARTSCOPE_TOKEN or api.token): all writes are refused")
+    try:
+        daemon = Daemon(config)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        daemon.spawn_workers()
+        uvicorn.run(create_app(daemon, token=token, protect_reads=config.api.protect_reads),
+                    host=host, port=port, log_level="info")
+    finally:
+        daemon.close()
+    return 0
+
+
+# -- worker --------------------------------------------------------------------
+
+
+def _with_host(address: str, host: str) -> str:
+    host = host.removeprefix("tcp://")
+    port = address.rsplit(":", 1)[1]
+    return f"tcp://{host}:{port}"
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from smartscope.inference.session import ModelError
+    from smartscope.inference.worker import run_worker
+
+    config = _load(args.config)
+    frames, results = config.transport.frames_address, config.transport.results_address
+    if args.connect:
+        frames, results = _with_host(frames, args.connect), _with_host(results, args.connect)
+    inf = config.inference
+    try:
+        counts = run_worker(args.frames_address or frames, args.results_address or results,
+                            model=args.model or inf.model, provider=args.provider or inf.provider,
+                            threshold=args.threshold or inf.detection_threshold)
+    except ModelError as e:
+        raise SystemExit(f"error: {e}") from None
+    log.info("worker done: %s", counts)
+    return 0
+
+
+# -- simulate ------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from smartscope.simulation.export import simulate_to_dir
+
+    config = _load(args.config)
+    paths = simulate_to_dir(config, n_frames=args.frames, out_dir=Path(args.out), seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+# -- train ---------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.model != "localization":
+        raise SystemExit(f"error: unknown model {args.model!r}; available: localization")
+    try:
+        from smartscope.training.localization import train_and_export
+    except ImportError as e:
+        raise SystemExit(f"error: training needs the train extra (pip install 'smartscope[train]'): {e}") from None
+    from smartscope.resources import bundled_path
+
+    out_dir = Path(args.out) if args.out else bundled_path("models")
+    card = train_and_export(seed=args.seed, out_dir=out_dir, steps=args.steps)
+    print(json.dumps(card["metrics"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartscope", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole closed loop on the simulated microscope")
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--config", default=None, help="YAML config (default: the shipped demo.yaml)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the daemon with its REST API")
+    p.add_argument("--config", default=None)
+    p.add_argument("--host", default=None, help="bind address (default from config: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="one inference worker")
+    p.add_argument("--connect", default=None, help="daemon host (ports from the config)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--frames-address", default=None)
+    p.add_argument("--results-address", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("simulate", help="write a simulated stack and its ground truth")
+    p.add_argument("--frames", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train a model on the simulation and export it to ONNX")
+    p.add_argument("model", help="localization")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--out", default=None, help="output folder (default: models/)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The one configuration model of a smartscope run, loaded from YAML.
+
+Every limit, device label and address lives here, never in code. Bad values are
+refused at load with the failing field named (pydantic), so a run never starts
+half-configured.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from smartscope.resources import bundled_path
+from smartscope.simulation.config import SimulationConfig
+from smartscope.transport.protocol import CameraParams
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PropertyRef(_Strict):
+    """A device property that an actuator writes (e.g. a laser's power)."""
+
+    label: str = Field(description="Micro-Manager device label")
+    property: str = Field(description="property name on that device")
+
+
+class DevicesConfig(_Strict):
+    """Which Micro-Manager devices play which role. Optional roles may be null."""
+
+    camera: str = "Camera"
+    focus: str | None = Field("Focus", description="Z stage label (focus drive)")
+    activation_laser: PropertyRef | None = PropertyRef(
+        label="ActivationLaser", property="Power_mW"
+    )
+    excitation_laser: PropertyRef | None = PropertyRef(
+        label="ExcitationLaser", property="Power_mW"
+    )
+    rotation: PropertyRef | None = PropertyRef(label="Rotation", property="Angle_deg")
+    interval: PropertyRef | None = Field(
+        PropertyRef(label="Camera", property="Interval-ms"),
+        description="camera property holding the frame interval; null: the "
+        "acquisition loop restarts the sequence with the new intervalMs instead",
+    )
+
+
+class HardwareConfig(_Strict):
+    camera: CameraParams | None = Field(
+        None,
+        description="camera calibration for real hardware (simulated mode takes it "
+        "from simulation.camera)",
+    )
+    mode: Literal["simulated", "micromanager"] = "simulated"
+    mm_config: str | None = Field(
+        None,
+        description="Micro-Manager .cfg file (mode=micromanager); null loads the "
+        "standard demo config (needs the mm-test-adapters package)",
+    )
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    realtime: bool = Field(
+        True,
+        description="simulated camera paces frames at the real frame interval",
+    )
+    seed: int = 0
+    keep_truth: bool = Field(
+        False, description="simulated mode: keep every frame's ground truth in memory (tests, benchmarks)"
+    )
+
+
+class AcquisitionConfig(_Strict):
+    exposure_ms: float = Field(20.0, gt=0)
+    interval_ms: float = Field(20.0, ge=0)
+    frames: int = Field(300, ge=1, description="frames per acquisition by default")
+    activation_mw: float | None = Field(20.0, description="activation power at start (null: leave)")
+    excitation_mw: float | None = Field(50.0, description="excitation power at start (null: leave)")
+
+
+class Range(_Strict):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class ActuatorLimits(_Strict):
+    """Envelope of one actuator: absolute range, largest single step, pacing."""
+
+    range: Range
+    max_step: float | None = Field(None, gt=0, description="largest change per move")
+    min_period_s: float = Field(0.0, ge=0, description="rate limit between moves")
+    safe_value: float | None = Field(
+        None, description="value set on safe hold / shutdown (lasers: 0)"
+    )
+
+
+def _limits(lo: float, hi: float, **kw: Any) -> ActuatorLimits:
+    return ActuatorLimits(range=Range(min=lo, max=hi), **kw)
+
+
+class SafetyConfig(_Strict):
+    """The safety envelope: every actuator change is clamped to these."""
+
+    activation_mw: ActuatorLimits = Field(
+        default_factory=lambda: _limits(0, 300, max_step=30, min_period_s=0.05, safe_value=0)
+    )
+    excitation_mw: ActuatorLimits = Field(
+        default_factory=lambda: _limits(0, 100, max_step=10, min_period_s=0.05, safe_value=0)
+    )
+    z_um: ActuatorLimits = Field(
+        default_factory=lambda: _limits(-20, 20, max_step=0.2, min_period_s=0.05)
+    )
+    interval_ms: ActuatorLimits = Field(
+        default_factory=lambda: _limits(10, 1000, min_period_s=0.1)
+    )
+    angle_deg: ActuatorLimits = Field(
+        default_factory=lambda: _limits(-60, 60, max_step=15, min_period_s=0.5)
+    )
+    stale_after_s: float = Field(
+        2.0, gt=0, description="no fresh inference for this long: safe hold"
+    )
+
+
+class TransportConfig(_Strict):
+    frames_address: str = "tcp://127.0.0.1:5555"
+    results_address: str = "tcp://127.0.0.1:5556"
+    send_hwm: int = Field(
+        16, ge=1, description="frames queued for workers before new ones are dropped"
+    )
+
+
+class InferenceConfig(_Strict):
+    model: str = Field("localization.onnx", description="path, or name in models/")
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    detection_threshold: float = Field(0.5, gt=0, lt=1)
+    workers: int = Field(1, ge=0, description="worker processes the daemon starts")
+
+
+class PolicySpec(_Strict):
+    name: str
+    module: str = Field(description="import path, e.g. policies.illumination")
+    enabled: bool = True
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ApiConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = Field(
+        None, description="bearer token; SMARTSCOPE_TOKEN in the environment wins"
+    )
+    protect_reads: bool = False
+
+    def resolved_token(self) -> str | None:
+        return os.environ.get("SMARTSCOPE_TOKEN") or self.token
+
+
+class StorageConfig(_Strict):
+    root: str = Field("data", description="acquisitions started over the API go to root/<name or id>")
+
+
+class SmartscopeConfig(_Strict):
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    acquisition: AcquisitionConfig = Field(default_factory=AcquisitionConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    policies: list[PolicySpec] = Field(default_factory=list)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and what to fix."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None) -> SmartscopeConfig:
+    """Load a YAML config; None loads the shipped demo config."""
+    path = Path(path) if path is not None else bundled_path("configs") / "demo.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    try:
+        return SmartscopeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from e

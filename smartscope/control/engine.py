@@ -1,0 +1,163 @@
+"""The policy engine: observations in, checked actions out, every decision logged.
+
+Per inference result: each enabled policy proposes; when two want the same
+actuator, the one listed first in the config wins (the other is logged as
+overridden); the winner passes the safety envelope (range, step, rate) and is
+applied through the actuator. If no fresh result has arrived for
+`stale_after_s`, the engine enters a safe hold (no actions at all) and says why
+in its status; it leaves the hold by itself on the next fresh result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from smartscope.control.policy import Action, Observation, Policy, load_policy_class
+
+if TYPE_CHECKING:
+    from smartscope.config import PolicySpec
+    from smartscope.control.actuator import Actuator
+    from smartscope.control.decisions import DecisionLog
+    from smartscope.control.safety import SafetyEnvelope
+
+
+@dataclass
+class PolicySlot:
+    policy: Policy
+    module: str
+    enabled: bool
+
+
+def build_policies(specs: list[PolicySpec]) -> list[PolicySlot]:
+    """Import and validate every configured policy; ValueError names the bad one."""
+    slots, names = [], set()
+    for i, spec in enumerate(specs):
+        if spec.name in names:
+            raise ValueError(f"policies[{i}].name: duplicate policy name {spec.name!r}")
+        names.add(spec.name)
+        try:
+            cls = load_policy_class(spec.module)
+            slots.append(PolicySlot(cls(spec.name, spec.params), spec.module, spec.enabled))
+        except Exception as e:
+            raise ValueError(f"policies[{i}] ({spec.name}): {e}") from e
+    return slots
+
+
+class PolicyEngine:
+    def __init__(
+        self,
+        slots: list[PolicySlot],
+        envelope: SafetyEnvelope,
+        actuator: Actuator,
+        log: DecisionLog,
+        stale_after_s: float,
+    ) -> None:
+        self.slots = {s.policy.name: s for s in slots}
+        self._order = [s.policy.name for s in slots]
+        self._envelope = envelope
+        self._actuator = actuator
+        self._log = log
+        self._stale_after_s = stale_after_s
+        self._lock = threading.RLock()
+        self._last_result_s: float | None = None
+        self.hold_reason: str | None = None
+        self.actions: Counter[str] = Counter()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def reset(self, now_s: float | None = None) -> None:
+        """Start of an acquisition: fresh controllers, staleness clock restarted."""
+        with self._lock:
+            for slot in self.slots.values():
+                slot.policy.reset()
+            self._last_result_s = time.time() if now_s is None else now_s
+            self.hold_reason = None
+            self.actions.clear()
+
+    def check_stale(self, now_s: float | None = None) -> bool:
+        """Enter safe hold if results are overdue; True while holding."""
+        now_s = time.time() if now_s is None else now_s
+        with self._lock:
+            if self._last_result_s is None:
+                return self.hold_reason is not None
+            age = now_s - self._last_result_s
+            if age > self._stale_after_s and self.hold_reason is None:
+                self.hold_reason = f"no inference result for {age:.1f}s (> {self._stale_after_s}s)"
+                self._log.append({"t_s": now_s, "frame": None, "policy": None, "outcome": "hold",
+                                  "reason": self.hold_reason})
+            return self.hold_reason is not None
+
+    # -- the loop ---------------------------------------------------------------
+
+    def on_observation(self, obs: Observation, now_s: float | None = None) -> list[dict[str, Any]]:
+        now_s = time.time() if now_s is None else now_s
+        with self._lock:
+            self._last_result_s = now_s
+            if self.hold_reason is not None:
+                self._log.append({"t_s": now_s, "frame": obs.seq, "policy": None, "outcome": "resume",
+                                  "reason": f"fresh inference result after hold ({self.hold_reason})"})
+                self.hold_reason = None
+            proposals = self._collect(obs, now_s)
+            return [self._apply(name, action, obs, now_s, overridden)
+                    for name, action, overridden in proposals]
+
+    def _collect(self, obs: Observation, now_s: float) -> list[tuple[str, Action, list[str]]]:
+        winners: dict[str, tuple[str, Action, list[str]]] = {}
+        available = set(self._actuator.available())
+        for name in self._order:
+            slot = self.slots[name]
+            if not slot.enabled:
+                continue
+            try:
+                actions = slot.policy.propose(obs)
+            except Exception as e:  # the contract: log, drop, carry on
+                self._log.append({"t_s": now_s, "frame": obs.seq, "policy": name, "outcome": "error",
+                                  "reason": f"{type(e).__name__}: {e}"})
+                continue
+            for action in actions:
+                if action.actuator not in available:
+                    continue
+                if action.actuator in winners:
+                    winners[action.actuator][2].append(name)
+                else:
+                    winners[action.actuator] = (name, action, [])
+        return list(winners.values())
+
+    def _apply(self, policy: str, action: Action, obs: Observation, now_s: float,
+               overridden: list[str]) -> dict[str, Any]:
+        before = self._actuator.snapshot()[action.actuator]
+        verdict = self._envelope.check(action.actuator, before, action.value, now_s)
+        if verdict.applied is not None and verdict.applied != before:
+            self._actuator.write(action.actuator, verdict.applied)
+            self._envelope.record_move(action.actuator, now_s)
+            self.actions[policy] += 1
+        entry = {
+            "t_s": now_s,
+            "frame": obs.seq,
+            "policy": policy,
+            "actuator": action.actuator,
+            "inputs": action.inputs,
+            "before": before,
+            "requested": action.value,
+            "applied": verdict.applied,
+            "outcome": verdict.outcome,
+            "reason": action.reason,
+            "envelope": verdict.notes,
+            "overridden": overridden,
+        }
+        self._log.append(entry)
+        return entry
+
+    # -- run-time changes (API) -------------------------------------------------
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        with self._lock:
+            self.slots[name].enabled = enabled
+
+    def update_params(self, name: str, changes: dict[str, Any]) -> None:
+        with self._lock:
+            self.slots[name].policy.update_params(changes)

@@ -1,0 +1,115 @@
+"""The Policy contract: what a policy sees, what it may propose, how it fails.
+
+Lifecycle: the engine builds each policy once from its validated `Params`,
+calls `reset()` at the start of every acquisition, then `propose(obs)` once per
+inference result, in frame order as results arrive (frames may be missing: the
+inference stream is allowed to drop). A policy never touches the core: it
+returns `Action`s and the engine clamps them to the safety envelope,
+rate-limits them and applies them through the one actuator door.
+
+Failure path: an exception raised by `propose` is logged as a decision with
+outcome "error" and the policy's actions for that frame are dropped; the
+engine and other policies carry on. A policy that wants to say "no change"
+returns an empty list.
+
+To add a policy: drop a module in `policies/` (or anywhere importable) that
+defines one `Policy` subclass, and name its import path in the config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS
+
+ACTUATORS = ("activation_mw", "excitation_mw", "z_um", "interval_ms", "angle_deg")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One inference result with the acquisition state at its frame's capture."""
+
+    seq: int
+    t_capture_s: float
+    n_emitters: int
+    localizations: np.ndarray  # (N, 6) float, columns LOCALIZATION_COLUMNS
+    background_photons: float | None
+    state: dict[str, float | None]  # actuator values at capture, keys in ACTUATORS
+    field_area_um2: float
+    event_score: float | None = None  # 0..1 when an event model runs, else None
+
+    def column(self, name: str) -> np.ndarray:
+        return self.localizations[:, LOCALIZATION_COLUMNS.index(name)]
+
+
+@dataclass(frozen=True)
+class Action:
+    """A proposed absolute value for one actuator, with the reason in words."""
+
+    actuator: str
+    value: float
+    reason: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.actuator not in ACTUATORS:
+            raise ValueError(f"unknown actuator {self.actuator!r}; one of {ACTUATORS}")
+        if not np.isfinite(self.value):
+            raise ValueError(f"non-finite value for {self.actuator}")
+
+
+class PolicyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Policy(ABC):
+    """Base class of every policy; subclasses set `Params` and `actuators`."""
+
+    Params: ClassVar[type[PolicyParams]] = PolicyParams
+    actuators: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, params: PolicyParams | dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.params = self.Params.model_validate(params or {})
+        self.reset()
+
+    def update_params(self, changes: dict[str, Any]) -> None:
+        """Validate the merged parameters first, then swap them in as one step."""
+        merged = {**self.params.model_dump(), **changes}
+        self.params = self.Params.model_validate(merged)
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """Forget controller state (integrators, history) before a new acquisition."""
+
+    @abstractmethod
+    def propose(self, obs: Observation) -> list[Action]:
+        """Actions for this observation (absolute values), or [] for no change."""
+
+
+def load_policy_class(module_path: str) -> type[Policy]:
+    """The single Policy subclass defined in a module (or `module:Class`)."""
+    module_name, _, class_name = module_path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import policy module {module_name!r}: {e}") from e
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if not (inspect.isclass(cls) and issubclass(cls, Policy)):
+            raise ValueError(f"{module_path!r} is not a Policy subclass")
+        return cls
+    found = [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj) and issubclass(obj, Policy) and obj.__module__ == module.__name__
+    ]
+    if len(found) != 1:
+        raise ValueError(f"module {module_name!r} must define exactly one Policy subclass, found {len(found)}")
+    return found[0]

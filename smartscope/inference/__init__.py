@@ -1,0 +1,1 @@
+"""Inference: ONNX Runtime sessions, pre/post-processing, the worker process."""

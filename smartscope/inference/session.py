@@ -1,0 +1,92 @@
+"""ONNX Runtime sessions for the shipped models, checked against their model cards.
+
+The model card (JSON beside the .onnx file) is the one source of truth for a
+model's input layout, normalisation and the physical scale it was trained at;
+`load_model` refuses a model whose card and graph disagree, or that does not
+fit the frames it will see, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from smartscope.resources import resolve_model_path
+
+
+class ModelError(ValueError):
+    """A model that cannot serve this run (missing, inconsistent, wrong scale)."""
+
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """CUDA when available (and wanted), CPU always as the fallback."""
+    available = ort.get_available_providers()
+    if preference == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ModelError("inference.provider: cuda requested but onnxruntime has no "
+                         f"CUDAExecutionProvider (available: {available}); install smartscope[gpu]")
+    if preference in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class LoadedModel:
+    session: ort.InferenceSession
+    card: dict[str, Any]
+    path: Path
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+def read_card(model: str) -> tuple[Path, dict[str, Any]]:
+    """The model file and its card; ModelError if either is missing."""
+    path = resolve_model_path(model)
+    if not path.is_file():
+        raise ModelError(f"inference.model: model file not found: {path}")
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        raise ModelError(f"inference.model: model card not found: {card_path}")
+    return path, json.loads(card_path.read_text())
+
+
+def load_model(model: str, preference: str = "auto", *, threads: int | None = None) -> LoadedModel:
+    path, card = read_card(model)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=choose_providers(preference))
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ModelError(f"inference.model: cannot load {path}: {e}") from e
+    spec = card["inputs"][0]
+    graph_input = session.get_inputs()[0]
+    if graph_input.name != spec["name"] or len(graph_input.shape) != len(spec["shape"]):
+        raise ModelError(f"model {path.name}: graph input {graph_input.name}{graph_input.shape} "
+                         f"does not match its card {spec['name']}{spec['shape']}")
+    return LoadedModel(session, card, path)
+
+
+def check_fits_frames(card: dict[str, Any], shape_px: tuple[int, int], pixel_size_nm: float) -> None:
+    """The frames must be at least the model's minimum size and at its pixel scale."""
+    min_px = card.get("min_input_px", 1)
+    if min(shape_px) < min_px:
+        raise ModelError(f"frames of {shape_px[0]}x{shape_px[1]} px are smaller than the model's "
+                         f"minimum input of {min_px} px ({card['name']})")
+    trained_nm = card.get("pixel_size_nm")
+    if trained_nm and abs(pixel_size_nm / trained_nm - 1) > 0.1:
+        raise ModelError(f"camera pixel size {pixel_size_nm} nm is more than 10% off the "
+                         f"{trained_nm} nm the model {card['name']} was trained at")

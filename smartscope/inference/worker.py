@@ -1,0 +1,85 @@
+"""An inference worker: pull frames over ZeroMQ, localize, push results back.
+
+Run one per process (`smartscope worker --connect HOST`); several workers on
+one or many machines share the frame stream (PUSH/PULL load-balances). A
+malformed message is counted and dropped; the worker never dies of bad input.
+It exits on SIGTERM/SIGINT or when `stop` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import zmq
+
+from smartscope.inference.localization import localize_frame
+from smartscope.inference.session import load_model
+from smartscope.transport.protocol import MalformedMessage, Result, decode_frame, encode_result
+
+log = logging.getLogger("smartscope.worker")
+
+
+def run_worker(frames_address: str, results_address: str, *, model: str, provider: str = "auto",
+               threshold: float = 0.5, stop: threading.Event | None = None,
+               threads: int | None = None) -> dict[str, int]:
+    """Serve until stopped; returns counts (frames, results, malformed)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    loaded = load_model(model, provider, threads=threads)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    name = loaded.card["name"]
+    log.info("worker %s: model %s on %s", worker_id, name, loaded.provider)
+
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 2)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.connect(frames_address)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 64)
+    push.setsockopt(zmq.LINGER, 500)
+    push.connect(results_address)
+    counts = {"frames": 0, "results": 0, "malformed": 0}
+
+    def send(result: Result) -> None:
+        try:
+            push.send(encode_result(result), flags=zmq.NOBLOCK)
+            counts["results"] += 1
+        except zmq.Again:
+            pass  # daemon gone or saturated: results are allowed to drop
+
+    send(Result(kind="hello", worker_id=worker_id, provider=loaded.provider, model=name,
+                t_done_s=time.time()))
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    try:
+        while not stop.is_set():
+            if not poller.poll(200):
+                continue
+            parts = pull.recv_multipart(copy=False)
+            counts["frames"] += 1
+            try:
+                header, frame = decode_frame(parts)
+            except MalformedMessage as e:
+                counts["malformed"] += 1
+                log.warning("dropped malformed frame message (%d so far): %s", counts["malformed"], e)
+                continue
+            t0 = time.perf_counter()
+            locs, background = localize_frame(loaded, frame, header.camera, threshold=threshold)
+            infer_ms = (time.perf_counter() - t0) * 1000
+            send(Result(seq=header.seq, t_capture_s=header.t_capture_s, t_done_s=time.time(),
+                        worker_id=worker_id, provider=loaded.provider, model=name, infer_ms=infer_ms,
+                        n_emitters=len(locs), localizations=[tuple(r) for r in locs.tolist()],
+                        background_photons=background, malformed_frames=counts["malformed"],
+                        header=header))
+    finally:
+        pull.close()
+        push.close()
+    return counts

@@ -1,0 +1,56 @@
+"""The shipped ONNX model through ONNX Runtime, on frames from our own simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smartscope.evaluation import score
+from smartscope.inference.localization import localize_frame
+from smartscope.inference.session import choose_providers, load_model
+from smartscope.simulation import CameraConfig, OpticsConfig
+from smartscope.simulation.tiles import simulate_tiles
+from smartscope.transport import CameraParams
+
+CAM = CameraConfig()
+PARAMS = CameraParams(pixel_size_nm=CAM.pixel_size_nm, offset_adu=CAM.offset_adu, e_per_adu=CAM.e_per_adu,
+                      qe=CAM.qe)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("localization.onnx", "cpu")
+
+
+def test_cpu_provider_without_gpu():
+    assert choose_providers("auto")[-1] == "CPUExecutionProvider"
+
+
+def test_localizes_sparse_emitters_accurately(model):
+    rng = np.random.default_rng(3)
+    emitters = [np.column_stack([rng.uniform(800, 5600, (6, 2)), rng.uniform(-300, 300, 6), np.full(6, 2000.0)])
+                for _ in range(20)]
+    frames_adu, truth = simulate_tiles(rng, 20, 64, OpticsConfig(), CAM, emitters=emitters,
+                                       background=np.full(20, 20.0), as_adu=True)
+    pred = [localize_frame(model, f, PARAMS, threshold=0.5)[0] for f in frames_adu]
+    s = score([t[:, :3] for t in truth], [p[:, :3] for p in pred])
+    assert s["recall"] >= 0.9 and s["precision"] >= 0.9
+    assert s["rmse_lateral_nm"] < 30 and s["rmse_axial_nm"] < 80
+    photons = np.concatenate([p[:, 3] for p in pred])
+    assert abs(np.median(photons) / 2000 - 1) < 0.15
+
+
+@pytest.mark.parametrize("shape", [(61, 47), (8, 8), (130, 97)])
+def test_sizes_off_the_stride_and_empty_frames(model, shape):
+    frame = np.full(shape, 100, np.uint16)  # offset only: no light at all
+    locs, bg = localize_frame(model, frame, PARAMS, threshold=0.5)
+    assert locs.shape == (0, 6) and bg == 0.0
+
+
+def test_nan_and_saturated_pixels_invent_nothing(model):
+    frame = np.full((32, 32), 120.0, np.float32)
+    frame[5:9, 5:9] = np.nan
+    locs, _ = localize_frame(model, frame, PARAMS, threshold=0.5)
+    assert len(locs) == 0
+    sat = np.full((32, 32), 65535, np.uint16)  # a fully saturated frame is flat: nothing to find
+    assert len(localize_frame(model, sat, PARAMS, threshold=0.5)[0]) == 0
