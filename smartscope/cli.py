@@ -185,6 +185,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from smartscope.bench import run_benchmark
+
+    try:
+        run_benchmark(args.name, Path(args.json) if args.json else None, quick=args.quick)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartscope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -225,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")
     p.set_defaults(func=cmd_train)
+
+    from smartscope.bench import BENCHMARKS
+
+    p = sub.add_parser("bench", help="a benchmark that prints numbers and writes JSON")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

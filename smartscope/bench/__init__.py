@@ -1,0 +1,40 @@
+"""Benchmarks that print numbers and write JSON: `smartscope bench NAME [--json OUT]`.
+
+Each benchmark is a module `smartscope.bench.<name>` with a function
+`run(quick: bool = False) -> dict` that prints a readable table as it goes and
+returns the numbers (written as JSON by the CLI). Timings on shared machines
+are noisy: benchmarks report medians over repeats and ratios measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = ("transport", "latency", "simulation", "localization", "counting", "events", "policies")
+
+
+def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}")
+    try:
+        module = importlib.import_module(f"smartscope.bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"smartscope.bench.{name}":
+            raise ValueError(f"benchmark {name!r} is not implemented yet") from None
+        raise
+    t0 = time.time()
+    results = module.run(quick=quick)
+    report = {"benchmark": name, "quick": quick, "machine": {"python": platform.python_version(),
+              "processor": platform.processor() or platform.machine()},
+              "seconds": round(time.time() - t0, 2), "results": results}
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2, default=float))
+        print(f"wrote {json_out}")
+    return report
