@@ -185,6 +185,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- localize ------------------------------------------------------------------
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    from smartscope.inference.offline import StackError, localize_stack
+    from smartscope.inference.session import ModelError
+
+    try:
+        stats = localize_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
+                               adu_per_electron=args.adu_per_electron, offset_adu=args.offset_adu, qe=args.qe,
+                               em_gain=args.em_gain, model=args.model, threshold=args.threshold,
+                               provider=args.provider)
+    except (StackError, ModelError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(stats))
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------
 
 
@@ -238,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("localize", help="localize every frame of a recorded stack (ThunderSTORM CSV)")
+    p.add_argument("stack", help="TIFF / OME-TIFF stack (frames, y, x)")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
+    p.add_argument("--adu-per-electron", type=float, default=2.0, help="camera gain (ADU per photoelectron)")
+    p.add_argument("--offset-adu", type=float, default=100.0, help="camera baseline (ADU)")
+    p.add_argument("--qe", type=float, default=0.8, help="quantum efficiency")
+    p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
+    p.add_argument("--model", default="localization.onnx")
+    p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_localize)
 
     from smartscope.bench import BENCHMARKS
 
