@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import maximum_filter
 
+from smartscope.inference.refine import refine_positions
 from smartscope.inference.session import LoadedModel
 from smartscope.simulation.camera import adu_to_photons
 
@@ -76,18 +77,25 @@ def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: float, sigm
 
 
 def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,
-                   threshold: float) -> tuple[np.ndarray, float]:
+                   threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
     """One raw frame (ADU) → (localizations, background photons/px).
 
     Saturated pixels (at the integer type's maximum) carry no photon count:
-    they are masked like NaN, so they cannot create detections.
+    they are masked like NaN, so they cannot create detections. With
+    `refine`, isolated detections get a maximum-likelihood position
+    (inference/refine.py) when the model card carries its PSF calibration.
     """
     photons = adu_to_photons(frame_adu, camera)
     if np.issubdtype(frame_adu.dtype, np.integer):
         photons[frame_adu >= np.iinfo(frame_adu.dtype).max] = np.nan
     background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
-    batch, shape = prepare_input(photons, model.card)
-    maps = model.run(batch)
-    locs = decode_maps(maps, shape, model.card, pixel_size_nm=camera.pixel_size_nm,
+    card = model.card
+    batch, shape = prepare_input(photons, card)
+    locs = decode_maps(model.run(batch), shape, card, pixel_size_nm=camera.pixel_size_nm,
                        threshold=threshold, background_photons=background)
+    if refine and "astigmatism" in card and len(locs):
+        locs = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
+                                astig=card["astigmatism"], background=background)
+        locs[:, 4] = mortensen_uncertainty_nm(locs[:, 3], background, float(card["psf_sigma_nm"]),
+                                              camera.pixel_size_nm)
     return locs, background

@@ -149,6 +149,8 @@ def _card_core() -> dict[str, Any]:
         "min_input_px": 8,
         "pixel_size_nm": TRAIN["pixel_size_nm"],
         "psf_sigma_nm": round(float(sx[0]), 1),
+        "astigmatism": {"sigma0_nm": optics.sigma0_nm(), "focal_offset_nm": optics.astig_focal_offset_nm,
+                        "depth_nm": optics.astig_depth_nm},
     }
 
 
