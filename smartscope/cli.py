@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -120,10 +122,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}") from None
     try:
         daemon.spawn_workers()
-        uvicorn.run(create_app(daemon, token=token, protect_reads=config.api.protect_reads),
-                    host=host, port=port, log_level="info")
+        app = create_app(daemon, token=token, protect_reads=config.api.protect_reads)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+        server.capture_signals = lambda: _stop_on_signals(server)
+        server.run()
+        log.info("shutting down: acquisition stopped, files closed, lasers safe, workers told to exit")
     finally:
         daemon.close()
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(server):
+    """SIGTERM/SIGINT end uvicorn's loop (a second SIGINT forces it), then `serve` closes the daemon.
+
+    uvicorn's own handling re-raises the signal after its shutdown, which
+    would kill the process before the daemon stops the run and closes its files.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- report --------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from smartscope.report import NotARunError, write_report
+
+    try:
+        paths = write_report(Path(args.dir))
+    except NotARunError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
 
@@ -232,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="redraw report.png and report.csv of a finished run")
+    p.add_argument("dir", help="the run folder (holds frames.csv, summary.json, ...)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("worker", help="one inference worker")
     p.add_argument("--connect", default=None, help="daemon host (ports from the config)")

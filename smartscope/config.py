@@ -158,6 +158,12 @@ class ApiConfig(_Strict):
         None, description="bearer token; SMARTSCOPE_TOKEN in the environment wins"
     )
     protect_reads: bool = False
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to call the API (CORS), e.g. ['http://localhost:3000']; "
+        "empty: CORS closed",
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
 
     def resolved_token(self) -> str | None:
         return os.environ.get("SMARTSCOPE_TOKEN") or self.token

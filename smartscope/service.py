@@ -3,10 +3,18 @@
 Threads: an acquisition thread per run (camera → storage + workers), and one
 results thread (workers → localization table, statistics, policy engine →
 actuator). The API and the CLI only call the public methods here.
+
+Run states (as pymmcore-plus's MDA runner): acquiring ⇄ paused → finishing
+(files being closed, report drawn) → finished | cancelled | errored.
+Listeners registered with `subscribe` are called (from the results or the
+acquisition thread, so they must be quick and thread-safe) whenever a new
+inference result, decision or state change is there to be read.
 """
 
 from __future__ import annotations
 
+import bisect
+import csv
 import json
 import logging
 import subprocess
@@ -14,9 +22,11 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -34,7 +44,17 @@ from smartscope.storage import FrameWriter, LocalizationWriter
 from smartscope.transport.protocol import CameraParams, Result
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
+if TYPE_CHECKING:
+    import useq
+
 log = logging.getLogger("smartscope")
+
+#: per-frame inference record written next to the data (the report reads it)
+INFERENCE_COLUMNS = ("frame", "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "focus_nm",
+                     "event_score", "background_photons", "set_point_emitters", "worker")
+#: upper bounds (ms) of the inference latency histogram buckets (/metrics)
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+RUN_STATES = ("acquiring", "paused", "finishing", "finished", "cancelled", "errored")
 
 
 class Busy(RuntimeError):
@@ -45,12 +65,68 @@ class Busy(RuntimeError):
         self.running_id = running_id
 
 
+class WrongState(RuntimeError):
+    """The request does not fit the acquisition's state (e.g. resume while acquiring)."""
+
+
+class LatencyHistogram:
+    """Cumulative inference latency counts (ms) in LATENCY_BUCKETS_MS; + Inf last."""
+
+    def __init__(self, bounds_ms: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
+        self.bounds_ms = tuple(bounds_ms)
+        self.counts = [0] * (len(self.bounds_ms) + 1)
+        self.sum_ms = 0.0
+        self.count = 0
+
+    def observe(self, value_ms: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds_ms, value_ms)] += 1
+        self.sum_ms += value_ms
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, observations <= it) pairs, Prometheus style, ending in '+Inf'."""
+        out, total = [], 0
+        for bound, n in zip((*map(str, self.bounds_ms), "+Inf"), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+def frames_from_sequence(sequence: useq.MDASequence) -> tuple[int, float]:
+    """(frames, interval_ms) of a time-lapse MDASequence; ValueError for anything else.
+
+    smartscope streams one camera sequence per acquisition, so only a time
+    plan (one interval) is supported: z stacks, channels, positions, grids
+    and autofocus plans are refused with a message that says so.
+    """
+    other = [name for name, present in (
+        ("z_plan", sequence.z_plan is not None), ("channels", bool(sequence.channels)),
+        ("stage_positions", bool(sequence.stage_positions)), ("grid_plan", sequence.grid_plan is not None),
+        ("autofocus_plan", sequence.autofocus_plan is not None)) if present]
+    if other:
+        raise ValueError(f"only time plans are supported (one camera sequence per acquisition); "
+                         f"remove {', '.join(other)} from the sequence")
+    plan = sequence.time_plan
+    if plan is None:
+        raise ValueError("the sequence needs a time_plan, e.g. {\"interval\": 0.05, \"loops\": 100}")
+    if not hasattr(plan, "interval"):
+        raise ValueError(f"{type(plan).__name__} is not supported: use one phase with one interval "
+                         "(interval+loops, duration+loops or interval+duration)")
+    n = plan.num_timepoints()
+    if n < 1:
+        raise ValueError("the time plan has no time points")
+    return n, plan.interval.total_seconds() * 1000
+
+
 @dataclass
 class AcquisitionRun:
     id: str
     n_frames: int
     out_dir: Path
-    state: str = "acquiring"  # acquiring → finishing → finished | cancelled | errored
+    state: str = "acquiring"  # one of RUN_STATES
+    exposure_ms: float | None = None
+    interval_ms: float | None = None
+    sequence: dict[str, Any] | None = None  # the MDASequence it was started with (JSON)
     counts: LoopCounts = field(default_factory=LoopCounts)
     inferred: int = 0
     localizations: int = 0
@@ -59,11 +135,20 @@ class AcquisitionRun:
     finished_s: float | None = None
     error: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    pause: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)  # camera stopped, buffer empty
+    pauses: int = 0
+    resumed_s: float | None = None
+    saved_lasers: dict[str, float | None] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     writer: FrameWriter | None = None
     locs: LocalizationWriter | None = None
+    inference_fh: Any = None
+    files_closed: bool = False  # set under `lock` when the writers close: late results are ignored
+    inference_csv: Any = None
     summary: dict[str, Any] | None = None
+    report_error: str | None = None
 
     def latency_percentiles(self) -> dict[str, float | None]:
         if not self.latencies_ms:
@@ -82,6 +167,17 @@ def camera_params(config: SmartscopeConfig, core) -> CameraParams:
     pixel_um = core.getPixelSizeUm()
     log.warning("hardware.camera not set: assuming offset 0, 1 e-/ADU, QE 1")
     return CameraParams(pixel_size_nm=(pixel_um or 0.1) * 1000, offset_adu=0, e_per_adu=1, qe=1)
+
+
+class _KeepLatest:
+    """Hands frames on to the FrameWriter and keeps a reference to the newest one."""
+
+    def __init__(self, writer: FrameWriter, daemon: Daemon) -> None:
+        self._writer, self._daemon = writer, daemon
+
+    def put(self, frame: np.ndarray, state: dict) -> None:
+        self._daemon.latest_frame = (frame, state)
+        self._writer.put(frame, state)
 
 
 def _bind_address(socket_address: str) -> str:
@@ -108,7 +204,13 @@ class Daemon:
         self.frames_address = self.publisher.endpoint
         self.results_address = self.receiver.endpoint
         self.workers: dict[str, dict[str, Any]] = {}
-        self.latest: dict[str, Any] | None = None
+        self.latest: dict[str, Any] | None = None  # newest per-frame summary (stream, status)
+        self.latest_result: dict[str, Any] | None = None  # ... with its localizations
+        self.latest_frame: tuple[np.ndarray, dict] | None = None  # newest frame and its state
+        self.results_seen = 0  # per-frame summaries so far (the stream counts what it skips)
+        self.latency_hist = LatencyHistogram()
+        self.moves: Counter[tuple[str, str]] = Counter()  # (actuator, source) → moves
+        self._listeners: set[Callable[[], None]] = set()
         self.run: AcquisitionRun | None = None
         self.runs: dict[str, AcquisitionRun] = {}
         self._procs: list[subprocess.Popen] = []
@@ -144,8 +246,17 @@ class Daemon:
         return Path(self.config.storage.root)
 
     def start_acquisition(self, out_dir: Path | None = None, n_frames: int | None = None, *,
-                          exposure_ms: float | None = None, interval_ms: float | None = None) -> AcquisitionRun:
-        """Start one acquisition in the background; Busy if one is running."""
+                          exposure_ms: float | None = None, interval_ms: float | None = None,
+                          sequence: useq.MDASequence | None = None) -> AcquisitionRun:
+        """Start one acquisition in the background; Busy if one is running.
+
+        `sequence`: a useq time-lapse instead of n_frames/interval_ms (see
+        `frames_from_sequence`); ValueError if it asks for more than that.
+        """
+        if sequence is not None:
+            if n_frames is not None or interval_ms is not None:
+                raise ValueError("give either a sequence or frames/interval_ms, not both")
+            n_frames, interval_ms = frames_from_sequence(sequence)
         acq = self.config.acquisition
         n_frames = n_frames or acq.frames
         exposure_ms = exposure_ms or acq.exposure_ms
@@ -163,7 +274,9 @@ class Daemon:
             run_id = uuid.uuid4().hex[:12]
             out_dir = Path(out_dir) if out_dir is not None else self.storage_root / run_id
             out_dir.mkdir(parents=True, exist_ok=True)
-            run = AcquisitionRun(id=run_id, n_frames=n_frames, out_dir=out_dir)
+            run = AcquisitionRun(id=run_id, n_frames=n_frames, out_dir=out_dir, exposure_ms=exposure_ms,
+                                 interval_ms=initial.get("interval_ms", interval_ms),
+                                 sequence=sequence.model_dump(mode="json", exclude_unset=True) if sequence else None)
             self.core.setExposure(exposure_ms)
             for name, value in initial.items():
                 self.actuator.write(name, value)
@@ -172,18 +285,23 @@ class Daemon:
             dtype = np.uint16 if self.core.getBytesPerPixel() == 2 else np.uint8
             run.writer = FrameWriter(out_dir, n_frames, shape, dtype, self.camera.pixel_size_nm)
             run.locs = LocalizationWriter(out_dir / "localizations.csv")
+            run.inference_fh = open(out_dir / "inference.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
+            run.inference_csv = csv.writer(run.inference_fh)
+            run.inference_csv.writerow(INFERENCE_COLUMNS)
             self.decisions.set_file(out_dir / "decisions.jsonl")
             self.engine.reset()
             self.run = run
             self.runs[run.id] = run
             threading.Thread(target=self._acquire, args=(run,), name=f"acq-{run.id}", daemon=True).start()
+        self._notify()
         return run
 
     def _acquire(self, run: AcquisitionRun) -> None:
         try:
             run_sequence(self.core, n_frames=run.n_frames, acquisition_id=run.id, actuator=self.actuator,
-                         camera=self.camera, writer=run.writer, publisher=self.publisher,
-                         stop=run.stop, counts=run.counts)
+                         camera=self.camera, writer=_KeepLatest(run.writer, self), publisher=self.publisher,
+                         stop=run.stop, counts=run.counts, pause=run.pause,
+                         on_pause=lambda paused: self._on_pause(run, paused))
             outcome = "cancelled" if run.stop.is_set() else "finished"
         except Exception as e:  # the run fails; the daemon lives on
             log.exception("acquisition %s failed", run.id)
@@ -201,7 +319,9 @@ class Daemon:
 
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
         with run.lock:
+            run.files_closed = True
             run.locs.close()
+            run.inference_fh.close()
             try:
                 run.writer.close()
             except RuntimeError as e:
@@ -209,9 +329,19 @@ class Daemon:
             run.finished_s = time.time()
             run.state = outcome
             run.summary = self._summary(run)
-        (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
         self.decisions.set_file(None)
+        (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
+        try:  # the report is a view of the files: a failure to draw it never fails the run
+            from smartscope.report import write_report
+
+            write_report(run.out_dir)
+        except Exception as e:
+            log.exception("could not draw the report of %s", run.id)
+            run.report_error = f"{type(e).__name__}: {e}"
+            run.summary["report_error"] = run.report_error
+            (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
         run.done.set()
+        self._notify()
 
     def stop_acquisition(self, wait_s: float | None = 10.0) -> AcquisitionRun | None:
         run = self.run
@@ -220,6 +350,80 @@ class Daemon:
         run.stop.set()
         run.done.wait(wait_s)
         return run
+
+    def pause_acquisition(self, wait_s: float = 5.0) -> AcquisitionRun:
+        """Stop the camera (keeping every frame taken), lasers to their safe value.
+
+        LookupError if no acquisition has run; WrongState unless it is acquiring.
+        """
+        run = self._current()
+        if run.state != "acquiring" or run.pause.is_set():
+            raise WrongState(f"acquisition {run.id} is {run.state}: only an acquiring one can pause")
+        run.pause.set()
+        deadline = time.time() + wait_s
+        while not (run.paused.is_set() or run.done.is_set()) and time.time() < deadline:
+            time.sleep(0.005)
+        return run
+
+    def resume_acquisition(self) -> AcquisitionRun:
+        """Restart the camera for the frames still to come, lasers back as they were."""
+        run = self._current()
+        if run.state != "paused":
+            raise WrongState(f"acquisition {run.id} is {run.state}: only a paused one can resume")
+        run.paused.clear()
+        run.pause.clear()
+        deadline = time.time() + 5
+        while run.state == "paused" and time.time() < deadline:
+            time.sleep(0.005)
+        return run
+
+    def _current(self) -> AcquisitionRun:
+        if self.run is None:
+            raise LookupError("no acquisition has run yet")
+        return self.run
+
+    def _on_pause(self, run: AcquisitionRun, paused: bool) -> None:
+        """Called by the acquisition loop: camera stopped (True) or about to restart (False)."""
+        lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
+        if paused:
+            run.saved_lasers = {n: self.actuator.snapshot()[n] for n in lasers}
+            self._set_safe()
+            run.pauses += 1
+            self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
+                                   "outcome": "paused", "reason": "pause requested: camera stopped, lasers safe"})
+            run.state = "paused"
+            run.paused.set()
+            log.info("acquisition %s paused after %d frames", run.id, run.counts.acquired)
+        else:
+            for name, value in run.saved_lasers.items():
+                if value is not None:
+                    self.actuator.write(name, value)
+            run.resumed_s = time.time()
+            self.decisions.append({"t_s": run.resumed_s, "frame": run.counts.acquired, "policy": None,
+                                   "outcome": "resumed", "reason": "resume requested: lasers restored"})
+            run.state = "acquiring"
+            log.info("acquisition %s resumed", run.id)
+        self._notify()
+
+    def set_actuator(self, name: str, value: float, source: str = "api") -> None:
+        """Write one actuator through the one door, counted for /metrics (caller checked the envelope)."""
+        self.actuator.write(name, value)
+        self.moves[(name, source)] += 1
+
+    # -- listeners (live stream) -----------------------------------------------
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.add(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.discard(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener's failure is its own; the data path carries on
+                log.exception("stream listener failed")
 
     def _set_safe(self) -> None:
         """Lasers (and anything else with a safe value) to their safe value."""
@@ -237,14 +441,22 @@ class Daemon:
         while not self._closing.is_set():
             try:
                 for result in self.receiver.receive(100):
-                    self._on_result(result)
+                    try:
+                        self._on_result(result)
+                    except Exception:  # one bad result must not end the results thread
+                        log.exception("result of frame %s could not be processed", result.seq)
             except zmq.ZMQError:
                 if self._closing.is_set():
                     return
                 raise
             run = self.run
-            if run is not None and run.state == "acquiring":
+            grace_over = run is not None and (run.resumed_s is None or
+                                              time.time() - run.resumed_s > self.config.safety.stale_after_s)
+            if run is not None and run.state == "acquiring" and grace_over:
+                before = self.decisions.count
                 self.engine.check_stale()
+                if self.decisions.count != before:
+                    self._notify()
 
     def _on_result(self, r: Result) -> None:
         self.workers[r.worker_id] = {"provider": r.provider, "model": r.model, "last_seen_s": time.time(),
@@ -254,13 +466,22 @@ class Daemon:
             return
         now = time.time()
         locs = np.asarray(r.localizations, dtype=float).reshape(-1, 6)
+        focus_nm = float(np.median(locs[:, 2])) if len(locs) else None
+        latency_ms = (now - r.t_capture_s) * 1000
+        set_point = self._set_point()
         with run.lock:
-            if run.done.is_set() or run.locs is None:
+            if run.files_closed or run.locs is None:
                 return
             run.inferred += 1
             run.localizations += len(locs)
-            run.latencies_ms.append((now - r.t_capture_s) * 1000)
+            run.latencies_ms.append(latency_ms)
             run.locs.write(r.seq, locs, r.background_photons)
+            run.inference_csv.writerow([
+                r.seq, f"{r.t_capture_s:.6f}", f"{now:.6f}", f"{latency_ms:.3f}", r.n_emitters,
+                "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
+                "" if r.background_photons is None else f"{r.background_photons:.3f}",
+                "" if set_point is None else set_point, r.worker_id])
+        self.latency_hist.observe(latency_ms)
         h = r.header
         state = {"activation_mw": h.activation_mw, "excitation_mw": h.excitation_mw, "z_um": h.z_um,
                  "interval_ms": h.interval_ms, "angle_deg": h.angle_deg}
@@ -268,10 +489,26 @@ class Daemon:
         obs = Observation(seq=r.seq, t_capture_s=r.t_capture_s, n_emitters=r.n_emitters, localizations=locs,
                           background_photons=r.background_photons, state=state, field_area_um2=area_um2,
                           event_score=r.event_score)
-        self.latest = {"frame": r.seq, "t_capture_s": r.t_capture_s, "n_emitters": r.n_emitters,
-                       "event_score": r.event_score, "latency_ms": run.latencies_ms[-1], **state}
+        summary = {"acquisition": run.id, "frame": r.seq, "t_capture_s": r.t_capture_s,
+                   "n_emitters": r.n_emitters, "event_score": r.event_score, "focus_nm": focus_nm,
+                   "latency_ms": round(latency_ms, 3), **state}
+        self.latest = summary
+        self.latest_result = {**summary, "background_photons": r.background_photons, "worker": r.worker_id,
+                              "localizations": locs}
+        self.results_seen += 1
         if run.state == "acquiring":
-            self.engine.on_observation(obs, now)
+            for entry in self.engine.on_observation(obs, now):
+                if entry["applied"] is not None and entry["applied"] != entry["before"]:
+                    self.moves[(entry["actuator"], "policy")] += 1
+        self._notify()
+
+    def _set_point(self) -> float | None:
+        """The emitter set point of the first enabled policy that has one (illumination)."""
+        for slot in self.engine.slots.values():
+            value = getattr(slot.policy.params, "set_point_emitters", None)
+            if slot.enabled and value is not None:
+                return float(value)
+        return None
 
     # -- reporting -------------------------------------------------------------
 
@@ -283,6 +520,10 @@ class Daemon:
             "state": run.state,
             "error": run.error,
             "frames_requested": run.n_frames,
+            "exposure_ms": run.exposure_ms,
+            "interval_ms": run.interval_ms,
+            "sequence": run.sequence,
+            "pauses": run.pauses,
             "frames_acquired": run.counts.acquired,
             "frames_saved": run.writer.saved if run.writer else 0,
             "frames_published": run.counts.published,
@@ -298,9 +539,12 @@ class Daemon:
             "actions": {name: self.engine.actions.get(name, 0) for name in self.engine.slots},
             "decisions": self.decisions.count,
             "malformed_results": self.receiver.malformed,
+            "policies": {name: {"enabled": slot.enabled, "params": slot.policy.params.model_dump()}
+                         for name, slot in self.engine.slots.items()},
             "files": {k: str(run.out_dir / f) for k, f in (
                 ("frames", "frames.ome.tif"), ("frame_states", "frames.csv"),
-                ("localizations", "localizations.csv"), ("decisions", "decisions.jsonl"))},
+                ("localizations", "localizations.csv"), ("decisions", "decisions.jsonl"),
+                ("inference", "inference.csv"), ("report", "report.png"), ("report_data", "report.csv"))},
         }
 
     def status(self) -> dict[str, Any]:
@@ -318,8 +562,8 @@ class Daemon:
     # -- shutdown --------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the run, lasers safe, workers told to exit, sockets closed."""
-        self.stop_acquisition()
+        """Stop the run (files flushed and closed), lasers safe, workers told to exit, sockets closed."""
+        self.stop_acquisition(wait_s=60)
         self._set_safe()
         for p in self._procs:
             if p.poll() is None:

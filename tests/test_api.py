@@ -2,37 +2,60 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import logging
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
+import numpy as np
 import pytest
+import tifffile
 import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from smartscope.api import create_app
 from smartscope.service import Daemon
 
 TOKEN = "s3cret-token"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def api(config, tmp_path):
-    config.inference.workers = 0
-    config.storage.root = str(tmp_path / "data")
-    daemon = Daemon(config)
+@contextmanager
+def serve(app, **uvicorn_kw):
+    """uvicorn on a free loopback port in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon, token=TOKEN), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", **uvicorn_kw}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30)
-    yield client, daemon
-    client.close()
-    server.should_exit = True
-    thread.join(5)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def make_daemon(config, tmp_path) -> Daemon:
+    config.inference.workers = 0
+    config.storage.root = str(tmp_path / "data")
+    return Daemon(config)
+
+
+@pytest.fixture
+def api(config, tmp_path):
+    daemon = make_daemon(config, tmp_path)
+    with serve(create_app(daemon, token=TOKEN)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        yield client, daemon
     daemon.close()
 
 
@@ -49,13 +72,24 @@ def power(daemon) -> float:
     ("POST", "/acquisitions/current/stop", None),
     ("PUT", "/devices/ActivationLaser/properties/Power_mW", {"value": 10}),
     ("PATCH", "/policies/illumination", {"enabled": False}),
+    ("POST", "/acquisitions/current/pause", None),
+    ("POST", "/acquisitions/current/resume", None),
+    ("POST", "/acquisitions", {"sequence": {"time_plan": {"interval": 0.02, "loops": 5}}}),
 ])
 def test_writes_need_the_token_and_change_nothing(api, method, path, body):
     client, daemon = api
-    before = (power(daemon), daemon.engine.slots["illumination"].enabled, len(daemon.runs))
+    run = daemon.start_acquisition(None, 500)  # something a stop/pause/resume could change
+    if path.endswith("resume"):
+        daemon.pause_acquisition()
+
+    def state():
+        return (power(daemon), daemon.engine.slots["illumination"].enabled, len(daemon.runs), run.state,
+                run.pause.is_set(), run.stop.is_set())
+
+    before = state()
     assert client.request(method, path, json=body).status_code == 401
     assert client.request(method, path, json=body, headers=WRONG).status_code == 403
-    assert (power(daemon), daemon.engine.slots["illumination"].enabled, len(daemon.runs)) == before
+    assert state() == before
 
 
 def test_reads_are_open_and_health(api):
@@ -93,7 +127,7 @@ def test_acquisition_lifecycle_and_conflict(api):
     client, daemon = api
     assert client.post("/acquisitions", json={"frames": -3}, headers=AUTH).status_code == 422
     assert client.post("/acquisitions", json={"frames": 5, "name": "../etc"}, headers=AUTH).status_code == 422
-    r = client.post("/acquisitions", json={"frames": 100000, "name": "run1"}, headers=AUTH)
+    r = client.post("/acquisitions", json={"frames": 3000, "name": "run1"}, headers=AUTH)
     assert r.status_code == 201
     run_id = r.json()["id"]
     r2 = client.post("/acquisitions", json={"frames": 5}, headers=AUTH)
@@ -103,3 +137,210 @@ def test_acquisition_lifecycle_and_conflict(api):
     got = client.get(f"/acquisitions/{run_id}").json()
     assert got["summary"]["frames_saved"] == got["frames_acquired"]
     assert client.get("/acquisitions/unknown").status_code == 404
+
+
+def wait_done(daemon, timeout_s: float = 30) -> None:
+    assert daemon.run.done.wait(timeout_s)
+
+
+def test_same_folder_twice_is_refused(api):
+    client, daemon = api
+    assert client.post("/acquisitions", json={"frames": 3, "name": "cell"}, headers=AUTH).status_code == 201
+    wait_done(daemon)
+    r = client.post("/acquisitions", json={"frames": 3, "name": "cell"}, headers=AUTH)
+    assert r.status_code == 409 and "already holds" in r.json()["detail"]
+    assert len(daemon.runs) == 1
+
+
+def test_pause_resume_loses_no_frame(api):
+    client, daemon = api
+    assert client.post("/acquisitions/current/pause", headers=AUTH).status_code == 404
+    r = client.post("/acquisitions", json={"frames": 60, "name": "p"}, headers=AUTH)
+    assert r.status_code == 201 and r.json()["state"] == "acquiring"
+    time.sleep(0.2)
+    paused = client.post("/acquisitions/current/pause", headers=AUTH).json()
+    assert paused["state"] == "paused" and 0 < paused["frames_acquired"] < 60
+    assert daemon.actuator.snapshot()["activation_mw"] == 0.0  # lasers safe while paused
+    assert not daemon.core.isSequenceRunning()
+    time.sleep(0.3)
+    assert client.get(f"/acquisitions/{paused['id']}").json()["frames_acquired"] == paused["frames_acquired"]
+    assert client.post("/acquisitions/current/pause", headers=AUTH).status_code == 409
+    resumed = client.post("/acquisitions/current/resume", headers=AUTH).json()
+    assert resumed["state"] == "acquiring" and resumed["pauses"] == 1
+    assert daemon.actuator.snapshot()["activation_mw"] == 20.0  # restored
+    assert client.post("/acquisitions/current/resume", headers=AUTH).status_code == 409
+    wait_done(daemon)
+    done = client.get(f"/acquisitions/{paused['id']}").json()
+    s = done["summary"]
+    assert done["state"] == "finished" and s["frames_acquired"] == s["frames_saved"] == 60 and s["pauses"] == 1
+    stack = tifffile.imread(done["files"]["frames"])
+    assert stack.shape == (60, 64, 64)
+    with open(done["files"]["frame_states"], newline="") as fh:
+        frames = [int(row["frame"]) for row in csv.DictReader(fh)]
+    assert frames == list(range(60))
+    outcomes = [d["outcome"] for d in client.get("/decisions").json()]
+    assert outcomes.count("paused") == outcomes.count("resumed") == 1
+
+
+def test_sequence_time_plan(api):
+    client, daemon = api
+    seq = {"time_plan": {"interval": 0.02, "loops": 15}}
+    r = client.post("/acquisitions", json={"sequence": seq, "name": "seq"}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert r.json()["frames_requested"] == 15 and r.json()["interval_ms"] == 20
+    wait_done(daemon)
+    s = client.get(f"/acquisitions/{r.json()['id']}").json()["summary"]
+    assert s["frames_saved"] == 15 and s["interval_ms"] == 20 and s["sequence"] == seq
+    with open(daemon.storage_root / "seq" / "frames.csv", newline="") as fh:
+        assert {float(row["interval_ms"]) for row in csv.DictReader(fh)} == {20.0}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "z_plan": {"range": 2, "step": 0.5}}}, "z_plan"),
+    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "channels": ["DAPI"]}}, "channels"),
+    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "stage_positions": [[0, 0, 0]]}},
+     "stage_positions"),
+    ({"sequence": {"z_plan": {"range": 2, "step": 0.5}}}, "z_plan"),
+    ({"sequence": {}}, "time_plan"),
+    ({"sequence": {"time_plan": {"interval": 0.001, "loops": 5}}}, "safety envelope"),
+    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}}, "frames": 5}, "not both"),
+    ({"sequence": {"time_plan": {"interval": -1, "loops": 5}}}, "interval"),
+])
+def test_sequence_refusals_say_why(api, body, message):
+    client, daemon = api
+    r = client.post("/acquisitions", json=body, headers=AUTH)
+    assert r.status_code == 422 and message in r.text
+    assert not daemon.runs
+
+
+def test_latest_frame_png_and_results(api):
+    client, daemon = api
+    for path in ("/frames/latest.png", "/results/latest"):
+        r = client.get(path)
+        assert r.status_code == 404 and "POST /acquisitions" in r.json()["detail"]
+    client.post("/acquisitions", json={"frames": 10}, headers=AUTH)
+    wait_done(daemon)
+    r = client.get("/frames/latest.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:8] == PNG_MAGIC
+    assert r.headers["x-frame"] == "9"
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert img.shape == (64, 64) and img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
+    r = client.get("/frames/latest.png", params={"low_percentile": 0, "high_percentile": 100})
+    assert r.status_code == 200
+    assert client.get("/frames/latest.png", params={"high_percentile": 120}).status_code == 422
+    assert client.get("/results/latest").status_code == 404  # no worker ran: frames, but no results
+
+
+def _metrics(client) -> dict[tuple[str, tuple], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_prometheus_text(api):
+    client, daemon = api
+    m = _metrics(client)
+    assert m[("smartscope_frames_acquired_total", ())] == 0
+    assert m[("smartscope_acquisition_state", (("state", "idle"),))] == 1
+    client.post("/acquisitions", json={"frames": 12}, headers=AUTH)
+    wait_done(daemon)
+    client.put("/devices/ActivationLaser/properties/Power_mW", json={"value": 5}, headers=AUTH)
+    m = _metrics(client)
+    assert m[("smartscope_frames_acquired_total", ())] == m[("smartscope_frames_saved_total", ())] == 12
+    assert m[("smartscope_frames_inferred_total", ())] == 0
+    assert m[("smartscope_frames_dropped_total", ())] == 12  # no worker connected: nothing could be sent
+    assert m[("smartscope_actuator_moves_total", (("actuator", "activation_mw"), ("source", "api")))] == 1
+    assert m[("smartscope_inference_latency_seconds_count", ())] == 0
+    assert m[("smartscope_inference_latency_seconds_bucket", (("le", "+Inf"),))] == 0
+    assert m[("smartscope_acquisition_state", (("state", "finished"),))] == 1
+    assert m[("smartscope_actuator_value", (("actuator", "activation_mw"),))] == 5
+    assert not any(name == "smartscope_workers" for name, _ in m)  # no worker: no provider sample
+
+
+def test_cors_closed_by_default_and_allowlist(config, tmp_path):
+    daemon = make_daemon(config, tmp_path)
+    preflight = {"Origin": "http://lab.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization"}
+    try:
+        with serve(create_app(daemon, token=TOKEN)) as base:
+            r = httpx.get(base + "/status", headers={"Origin": "http://lab.example"})
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+            r = httpx.options(base + "/acquisitions", headers=preflight)
+            assert "access-control-allow-origin" not in r.headers
+        with serve(create_app(daemon, token=TOKEN, cors_origins=["http://lab.example"])) as base:
+            r = httpx.options(base + "/acquisitions", headers=preflight)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://lab.example"
+            r = httpx.options(base + "/acquisitions", headers={**preflight, "Origin": "http://evil.example"})
+            assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    finally:
+        daemon.close()
+
+
+def test_request_body_limit(api):
+    client, daemon = api
+    big = {"frames": 5, "name": "x" * 10, "pad": "y" * 2_000_000}
+    r = client.post("/acquisitions", json=big, headers=AUTH)
+    assert r.status_code == 413 and "1000000 bytes" in r.json()["detail"]
+
+    def chunks():
+        yield b'{"frames": 5, "name": "'
+        for _ in range(30):
+            yield b"z" * 50_000
+        yield b'"}'
+
+    r = client.post("/acquisitions", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert not daemon.runs
+    ok = client.post("/acquisitions", content=iter([b'{"frames": 3}']), headers={**AUTH, "Content-Type":
+                                                                                  "application/json"})
+    assert ok.status_code == 201  # a small chunked body still gets through
+
+
+def test_protected_reads_and_stream_need_the_token(config, tmp_path):
+    daemon = make_daemon(config, tmp_path)
+    try:
+        with serve(create_app(daemon, token=TOKEN, protect_reads=True)) as base:
+            for path in ("/status", "/metrics", "/acquisitions", "/results/latest", "/frames/latest.png",
+                         "/devices", "/policies", "/decisions"):
+                assert httpx.get(base + path).status_code == 401, path
+                assert httpx.get(base + path, headers=WRONG).status_code == 403, path
+            assert httpx.get(base + "/health").status_code == 200
+            assert httpx.get(base + "/status", headers=AUTH).status_code == 200
+            ws = base.replace("http", "ws") + "/stream"
+            for url, headers, code in ((ws, {}, 401), (ws + "?token=nope", {}, 403), (ws, WRONG, 403)):
+                with pytest.raises(InvalidStatus) as e:
+                    connect(url, additional_headers=headers, open_timeout=5)
+                assert e.value.response.status_code == code
+            for url, headers in ((ws + f"?token={TOKEN}", {}), (ws, AUTH)):
+                with connect(url, additional_headers=headers, open_timeout=5) as conn:
+                    assert json.loads(conn.recv(timeout=5))["state"] == "idle"
+    finally:
+        daemon.close()
+
+
+def test_tokens_never_logged(config, tmp_path):
+    daemon = make_daemon(config, tmp_path)
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    try:
+        with serve(create_app(daemon, token=TOKEN, protect_reads=True), log_level="info") as base:
+            for name in ("uvicorn.access", "uvicorn.error"):
+                logging.getLogger(name).addHandler(handler)
+            httpx.get(base + f"/status?token={TOKEN}")
+            httpx.get(base + "/status", headers=AUTH)
+            with connect(base.replace("http", "ws") + f"/stream?token={TOKEN}", open_timeout=5) as conn:
+                conn.recv(timeout=5)
+            time.sleep(0.1)
+    finally:
+        for name in ("uvicorn.access", "uvicorn.error"):
+            logging.getLogger(name).removeHandler(handler)
+        daemon.close()
+    assert any("/status" in r for r in records) and any("/stream" in r for r in records)
+    assert not any(TOKEN in r for r in records)
+    assert any("token=***" in r for r in records)

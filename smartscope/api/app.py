@@ -2,122 +2,291 @@
 
 Reads are open unless `api.protect_reads`; everything that changes state needs
 `Authorization: Bearer <token>`. With no token configured, writes are refused
-outright: nothing that moves hardware runs unauthenticated.
+outright: nothing that moves hardware runs unauthenticated. Tokens are
+compared in constant time and never logged (a `token=` in a URL is redacted
+from uvicorn's logs). CORS is closed unless `api.cors_origins` lists origins;
+request bodies over `api.max_body_bytes` get 413 before anything reads them.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, status
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, WebSocket, status
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from smartscope.service import Busy, Daemon
+from smartscope.api.images import auto_contrast, png_bytes
+from smartscope.api.metrics import CONTENT_TYPE, build_registry, metrics_text
+from smartscope.api.models import (
+    AcquisitionInfo,
+    Health,
+    LatestResult,
+    Localization,
+    PolicyInfo,
+    PolicyUpdate,
+    PropertyInfo,
+    PropertyValue,
+    StartAcquisition,
+)
+from smartscope.api.stream import STREAM_MESSAGE_DOC, serve_stream
+from smartscope.service import Busy, Daemon, WrongState
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 
 _bearer = HTTPBearer(auto_error=False)
+_TOKEN_IN_URL = re.compile(r"(?i)(token=)[^&\s\"']+")
 
 
-class StartAcquisition(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"frames": 300}]})
-    frames: int | None = Field(None, ge=1, le=10_000_000, description="frames to acquire (default: config)")
-    exposure_ms: float | None = Field(None, gt=0, le=10_000)
-    interval_ms: float | None = Field(None, ge=0, le=3_600_000)
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$",
-                             description="folder name under storage root (default: the acquisition id)")
+class _RedactTokens(logging.Filter):
+    """Replace `token=...` in log records (uvicorn logs request URLs) by `token=***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(_TOKEN_IN_URL.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in (record.args if isinstance(record.args, tuple) else (record.args,)))
+        if isinstance(record.msg, str):
+            record.msg = _TOKEN_IN_URL.sub(r"\1***", record.msg)
+        return True
 
 
-class AcquisitionInfo(BaseModel):
-    id: str
-    state: str
-    frames_requested: int
-    frames_acquired: int
-    out_dir: str
-    summary: dict[str, Any] | None = None
+def _install_log_redaction() -> None:
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactTokens) for f in logger.filters):
+            logger.addFilter(_RedactTokens())
 
 
-class PropertyValue(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    value: float | str
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes (declared or streamed)."""
 
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
 
-class PolicyUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid",
-                              json_schema_extra={"examples": [{"enabled": True, "params": {"set_point_emitters": 20}}]})
-    enabled: bool | None = None
-    params: dict[str, Any] | None = None
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        body, more = b"", True  # chunked: read it here (bounded), then replay it
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send)
+        replayed = False
 
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-class PolicyInfo(BaseModel):
-    name: str
-    module: str
-    enabled: bool
-    actuators: list[str]
-    params: dict[str, Any]
-    params_schema: dict[str, Any]
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        response = JSONResponse({"detail": f"request body too large: at most {self.limit} bytes"},
+                                status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+        await response(scope, receive, send)
 
 
 def _info(run) -> AcquisitionInfo:
-    return AcquisitionInfo(id=run.id, state=run.state, frames_requested=run.n_frames,
-                           frames_acquired=run.counts.acquired, out_dir=str(run.out_dir), summary=run.summary)
+    elapsed = (run.finished_s or time.time()) - run.started_s
+    files = {k: str(run.out_dir / f) for k, f in (
+        ("frames", "frames.ome.tif"), ("frame_states", "frames.csv"), ("localizations", "localizations.csv"),
+        ("inference", "inference.csv"), ("decisions", "decisions.jsonl"), ("summary", "summary.json"),
+        ("report", "report.png"), ("report_data", "report.csv"))}
+    return AcquisitionInfo(
+        id=run.id, state=run.state, frames_requested=run.n_frames, frames_acquired=run.counts.acquired,
+        frames_saved=run.writer.saved if run.writer else 0, frames_inferred=run.inferred,
+        frames_dropped=run.counts.dropped_inference,
+        acquisition_rate_hz=round(run.counts.acquired / elapsed, 2) if elapsed > 0 else None,
+        inference_rate_hz=round(run.inferred / elapsed, 2) if elapsed > 0 else None,
+        exposure_ms=run.exposure_ms, interval_ms=run.interval_ms, pauses=run.pauses, started_s=run.started_s,
+        finished_s=run.finished_s, error=run.error, out_dir=str(run.out_dir), files=files, summary=run.summary)
 
 
-def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool = False) -> FastAPI:
-    def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+def _no_frame_yet(what: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND,
+                         f"no {what} yet: start an acquisition first (POST /acquisitions)")
+
+
+def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None = None,
+               cors_origins: list[str] | None = None, max_body_bytes: int | None = None) -> FastAPI:
+    """The API; protect_reads, cors_origins and max_body_bytes default to the daemon's `api` config."""
+    api_cfg = daemon.config.api
+    protect_reads = api_cfg.protect_reads if protect_reads is None else protect_reads
+    cors_origins = list(api_cfg.cors_origins if cors_origins is None else cors_origins)
+    max_body_bytes = api_cfg.max_body_bytes if max_body_bytes is None else max_body_bytes
+    _install_log_redaction()
+
+    def check_token(supplied: str | None) -> None:
         if token is None:
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 "writes are disabled: no API token configured (set SMARTSCOPE_TOKEN)")
-        if creds is None:
+        if not supplied:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(creds.credentials.encode(), token.encode()):
+        if not secrets.compare_digest(supplied.encode(), token.encode()):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong bearer token")
+
+    def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        check_token(creds.credentials if creds is not None else None)
 
     read_deps = [Depends(require_token)] if protect_reads else []
     reads = APIRouter(dependencies=read_deps)
     writes = APIRouter(dependencies=[Depends(require_token)])
-    app = FastAPI(title="smartscope", version="0.1.0",
-                  description="Control API of a smart microscope: acquisitions, devices, policies, decisions.")
+    app = FastAPI(
+        title="smartscope", version="0.1.0",
+        description="Control API of a smart microscope: acquisitions, devices, policies, decisions, results, "
+                    "metrics.\n\nWrites need `Authorization: Bearer <token>`"
+                    + ("; so do reads." if protect_reads else "; reads are open.")
+                    + "\n\nLive stream (WebSocket, not listed below): " + STREAM_MESSAGE_DOC)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    registry = build_registry(daemon)
+    unauthorized = {401: {"description": "missing bearer token"}, 403: {"description": "wrong or no token"}}
 
-    @app.get("/health", tags=["status"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", tags=["status"], response_model=Health)
+    def health() -> Health:
+        return Health()
 
     @reads.get("/status", tags=["status"])
     def get_status() -> dict[str, Any]:
+        """State, counts, workers, actuator values and the newest per-frame summary."""
         return daemon.status()
+
+    @reads.get("/metrics", tags=["status"], response_class=Response,
+               responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                "description": "Prometheus text exposition format"}})
+    def metrics() -> Response:
+        """Counters (frames, drops, decisions, moves), latency histogram, workers by provider."""
+        return Response(metrics_text(registry), media_type=CONTENT_TYPE)
 
     # -- acquisitions ----------------------------------------------------------
 
-    @writes.post("/acquisitions", status_code=201, tags=["acquisitions"], response_model=AcquisitionInfo)
+    @writes.post("/acquisitions", status_code=201, tags=["acquisitions"], response_model=AcquisitionInfo,
+                 responses={409: {"description": "another acquisition is running (its id in `detail.running`)"},
+                            413: {"description": "request body too large"}, **unauthorized})
     def start(body: StartAcquisition) -> AcquisitionInfo:
+        """Start an acquisition (one at a time); files go to `storage.root/<name or id>`."""
+        out_dir = daemon.storage_root / body.name if body.name else None
+        if out_dir is not None and any((out_dir / f).exists() for f in ("frames.ome.tif", "summary.json")):
+            raise HTTPException(status.HTTP_409_CONFLICT,
+                                f"{out_dir} already holds an acquisition: choose another name")
         try:
-            run = daemon.start_acquisition(daemon.storage_root / body.name if body.name else None, body.frames,
-                                           exposure_ms=body.exposure_ms, interval_ms=body.interval_ms)
+            run = daemon.start_acquisition(out_dir, body.frames,
+                                           exposure_ms=body.exposure_ms, interval_ms=body.interval_ms,
+                                           sequence=body.sequence)
         except Busy as e:
             raise HTTPException(status.HTTP_409_CONFLICT, {"message": str(e), "running": e.running_id}) from e
         except ValueError as e:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
         return _info(run)
 
-    @writes.post("/acquisitions/current/stop", tags=["acquisitions"], response_model=AcquisitionInfo)
+    @writes.post("/acquisitions/current/stop", tags=["acquisitions"], response_model=AcquisitionInfo,
+                 responses={404: {"description": "no acquisition has run yet"}, **unauthorized})
     def stop() -> AcquisitionInfo:
+        """Cancel the running acquisition (files are closed and complete); waits until it has ended."""
         run = daemon.stop_acquisition()
         if run is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no acquisition has run yet")
         return _info(run)
 
+    @writes.post("/acquisitions/current/pause", tags=["acquisitions"], response_model=AcquisitionInfo,
+                 responses={404: {"description": "no acquisition has run yet"},
+                            409: {"description": "the acquisition is not acquiring"}, **unauthorized})
+    def pause() -> AcquisitionInfo:
+        """Stop the camera (no frame lost) and set the lasers to their safe value until resumed."""
+        try:
+            return _info(daemon.pause_acquisition())
+        except LookupError as e:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
+        except WrongState as e:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+
+    @writes.post("/acquisitions/current/resume", tags=["acquisitions"], response_model=AcquisitionInfo,
+                 responses={404: {"description": "no acquisition has run yet"},
+                            409: {"description": "the acquisition is not paused"}, **unauthorized})
+    def resume() -> AcquisitionInfo:
+        """Lasers back to their values before the pause, camera restarted for the remaining frames."""
+        try:
+            return _info(daemon.resume_acquisition())
+        except LookupError as e:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
+        except WrongState as e:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+
     @reads.get("/acquisitions", tags=["acquisitions"], response_model=list[AcquisitionInfo])
     def list_runs() -> list[AcquisitionInfo]:
-        return [_info(r) for r in daemon.runs.values()]
+        return [_info(r) for r in list(daemon.runs.values())]
 
-    @reads.get("/acquisitions/{run_id}", tags=["acquisitions"], response_model=AcquisitionInfo)
+    @reads.get("/acquisitions/{run_id}", tags=["acquisitions"], response_model=AcquisitionInfo,
+               responses={404: {"description": "no such acquisition"}})
     def get_run(run_id: str) -> AcquisitionInfo:
         run = daemon.runs.get(run_id)
         if run is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no acquisition {run_id!r}")
         return _info(run)
+
+    # -- results ---------------------------------------------------------------
+
+    @reads.get("/results/latest", tags=["results"], response_model=LatestResult,
+               responses={404: {"description": "no inference result yet"}})
+    def latest_result() -> LatestResult:
+        """The newest inference result: localizations, emitter count, event score, focus estimate."""
+        latest = daemon.latest_result
+        if latest is None:
+            raise _no_frame_yet("inference result")
+        run = daemon.runs.get(latest["acquisition"])
+        locs = np.asarray(latest["localizations"], dtype=float).reshape(-1, len(LOCALIZATION_COLUMNS))
+        return LatestResult(
+            **{k: v for k, v in latest.items() if k != "localizations"},
+            frames_acquired=run.counts.acquired if run else 0, frames_inferred=run.inferred if run else 0,
+            localizations_total=run.localizations if run else 0,
+            localizations=[Localization(**dict(zip(LOCALIZATION_COLUMNS, map(float, row), strict=True)))
+                           for row in locs])
+
+    @reads.get("/frames/latest.png", tags=["results"], response_class=Response,
+               responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                                "description": "8-bit PNG, percentile stretch; headers X-Frame, X-Acquisition"},
+                          404: {"description": "no frame acquired yet"}})
+    def latest_frame(low_percentile: Annotated[float, Query(ge=0, le=50)] = 0.5,
+                     high_percentile: Annotated[float, Query(ge=50, le=100)] = 99.5) -> Response:
+        """The newest frame for a quick look (auto-contrast: percentiles stretched to black..white)."""
+        latest = daemon.latest_frame
+        if latest is None:
+            raise _no_frame_yet("frame")
+        if not low_percentile < high_percentile:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                "low_percentile must be below high_percentile")
+        frame, state = latest
+        run = daemon.run
+        return Response(png_bytes(auto_contrast(frame, low_percentile, high_percentile)), media_type="image/png",
+                        headers={"X-Frame": str(state.get("frame")), "Cache-Control": "no-store",
+                                 "X-Acquisition": run.id if run else ""})
 
     # -- devices ---------------------------------------------------------------
 
@@ -131,11 +300,13 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool = False
 
     @reads.get("/devices", tags=["devices"])
     def devices() -> dict[str, dict[str, Any]]:
+        """Every device with its properties: value, read-only, limits and allowed values."""
         out: dict[str, dict[str, Any]] = {}
         for label in core.getLoadedDevices():
             props = {}
             for prop in core.getDevicePropertyNames(label):
                 entry: dict[str, Any] = {"value": core.getProperty(label, prop),
+                                         "type": str(core.getPropertyType(label, prop)),
                                          "read_only": core.isPropertyReadOnly(label, prop)}
                 if core.hasPropertyLimits(label, prop):
                     entry["limits"] = [core.getPropertyLowerLimit(label, prop),
@@ -147,13 +318,16 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool = False
             out[label] = {"type": str(core.getDeviceType(label)), "properties": props}
         return out
 
-    @reads.get("/devices/{label}/properties/{prop}", tags=["devices"])
-    def get_property(label: str, prop: str) -> dict[str, Any]:
+    @reads.get("/devices/{label}/properties/{prop}", tags=["devices"], response_model=PropertyInfo,
+               responses={404: {"description": "no such device or property"}})
+    def get_property(label: str, prop: str) -> PropertyInfo:
         _check_property(label, prop)
-        return {"device": label, "property": prop, "value": core.getProperty(label, prop)}
+        return PropertyInfo(device=label, property=prop, value=core.getProperty(label, prop))
 
-    @writes.put("/devices/{label}/properties/{prop}", tags=["devices"])
-    def set_property(label: str, prop: str, body: PropertyValue) -> dict[str, Any]:
+    @writes.put("/devices/{label}/properties/{prop}", tags=["devices"], response_model=PropertyInfo,
+                responses={404: {"description": "no such device or property"}, **unauthorized})
+    def set_property(label: str, prop: str, body: PropertyValue) -> PropertyInfo:
+        """Set a property; outside its limits, allowed values or the safety envelope: 422, unchanged."""
         _check_property(label, prop)
         if core.isPropertyReadOnly(label, prop):
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{label}.{prop} is read-only")
@@ -174,13 +348,13 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool = False
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                                     f"{label}.{prop} is {actuator}: must be in the safety envelope "
                                     f"[{rng.min}, {rng.max}], got {value!r}")
-            daemon.actuator.write(actuator, float(value))
+            daemon.set_actuator(actuator, float(value), source="api")
         else:
             try:
                 core.setProperty(label, prop, value)
             except Exception as e:  # Micro-Manager's own refusal, passed on
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
-        return {"device": label, "property": prop, "value": core.getProperty(label, prop)}
+        return PropertyInfo(device=label, property=prop, value=core.getProperty(label, prop))
 
     # -- policies --------------------------------------------------------------
 
@@ -194,8 +368,18 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool = False
     def policies() -> list[PolicyInfo]:
         return [_policy_info(n) for n in daemon.engine.slots]
 
-    @writes.patch("/policies/{name}", tags=["policies"], response_model=PolicyInfo)
+    @reads.get("/policies/{name}", tags=["policies"], response_model=PolicyInfo,
+               responses={404: {"description": "no such policy"}})
+    def get_policy(name: str) -> PolicyInfo:
+        if name not in daemon.engine.slots:
+            raise HTTPException(status.HTTP_404_NOT_FOUND,
+                                f"no policy {name!r}; known: {sorted(daemon.engine.slots)}")
+        return _policy_info(name)
+
+    @writes.patch("/policies/{name}", tags=["policies"], response_model=PolicyInfo,
+                  responses={404: {"description": "no such policy"}, **unauthorized})
     def update_policy(name: str, body: PolicyUpdate) -> PolicyInfo:
+        """Enable/disable and change parameters: all validated first, then applied as one step."""
         if name not in daemon.engine.slots:
             raise HTTPException(status.HTTP_404_NOT_FOUND,
                                 f"no policy {name!r}; known: {sorted(daemon.engine.slots)}")
@@ -212,9 +396,28 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool = False
     @reads.get("/decisions", tags=["decisions"])
     def decisions(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                   offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+        """Recent decisions, newest last; `offset` counts back from the newest."""
         return daemon.decisions.recent(limit, offset)
+
+    # -- live stream -------------------------------------------------------------
+
+    @app.websocket("/stream")
+    async def stream(websocket: WebSocket, max_rate_hz: Annotated[float, Query(gt=0, le=100)] = 10.0,
+                     token: Annotated[str | None, Query()] = None) -> None:
+        if protect_reads:
+            supplied = token
+            header = websocket.headers.get("authorization", "")
+            if supplied is None and header.lower().startswith("bearer "):
+                supplied = header[7:].strip()
+            try:
+                check_token(supplied)
+            except HTTPException as e:
+                await websocket.send_denial_response(
+                    JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers))
+                return
+        await serve_stream(websocket, daemon, max_rate_hz)
 
     app.include_router(reads)
     app.include_router(writes)
-    return app
 
+    return app

@@ -1,0 +1,91 @@
+"""`/metrics`: the daemon's counters in Prometheus text format, read at scrape time.
+
+A collector, not live metric objects: every number comes from the daemon's own
+state (its runs, latency histogram, move counts, workers), so nothing is
+counted twice and several daemons in one process never share a registry.
+Counters run since the daemon started (they never go down).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from smartscope.service import Daemon
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class DaemonCollector:
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator:
+        d = self._daemon
+        runs = list(d.runs.values())
+        for name, doc, value in (
+            ("frames_acquired", "frames read from the camera", sum(r.counts.acquired for r in runs)),
+            ("frames_saved", "frames written to OME-TIFF", sum(r.writer.saved for r in runs if r.writer)),
+            ("frames_inferred", "frames with an inference result", sum(r.inferred for r in runs)),
+            ("frames_dropped", "frames not sent to inference because every worker queue was full "
+             "(still saved)", sum(r.counts.dropped_inference for r in runs)),
+            ("localizations", "localizations written", sum(r.localizations for r in runs)),
+            ("decisions", "policy engine decisions logged", d.decisions.count),
+            ("malformed_results", "result messages from workers that did not decode", d.receiver.malformed),
+            ("acquisitions", "acquisitions started", len(runs)),
+        ):
+            yield CounterMetricFamily(f"smartscope_{name}", doc, value=value)
+
+        h = d.latency_hist
+        buckets = [(b if b == "+Inf" else str(float(b) / 1000), n) for b, n in h.cumulative()]
+        yield HistogramMetricFamily("smartscope_inference_latency_seconds",
+                                    "frame capture to inference result", buckets=buckets,
+                                    sum_value=h.sum_ms / 1000)
+
+        moves = CounterMetricFamily("smartscope_actuator_moves", "actuator changes made, by actuator and source "
+                                    "(policy engine or API)", labels=["actuator", "source"])
+        for (actuator, source), n in sorted(d.moves.items()):
+            moves.add_metric([actuator, source], n)
+        yield moves
+
+        workers = GaugeMetricFamily("smartscope_workers", "inference workers seen, by execution provider",
+                                    labels=["provider"])
+        by_provider: dict[str, int] = {}
+        for w in list(d.workers.values()):
+            by_provider[w["provider"]] = by_provider.get(w["provider"], 0) + 1
+        for provider, n in sorted(by_provider.items()):
+            workers.add_metric([provider], n)
+        yield workers
+
+        run = d.run
+        state = run.state if run is not None else "idle"
+        states = GaugeMetricFamily("smartscope_acquisition_state", "1 for the current acquisition state",
+                                   labels=["state"])
+        for s in ("idle", "acquiring", "paused", "finishing", "finished", "cancelled", "errored"):
+            states.add_metric([s], 1.0 if s == state else 0.0)
+        yield states
+        yield GaugeMetricFamily("smartscope_safe_hold", "1 while the policy engine holds a safe state",
+                                value=1.0 if d.engine.hold_reason else 0.0)
+        yield GaugeMetricFamily("smartscope_frames_pending_storage", "frames queued for the OME-TIFF writer",
+                                value=run.writer.pending if run is not None and run.writer else 0)
+        actuators = GaugeMetricFamily("smartscope_actuator_value", "last value set, in the actuator's unit "
+                                      "(mW, µm, ms, degrees)", labels=["actuator"])
+        for name, value in d.actuator.snapshot().items():
+            if value is not None:
+                actuators.add_metric([name], value)
+        yield actuators
+
+
+def metrics_text(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def build_registry(daemon: Daemon) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))
+    return registry

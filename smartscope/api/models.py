@@ -1,0 +1,123 @@
+"""Request and response bodies of the control API (the OpenAPI schema is built from these)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from useq import MDASequence
+
+RunState = Literal["acquiring", "paused", "finishing", "finished", "cancelled", "errored"]
+
+
+class StartAcquisition(BaseModel):
+    """A time-lapse: `frames` (+ `interval_ms`), or a useq-schema `sequence` with a time plan."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"frames": 300, "interval_ms": 20, "name": "cell-01"},
+        {"sequence": {"time_plan": {"interval": 0.05, "loops": 200}}, "name": "cell-02"},
+    ]})
+    frames: int | None = Field(None, ge=1, le=10_000_000, description="frames to acquire (default: config)")
+    exposure_ms: float | None = Field(None, gt=0, le=10_000, description="camera exposure (default: config)")
+    interval_ms: float | None = Field(None, ge=0, le=3_600_000,
+                                      description="frame interval, inside the safety envelope (default: config)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$",
+                             description="folder name under storage root (default: the acquisition id)")
+    sequence: MDASequence | None = Field(
+        None, description="useq-schema MDASequence (as pymmcore-plus and ImSwitch take it). Only a time "
+        "plan is supported: frames = its number of time points, interval = its interval; z, channels, "
+        "positions, grids and autofocus are refused (422). Excludes `frames` and `interval_ms`.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StartAcquisition:
+        if self.sequence is not None and (self.frames is not None or self.interval_ms is not None):
+            raise ValueError("give either `sequence` or `frames`/`interval_ms`, not both")
+        return self
+
+
+class AcquisitionInfo(BaseModel):
+    """One acquisition: its state (as pymmcore-plus's MDA runner), counts, rates and files."""
+
+    id: str = Field(description="acquisition id (also the folder name unless `name` was given)")
+    state: RunState
+    frames_requested: int
+    frames_acquired: int = Field(description="frames read from the camera so far")
+    frames_saved: int = Field(description="frames written to frames.ome.tif so far")
+    frames_inferred: int = Field(description="frames with an inference result")
+    frames_dropped: int = Field(description="frames not sent to inference (worker queues full); always saved")
+    acquisition_rate_hz: float | None = Field(None, description="frames acquired per second of run time")
+    inference_rate_hz: float | None = Field(None, description="inference results per second of run time")
+    exposure_ms: float | None = None
+    interval_ms: float | None = None
+    pauses: int = 0
+    started_s: float = Field(description="UNIX time the acquisition started")
+    finished_s: float | None = None
+    error: str | None = None
+    out_dir: str
+    files: dict[str, str] = Field(default_factory=dict, description="output files by role")
+    summary: dict[str, Any] | None = Field(None, description="summary.json, once finished")
+
+
+class PropertyValue(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"value": 12.5}]})
+    value: float | str
+
+
+class PropertyInfo(BaseModel):
+    device: str
+    property: str
+    value: str | float | int = Field(description="the value as the core reports it")
+
+
+class PolicyUpdate(BaseModel):
+    """Fields to change; parameters are validated in full before anything changes."""
+
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"enabled": True, "params": {"set_point_emitters": 20}}]})
+    enabled: bool | None = None
+    params: dict[str, Any] | None = Field(None, description="parameters to change (see params_schema)")
+
+
+class PolicyInfo(BaseModel):
+    name: str
+    module: str
+    enabled: bool
+    actuators: list[str] = Field(description="actuators this policy may move")
+    params: dict[str, Any]
+    params_schema: dict[str, Any] = Field(description="JSON schema of params")
+
+
+class Localization(BaseModel):
+    x_nm: float
+    y_nm: float
+    z_nm: float
+    photons: float
+    uncertainty_nm: float
+    p: float = Field(description="detection probability")
+
+
+class LatestResult(BaseModel):
+    """The newest inference result, with the acquisition state at its frame's capture."""
+
+    acquisition: str
+    frame: int = Field(description="frame number in the acquisition, 0-based")
+    t_capture_s: float
+    n_emitters: int
+    event_score: float | None = Field(None, description="0..1 when an event model runs")
+    focus_nm: float | None = Field(None, description="median z of the frame's localizations (defocus estimate)")
+    latency_ms: float = Field(description="capture to result")
+    background_photons: float | None = None
+    activation_mw: float | None = None
+    excitation_mw: float | None = None
+    z_um: float | None = None
+    interval_ms: float | None = None
+    angle_deg: float | None = None
+    worker: str
+    frames_acquired: int = Field(description="in this acquisition, so far")
+    frames_inferred: int = Field(description="in this acquisition, so far")
+    localizations_total: int = Field(description="in this acquisition, so far")
+    localizations: list[Localization]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
