@@ -17,7 +17,7 @@ import time
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, WebSocket, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, WebSocket, status
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -32,6 +32,7 @@ from smartscope.api.models import (
     Localization,
     PolicyInfo,
     PolicyUpdate,
+    Problem,
     PropertyInfo,
     PropertyValue,
     StartAcquisition,
@@ -41,6 +42,11 @@ from smartscope.service import Busy, Daemon, WrongState
 from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 
 _bearer = HTTPBearer(auto_error=False)
+DeviceLabel = Annotated[str, Path(description="Micro-Manager device label",
+                                  openapi_examples={"laser": {"value": "ActivationLaser"}})]
+PropertyName = Annotated[str, Path(description="property name", openapi_examples={"power": {"value": "Power_mW"}})]
+PolicyName = Annotated[str, Path(description="policy name (see GET /policies)",
+                                 openapi_examples={"illumination": {"value": "illumination"}})]
 _TOKEN_IN_URL = re.compile(r"(?i)(token=)[^&\s\"']+")
 
 
@@ -110,6 +116,16 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
+_PROBLEMS = {
+    401: "missing bearer token",
+    403: "wrong bearer token, or no token configured (writes disabled)",
+    404: "no such resource (the message says which)",
+    409: "conflicts with the acquisition's state (the message says why)",
+    413: "request body too large",
+    422: "invalid input (the message says what to fix); nothing changed",
+}
+
+
 def _info(run) -> AcquisitionInfo:
     elapsed = (run.finished_s or time.time()) - run.started_s
     files = {k: str(run.out_dir / f) for k, f in (
@@ -153,9 +169,12 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         check_token(creds.credentials if creds is not None else None)
 
+    def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+        return {code: {"model": Problem, "description": _PROBLEMS[code]} for code in codes}
+
     read_deps = [Depends(require_token)] if protect_reads else []
-    reads = APIRouter(dependencies=read_deps)
-    writes = APIRouter(dependencies=[Depends(require_token)])
+    reads = APIRouter(dependencies=read_deps, responses=problems(404, 422, *((401, 403) if protect_reads else ())))
+    writes = APIRouter(dependencies=[Depends(require_token)], responses=problems(401, 403, 404, 409, 413, 422))
     app = FastAPI(
         title="smartscope", version="0.1.0",
         description="Control API of a smart microscope: acquisitions, devices, policies, decisions, results, "
@@ -167,7 +186,6 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     registry = build_registry(daemon)
-    unauthorized = {401: {"description": "missing bearer token"}, 403: {"description": "wrong or no token"}}
 
     @app.get("/health", tags=["status"], response_model=Health)
     def health() -> Health:
@@ -187,9 +205,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
 
     # -- acquisitions ----------------------------------------------------------
 
-    @writes.post("/acquisitions", status_code=201, tags=["acquisitions"], response_model=AcquisitionInfo,
-                 responses={409: {"description": "another acquisition is running (its id in `detail.running`)"},
-                            413: {"description": "request body too large"}, **unauthorized})
+    @writes.post("/acquisitions", status_code=201, tags=["acquisitions"], response_model=AcquisitionInfo)
     def start(body: StartAcquisition) -> AcquisitionInfo:
         """Start an acquisition (one at a time); files go to `storage.root/<name or id>`."""
         out_dir = daemon.storage_root / body.name if body.name else None
@@ -206,8 +222,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
         return _info(run)
 
-    @writes.post("/acquisitions/current/stop", tags=["acquisitions"], response_model=AcquisitionInfo,
-                 responses={404: {"description": "no acquisition has run yet"}, **unauthorized})
+    @writes.post("/acquisitions/current/stop", tags=["acquisitions"], response_model=AcquisitionInfo)
     def stop() -> AcquisitionInfo:
         """Cancel the running acquisition (files are closed and complete); waits until it has ended."""
         run = daemon.stop_acquisition()
@@ -215,9 +230,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no acquisition has run yet")
         return _info(run)
 
-    @writes.post("/acquisitions/current/pause", tags=["acquisitions"], response_model=AcquisitionInfo,
-                 responses={404: {"description": "no acquisition has run yet"},
-                            409: {"description": "the acquisition is not acquiring"}, **unauthorized})
+    @writes.post("/acquisitions/current/pause", tags=["acquisitions"], response_model=AcquisitionInfo)
     def pause() -> AcquisitionInfo:
         """Stop the camera (no frame lost) and set the lasers to their safe value until resumed."""
         try:
@@ -227,9 +240,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
         except WrongState as e:
             raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
 
-    @writes.post("/acquisitions/current/resume", tags=["acquisitions"], response_model=AcquisitionInfo,
-                 responses={404: {"description": "no acquisition has run yet"},
-                            409: {"description": "the acquisition is not paused"}, **unauthorized})
+    @writes.post("/acquisitions/current/resume", tags=["acquisitions"], response_model=AcquisitionInfo)
     def resume() -> AcquisitionInfo:
         """Lasers back to their values before the pause, camera restarted for the remaining frames."""
         try:
@@ -243,8 +254,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     def list_runs() -> list[AcquisitionInfo]:
         return [_info(r) for r in list(daemon.runs.values())]
 
-    @reads.get("/acquisitions/{run_id}", tags=["acquisitions"], response_model=AcquisitionInfo,
-               responses={404: {"description": "no such acquisition"}})
+    @reads.get("/acquisitions/{run_id}", tags=["acquisitions"], response_model=AcquisitionInfo)
     def get_run(run_id: str) -> AcquisitionInfo:
         run = daemon.runs.get(run_id)
         if run is None:
@@ -253,8 +263,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
 
     # -- results ---------------------------------------------------------------
 
-    @reads.get("/results/latest", tags=["results"], response_model=LatestResult,
-               responses={404: {"description": "no inference result yet"}})
+    @reads.get("/results/latest", tags=["results"], response_model=LatestResult)
     def latest_result() -> LatestResult:
         """The newest inference result: localizations, emitter count, event score, focus estimate."""
         latest = daemon.latest_result
@@ -271,8 +280,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
 
     @reads.get("/frames/latest.png", tags=["results"], response_class=Response,
                responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                                "description": "8-bit PNG, percentile stretch; headers X-Frame, X-Acquisition"},
-                          404: {"description": "no frame acquired yet"}})
+                                "description": "8-bit PNG, percentile stretch; headers X-Frame, X-Acquisition"}})
     def latest_frame(low_percentile: Annotated[float, Query(ge=0, le=50)] = 0.5,
                      high_percentile: Annotated[float, Query(ge=50, le=100)] = 99.5) -> Response:
         """The newest frame for a quick look (auto-contrast: percentiles stretched to black..white)."""
@@ -318,15 +326,13 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
             out[label] = {"type": str(core.getDeviceType(label)), "properties": props}
         return out
 
-    @reads.get("/devices/{label}/properties/{prop}", tags=["devices"], response_model=PropertyInfo,
-               responses={404: {"description": "no such device or property"}})
-    def get_property(label: str, prop: str) -> PropertyInfo:
+    @reads.get("/devices/{label}/properties/{prop}", tags=["devices"], response_model=PropertyInfo)
+    def get_property(label: DeviceLabel, prop: PropertyName) -> PropertyInfo:
         _check_property(label, prop)
         return PropertyInfo(device=label, property=prop, value=core.getProperty(label, prop))
 
-    @writes.put("/devices/{label}/properties/{prop}", tags=["devices"], response_model=PropertyInfo,
-                responses={404: {"description": "no such device or property"}, **unauthorized})
-    def set_property(label: str, prop: str, body: PropertyValue) -> PropertyInfo:
+    @writes.put("/devices/{label}/properties/{prop}", tags=["devices"], response_model=PropertyInfo)
+    def set_property(label: DeviceLabel, prop: PropertyName, body: PropertyValue) -> PropertyInfo:
         """Set a property; outside its limits, allowed values or the safety envelope: 422, unchanged."""
         _check_property(label, prop)
         if core.isPropertyReadOnly(label, prop):
@@ -368,17 +374,15 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     def policies() -> list[PolicyInfo]:
         return [_policy_info(n) for n in daemon.engine.slots]
 
-    @reads.get("/policies/{name}", tags=["policies"], response_model=PolicyInfo,
-               responses={404: {"description": "no such policy"}})
-    def get_policy(name: str) -> PolicyInfo:
+    @reads.get("/policies/{name}", tags=["policies"], response_model=PolicyInfo)
+    def get_policy(name: PolicyName) -> PolicyInfo:
         if name not in daemon.engine.slots:
             raise HTTPException(status.HTTP_404_NOT_FOUND,
                                 f"no policy {name!r}; known: {sorted(daemon.engine.slots)}")
         return _policy_info(name)
 
-    @writes.patch("/policies/{name}", tags=["policies"], response_model=PolicyInfo,
-                  responses={404: {"description": "no such policy"}, **unauthorized})
-    def update_policy(name: str, body: PolicyUpdate) -> PolicyInfo:
+    @writes.patch("/policies/{name}", tags=["policies"], response_model=PolicyInfo)
+    def update_policy(name: PolicyName, body: PolicyUpdate) -> PolicyInfo:
         """Enable/disable and change parameters: all validated first, then applied as one step."""
         if name not in daemon.engine.slots:
             raise HTTPException(status.HTTP_404_NOT_FOUND,

@@ -119,5 +119,12 @@ class LatestResult(BaseModel):
     localizations: list[Localization]
 
 
+class Problem(BaseModel):
+    """Every error: `detail` says what to fix (a message, or a list of field errors, or an object)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "missing bearer token"}]})
+    detail: str | list[Any] | dict[str, Any]
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
