@@ -97,6 +97,11 @@ class ActuatorLimits(_Strict):
     range: Range
     max_step: float | None = Field(None, gt=0, description="largest change per move")
     min_period_s: float = Field(0.0, ge=0, description="rate limit between moves")
+    max_speed_per_s: float | None = Field(
+        None, gt=0,
+        description="largest speed (units per second, e.g. deg/s for the rotation stage): "
+        "after a move of size d the next move waits d / max_speed_per_s",
+    )
     safe_value: float | None = Field(
         None, description="value set on safe hold / shutdown (lasers: 0)"
     )
@@ -122,7 +127,7 @@ class SafetyConfig(_Strict):
         default_factory=lambda: _limits(10, 1000, min_period_s=0.1)
     )
     angle_deg: ActuatorLimits = Field(
-        default_factory=lambda: _limits(-60, 60, max_step=15, min_period_s=0.5)
+        default_factory=lambda: _limits(-60, 60, max_step=15, min_period_s=0.5, max_speed_per_s=30)
     )
     stale_after_s: float = Field(
         2.0, gt=0, description="no fresh inference for this long: safe hold"

@@ -2,10 +2,23 @@
 
 Per inference result: each enabled policy proposes; when two want the same
 actuator, the one listed first in the config wins (the other is logged as
-overridden); the winner passes the safety envelope (range, step, rate) and is
-applied through the actuator. If no fresh result has arrived for
-`stale_after_s`, the engine enters a safe hold (no actions at all) and says why
-in its status; it leaves the hold by itself on the next fresh result.
+overridden); the winner passes the safety envelope (range, step, rate, speed)
+and is applied through the actuator, and the decision log records the frame,
+the inputs, the value before, the value requested, the value applied and the
+reason.
+
+Safe hold: the engine stops acting when inference cannot be trusted to be
+current, and says why in `hold_reason` (and `status()`):
+
+- no result for `stale_after_s` (worker gone, crashed or stuck): the caller's
+  watchdog (`check_stale`, called periodically) enters the hold;
+- a result whose frame was captured more than `stale_after_s` ago (inference
+  fallen behind): it is not given to the policies, and the engine holds.
+
+While holding, no policy is asked and nothing at all is applied: the lasers
+keep the value they had (never raised), the stage and the rotation stay
+still. The hold ends by itself on the next fresh result (captured within the
+bound), which is acted on normally. Controller state is kept across a hold.
 """
 
 from __future__ import annotations
@@ -65,42 +78,70 @@ class PolicyEngine:
         self._lock = threading.RLock()
         self._last_result_s: float | None = None
         self.hold_reason: str | None = None
+        self.hold_since_s: float | None = None
+        self.holds = 0
         self.actions: Counter[str] = Counter()
 
     # -- lifecycle -------------------------------------------------------------
 
     def reset(self, now_s: float | None = None) -> None:
-        """Start of an acquisition: fresh controllers, staleness clock restarted."""
+        """Start of an acquisition: fresh controllers, pacing and staleness clocks restarted."""
         with self._lock:
             for slot in self.slots.values():
                 slot.policy.reset()
+            self._envelope.reset()
             self._last_result_s = time.time() if now_s is None else now_s
             self.hold_reason = None
+            self.hold_since_s = None
+            self.holds = 0
             self.actions.clear()
 
-    def check_stale(self, now_s: float | None = None) -> bool:
-        """Enter safe hold if results are overdue; True while holding."""
+    def enter_hold(self, reason: str, now_s: float | None = None, frame: int | None = None) -> None:
+        """Stop acting until a fresh result arrives (logged once per hold)."""
         now_s = time.time() if now_s is None else now_s
         with self._lock:
-            if self._last_result_s is None:
-                return self.hold_reason is not None
-            age = now_s - self._last_result_s
-            if age > self._stale_after_s and self.hold_reason is None:
-                self.hold_reason = f"no inference result for {age:.1f}s (> {self._stale_after_s}s)"
-                self._log.append({"t_s": now_s, "frame": None, "policy": None, "outcome": "hold",
-                                  "reason": self.hold_reason})
+            if self.hold_reason is not None:
+                return
+            self.hold_reason, self.hold_since_s = reason, now_s
+            self.holds += 1
+            self._log.append({"t_s": now_s, "frame": frame, "policy": None, "outcome": "hold",
+                              "reason": reason})
+
+    def check_stale(self, now_s: float | None = None) -> bool:
+        """Watchdog: enter safe hold if results are overdue; True while holding."""
+        now_s = time.time() if now_s is None else now_s
+        with self._lock:
+            if self._last_result_s is not None and self.hold_reason is None:
+                age = now_s - self._last_result_s
+                if age > self._stale_after_s:
+                    self.enter_hold(f"no inference result for {age:.1f}s (> {self._stale_after_s}s)", now_s)
             return self.hold_reason is not None
+
+    def status(self, now_s: float | None = None) -> dict[str, Any]:
+        """Hold flag and why, for the API's status."""
+        now_s = time.time() if now_s is None else now_s
+        with self._lock:
+            age = None if self._last_result_s is None else round(now_s - self._last_result_s, 3)
+            return {"holding": self.hold_reason is not None, "hold_reason": self.hold_reason,
+                    "hold_since_s": self.hold_since_s, "holds": self.holds, "last_result_age_s": age,
+                    "stale_after_s": self._stale_after_s}
 
     # -- the loop ---------------------------------------------------------------
 
     def on_observation(self, obs: Observation, now_s: float | None = None) -> list[dict[str, Any]]:
+        """Act on one inference result; returns the decisions made (none while holding)."""
         now_s = time.time() if now_s is None else now_s
         with self._lock:
+            lag_s = now_s - obs.t_capture_s
+            if lag_s > self._stale_after_s:
+                self.enter_hold(f"inference behind: result for frame {obs.seq} arrived {lag_s:.1f}s "
+                                f"after capture (> {self._stale_after_s}s)", now_s, obs.seq)
+                return []
             self._last_result_s = now_s
             if self.hold_reason is not None:
                 self._log.append({"t_s": now_s, "frame": obs.seq, "policy": None, "outcome": "resume",
                                   "reason": f"fresh inference result after hold ({self.hold_reason})"})
-                self.hold_reason = None
+                self.hold_reason = self.hold_since_s = None
             proposals = self._collect(obs, now_s)
             return [self._apply(name, action, obs, now_s, overridden)
                     for name, action, overridden in proposals]
@@ -133,7 +174,7 @@ class PolicyEngine:
         verdict = self._envelope.check(action.actuator, before, action.value, now_s)
         if verdict.applied is not None and verdict.applied != before:
             self._actuator.write(action.actuator, verdict.applied)
-            self._envelope.record_move(action.actuator, now_s)
+            self._envelope.record_move(action.actuator, now_s, before, verdict.applied)
             self.actions[policy] += 1
         entry = {
             "t_s": now_s,

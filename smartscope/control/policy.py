@@ -1,16 +1,45 @@
 """The Policy contract: what a policy sees, what it may propose, how it fails.
 
-Lifecycle: the engine builds each policy once from its validated `Params`,
-calls `reset()` at the start of every acquisition, then `propose(obs)` once per
-inference result, in frame order as results arrive (frames may be missing: the
-inference stream is allowed to drop). A policy never touches the core: it
-returns `Action`s and the engine clamps them to the safety envelope,
-rate-limits them and applies them through the one actuator door.
+Lifecycle
+    The engine builds each policy once from its validated `Params`, calls
+    `reset()` at the start of every acquisition, then `propose(obs)` once per
+    inference result, in the order results arrive (frames may be missing: the
+    inference stream is allowed to drop them, so count frames by `obs.seq`,
+    not by calls).
 
-Failure path: an exception raised by `propose` is logged as a decision with
-outcome "error" and the policy's actions for that frame are dropped; the
-engine and other policies carry on. A policy that wants to say "no change"
-returns an empty list.
+What a policy sees
+    `Observation`: the frame's localizations and counts, the optional model
+    outputs (`emitter_count` from a counting model, `event_score` from an
+    event model: None when that model does not run), and `state`, the
+    actuator values *at the frame's capture*. Results lag the hardware (frames
+    in flight), so a policy compares against `obs.state`, never against what
+    it asked for last: a frame captured before its move still shows the old
+    value. Time is `obs.t_capture_s` (seconds, the daemon's clock).
+
+What a policy may do
+    Return `Action`s (absolute values, one per actuator, with a reason in
+    words and the inputs it used) or [] for "no change". A policy never
+    touches the core: the engine arbitrates (the policy listed first in the
+    config wins an actuator), clamps to the safety envelope (range, step,
+    rate, speed), applies through the one actuator door and logs the value
+    before, requested and applied. A request may therefore be applied
+    partially or not at all; the next observation's `state` shows what was.
+
+Safe hold
+    While inference is stale or missing the engine does not call `propose` at
+    all and applies nothing; controller state is kept, and the first fresh
+    result after the hold is a normal call.
+
+Failure path
+    An exception raised by `propose` is logged as a decision with outcome
+    "error" and the policy's actions for that frame are dropped; the engine
+    and the other policies carry on. A policy whose input is missing (e.g. no
+    event score) returns [].
+
+Run-time changes
+    `update_params` validates the merged parameters with the policy's pydantic
+    `Params` and swaps them in as one step, or raises and changes nothing;
+    `enabled` is the engine's. Neither resets controller state.
 
 To add a policy: drop a module in `policies/` (or anywhere importable) that
 defines one `Policy` subclass, and name its import path in the config.
@@ -44,6 +73,12 @@ class Observation:
     state: dict[str, float | None]  # actuator values at capture, keys in ACTUATORS
     field_area_um2: float
     event_score: float | None = None  # 0..1 when an event model runs, else None
+    emitter_count: float | None = None  # emitters in the frame from a counting model, else None
+
+    @property
+    def emitters_per_um2(self) -> float:
+        """Localizations per µm² of the field."""
+        return self.n_emitters / self.field_area_um2 if self.field_area_um2 > 0 else 0.0
 
     def column(self, name: str) -> np.ndarray:
         return self.localizations[:, LOCALIZATION_COLUMNS.index(name)]

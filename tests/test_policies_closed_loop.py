@@ -1,0 +1,108 @@
+"""Each policy in a short closed loop on the simulated microscope (real core, localizer, engine).
+
+Fast versions of the `smartscope bench policies` scenarios: a few hundred
+64 × 64 frames each, scored against the simulation's ground truth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smartscope.config import SafetyConfig
+from smartscope.scenarios import (
+    bleaching_config,
+    density_error,
+    drifting_config,
+    mount_tilt_deg,
+    mount_tilted,
+    run_closed_loop,
+    settling_frame,
+    tilted_sample_config,
+)
+
+ILLUMINATION = {"name": "illumination", "module": "policies.illumination", "params": {"set_point_emitters": 12}}
+
+
+def test_illumination_raises_a_low_power_and_settles_on_the_set_point():
+    run = run_closed_loop(bleaching_config(0, activation_mw=5.0), [ILLUMINATION], 300)
+    power = run.states["activation_mw"]
+    err = density_error(run.n_localizations, 12.0, 50)
+    settle = settling_frame(err, 0.15, 50)
+    assert power[-1] > 20.0  # it went up
+    assert settle is not None and settle < 200
+    assert abs(np.mean(run.n_localizations[-100:]) / 12.0 - 1) < 0.1
+
+
+def test_illumination_lowers_a_high_power():
+    run = run_closed_loop(bleaching_config(0, activation_mw=250.0), [ILLUMINATION], 300)
+    assert np.mean(run.n_localizations[:10]) > 20  # far too many at the start
+    assert run.states["activation_mw"][-1] < 150.0
+    assert abs(np.mean(run.n_localizations[-100:]) / 12.0 - 1) < 0.15
+
+
+def test_focus_lock_follows_a_fast_drift():
+    """3 µm/min: uncorrected the focus is 1.5 µm off after 30 s; the lock holds it to tens of nm."""
+    spec = {"name": "focus", "module": "policies.focus"}
+    run = run_closed_loop(drifting_config(0, 3000.0), [spec], 300)
+    offset = run.focus_offset_nm
+    stage_nm = np.array([t.stage_z_um for t in run.truths]) * 1000
+    uncorrected = offset - (stage_nm - stage_nm[0])
+    assert uncorrected[-1] > 1000.0
+    assert stage_nm[-1] - stage_nm[0] < -1000.0  # the stage moved against the drift
+    assert np.sqrt(np.mean(offset[50:] ** 2)) < 60.0
+
+
+def test_view_angle_finds_the_tilt_that_undoes_the_mounting():
+    seed = 1
+    tilt = mount_tilt_deg(seed)
+    assert tilt > 25  # this seed's sample leans by about +30°: the best view is about -30°
+    spec = {"name": "view_angle", "module": "policies.view_angle",
+            "params": {"candidates_deg": [-30, 0, 30], "dwell_frames": 10}}
+    run = run_closed_loop(tilted_sample_config(seed), [spec], 330, initial={"angle_deg": 0.0},
+                          setup=mount_tilted(tilt))
+    assert run.states["angle_deg"][-1] == -30.0
+    # the envelope paced every rotation: max step, min period and speed (deg/s)
+    lim = SafetyConfig().angle_deg
+    moves = [(t, v) for t, name, v in run.writes if name == "angle_deg"]
+    previous_t, previous_v, size = None, 0.0, 0.0
+    for t, v in moves:
+        assert abs(v - previous_v) <= lim.max_step
+        if previous_t is not None:
+            assert t - previous_t >= max(lim.min_period_s, size / lim.max_speed_per_s) - 1e-9
+        previous_t, size, previous_v = t, abs(v - previous_v), v
+
+
+def test_safe_hold_when_results_stop_and_resume_when_they_return():
+    """Results stop for 150 frames (3 s > stale_after_s = 2 s): the engine holds, nothing is applied,
+    the laser is not raised; the first fresh result ends the hold and the loop acts again."""
+    gap = range(120, 270)
+    run = run_closed_loop(bleaching_config(0, activation_mw=5.0), [ILLUMINATION], 330,
+                          delivered=lambda i: i not in gap)
+    holding = run.holding
+    assert not holding[:gap.start].any()
+    first_hold = int(np.argmax(holding))
+    assert gap.start < first_hold < gap.stop and holding[first_hold:gap.stop].all()
+    assert not holding[gap.stop:].any()
+    t_hold = run.t_s[first_hold]
+    t_resume = run.t_s[gap.stop]
+    assert not [w for w in run.writes if t_hold <= w[0] < t_resume]  # nothing applied while holding
+    power = run.states["activation_mw"]
+    assert power[first_hold:gap.stop].max() <= power[first_hold]  # lasers not raised
+    assert any(w[0] > t_resume for w in run.writes)  # acting again after the hold
+    outcomes = [d["outcome"] for d in run.decisions if d["policy"] is None]
+    assert outcomes == ["hold", "resume"]
+    reason = next(d["reason"] for d in run.decisions if d["outcome"] == "hold")
+    assert "no inference result" in reason
+
+
+@pytest.mark.slow
+def test_the_bench_scenarios_meet_their_goals_on_one_seed():
+    from smartscope.scenarios import focus_scenario, illumination_scenario, view_angle_scenario
+
+    ill = illumination_scenario(0)
+    assert ill["median_abs_error"] <= 0.1 < ill["best_fixed_median_abs_error"]
+    foc = focus_scenario(0)
+    assert foc["rms_defocus_nm"] <= 50 < foc["rms_uncorrected_nm"]
+    va = view_angle_scenario(0)
+    assert va["ratio_chosen"] >= 0.9
