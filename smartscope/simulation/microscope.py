@@ -1,16 +1,21 @@
 """The stateful simulated microscope the simulated camera device drives.
 
-Each `snap` advances the sample by one frame period: the dye molecules blink
-and bleach in continuous time under the lasers, the focus drifts, the
-structure is seen at the current rotation angle and defocus through the
-astigmatic PSF, and the camera adds its noise. The exact ground truth of every
-frame comes back with it, so tests and training know what the image shows.
+Each `snap` advances the sample by one frame period and images its exposure.
+In SMLM mode the dye molecules blink and bleach in continuous time under the
+lasers; in live mode a densely labelled tubular network moves, bleaches with
+the excitation dose and divides (fission events, `live.py`). In both, the
+focus drifts, the sample is seen at the current rotation angle and defocus
+through the astigmatic PSF, and the camera adds its noise. The exact ground
+truth of every frame comes back with it, so tests and training know what the
+image shows.
 
 Assumptions worth knowing: both lasers are triggered by the camera (they
 illuminate only during the exposure; in the dark rest of a long frame interval
 molecules only relax and switch on spontaneously, and nothing bleaches); the
-sample starts in the steady state for the lasers set at the first snap, as
-after the usual pumping phase of a dSTORM experiment.
+SMLM sample starts in the steady state for the lasers set at the first snap, as
+after the usual pumping phase of a dSTORM experiment. In live mode the
+activation laser does nothing (the label does not photoswitch) and the
+background does not bleach.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import numpy as np
 
 from smartscope.simulation.camera import photons_to_adu
 from smartscope.simulation.config import SimulationConfig
+from smartscope.simulation.live import STEP_NM, EventTruth, TubularNetwork
 from smartscope.simulation.optics import (
     astigmatic_sigmas_nm,
     integrated_gaussian_crlb_nm,
+    render_dense_psf,
     render_gaussian_psfs,
 )
 from smartscope.simulation.sample import make_structure, rotate_positions
@@ -42,7 +49,9 @@ class FrameTruth:
     Coordinates are in the image frame (after rotation), x_nm = x_px *
     pixel_size_nm with pixel k spanning [k, k+1), so a pixel centre is at
     (k + 0.5) * pixel_size_nm. Only emitters whose centre lies inside the frame
-    and that gave light are listed (edge emitters still light the frame).
+    and that gave light are listed (edge emitters still light the frame). In
+    live mode the emitter arrays are empty and ``events`` lists the fission
+    events active at mid-exposure whose neck lies inside the frame.
     """
 
     frame: int  # 0-based frame index
@@ -67,13 +76,21 @@ class FrameTruth:
     excitation_mw: float = 0.0
     stage_z_um: float = 0.0
     angle_deg: float = 0.0
+    mode: str = "smlm"
+    events: list[EventTruth] = field(default_factory=list)
+    # Fraction of the label's fluorescence not yet bleached, after this frame
+    # (SMLM: molecules not bleached; live: exp(-bleach_per_mj * dose)).
+    fluorescence_remaining: float = 1.0
 
 
 class SimulatedMicroscope:
-    """A dSTORM microscope in software: set the actuator attributes, then snap.
+    """A dSTORM or live-cell microscope in software: set the actuator attributes, then snap.
 
     The actuator state is plain attributes (activation_mw, excitation_mw,
     stage_z_um, angle_deg) that the device adapters set between frames.
+    ``config.mode`` picks the sample: "smlm" (blinking emitters on
+    ``config.sample``) or "live" (the tubular network of ``config.live``,
+    then ``network`` is its TubularNetwork).
     """
 
     def __init__(
@@ -83,15 +100,26 @@ class SimulatedMicroscope:
         cam = self.config.camera
         # Separate streams: the sample depends on the seed alone, and camera noise
         # does not change the blinking.
-        sample_seq, dye_seq, drift_seq, camera_seq = np.random.SeedSequence(seed).spawn(4)
+        sample_seq, dye_seq, drift_seq, camera_seq, event_seq = np.random.SeedSequence(seed).spawn(5)
         self._dye_rng = np.random.default_rng(dye_seq)
         self._drift_rng = np.random.default_rng(drift_seq)
         self._camera_rng = np.random.default_rng(camera_seq)
         self.field_nm = (cam.width_px * cam.pixel_size_nm, cam.height_px * cam.pixel_size_nm)
-        self.positions_nm = make_structure(
-            self.config.sample, self.field_nm, np.random.default_rng(sample_seq)
-        )
+        self.network: TubularNetwork | None = None
+        if self.config.mode == "live":
+            self.network = TubularNetwork(
+                self.config.live, self.field_nm, np.random.default_rng(sample_seq),
+                np.random.default_rng(event_seq),
+            )
+            self.positions_nm = np.empty((0, 3))
+        else:
+            self.positions_nm = make_structure(
+                self.config.sample, self.field_nm, np.random.default_rng(sample_seq)
+            )
+        self._dose_mj = 0.0  # excitation dose so far (live mode bleaching)
+        self.last_expected_photons: np.ndarray | None = None  # the noise-free image of the last snap
         self._state = np.full(len(self.positions_nm), _OFF, dtype=np.int8)
+        self._n_bleached = 0
         self._started = False
         self._drift_nm = 0.0  # sample displacement along z relative to the focal plane
 
@@ -116,8 +144,18 @@ class SimulatedMicroscope:
 
     @property
     def bleached_fraction(self) -> float:
-        """Fraction of all molecules bleached so far (the dye budget spent)."""
-        return float(np.mean(self._state == _BLEACHED)) if self._state.size else 0.0
+        """Fraction of the label bleached so far (the dye budget spent).
+
+        SMLM: the fraction of molecules bleached; live: 1 - exp(-bleach_per_mj * dose_mJ).
+        """
+        if self.config.mode == "live":
+            return float(-np.expm1(-self.config.live.bleach_per_mj * self._dose_mj))
+        return self._n_bleached / self._state.size if self._state.size else 0.0
+
+    @property
+    def dose_mj(self) -> float:
+        """Excitation dose delivered so far (mJ: mW x s of exposure; lasers are triggered)."""
+        return self._dose_mj
 
     @property
     def focus_offset_nm(self) -> float:
@@ -130,16 +168,32 @@ class SimulatedMicroscope:
     ) -> tuple[np.ndarray, FrameTruth]:
         """Advance one frame period, max(exposure, interval), and image its exposure.
 
-        Returns the (H, W) uint16 ADU frame and its ground truth.
+        Returns the (H, W) uint16 ADU frame and its ground truth; the same in
+        both modes.
         """
         if not exposure_ms > 0:
             raise ValueError(f"exposure_ms must be > 0, got {exposure_ms}")
         if interval_ms is not None and interval_ms < 0:
             raise ValueError(f"interval_ms must be >= 0, got {interval_ms}")
+        exposure_s = exposure_ms / 1000.0
+        period_s = max(exposure_s, (interval_ms or 0.0) / 1000.0)
+        if self.config.mode == "live":
+            expected, truth = self._image_live(exposure_ms, period_s)
+        else:
+            expected, truth = self._image_smlm(exposure_ms, period_s)
+        frame = photons_to_adu(expected, self.config.camera, self._camera_rng)
+        self.last_expected_photons = expected
+        if self.keep_truth:
+            self.truth_log.append(truth)
+        self.t_s += period_s
+        self.frame_index += 1
+        return frame, truth
+
+    def _image_smlm(self, exposure_ms: float, period_s: float) -> tuple[np.ndarray, FrameTruth]:
+        """Blink, bleach and drift through one frame period; the expected image and its truth."""
         cfg = self.config
         pp, cam = cfg.photophysics, cfg.camera
         exposure_s = exposure_ms / 1000.0
-        period_s = max(exposure_s, (interval_ms or 0.0) / 1000.0)
         activation_mw = max(0.0, float(self.activation_mw))
         excitation_mw = max(0.0, float(self.excitation_mw))
         k_on = pp.k_on_base_per_s + pp.k_on_per_mw_per_s * activation_mw
@@ -152,12 +206,13 @@ class SimulatedMicroscope:
             self._started = True
 
         focus_offset_nm = self._advance_drift(0.5 * exposure_s)  # mid-exposure
-        on_time_s = self._expose(exposure_s, k_on, pp.k_off_per_s, k_bleach)
+        lit, on_time_s = self._expose(exposure_s, k_on, pp.k_off_per_s, k_bleach)
         self._relax(period_s - exposure_s, pp.k_on_base_per_s, pp.k_off_per_s)
         self._advance_drift(period_s - 0.5 * exposure_s)
 
-        lit = np.flatnonzero(on_time_s > 0) if photon_rate > 0 else np.empty(0, np.int64)
-        photons = photon_rate * on_time_s[lit]
+        if photon_rate <= 0:
+            lit, on_time_s = np.empty(0, np.int64), np.empty(0)
+        photons = photon_rate * on_time_s
         pos = rotate_positions(
             self.positions_nm[lit],
             self.angle_deg,
@@ -169,7 +224,6 @@ class SimulatedMicroscope:
         background = pp.background_photons_per_mw_per_s_per_px * excitation_mw * exposure_s
 
         expected = self.render(pos[:, 0], pos[:, 1], photons, sigma_x_nm, sigma_y_nm, background)
-        frame = photons_to_adu(expected, cam, self._camera_rng)
 
         inside = (
             (pos[:, 0] >= 0)
@@ -197,12 +251,100 @@ class SimulatedMicroscope:
             excitation_mw=excitation_mw,
             stage_z_um=float(self.stage_z_um),
             angle_deg=float(self.angle_deg),
+            fluorescence_remaining=1.0 - self.bleached_fraction,
         )
-        if self.keep_truth:
-            self.truth_log.append(truth)
-        self.t_s += period_s
-        self.frame_index += 1
-        return frame, truth
+        return expected, truth
+
+    def _image_live(self, exposure_ms: float, period_s: float) -> tuple[np.ndarray, FrameTruth]:
+        """Move, divide and bleach the network through one frame period; the expected image and its truth.
+
+        Each centreline point carries the labelled volume pi (d/2)^2 * STEP_NM
+        of its tubule slice; the slice's cross-section is two half-weight
+        points at +-d/4 across the tubule (the variance of a filled cylinder's
+        projection), all blurred by the defocus-dependent PSF.
+        """
+        cfg = self.config
+        live, cam, net = cfg.live, cfg.camera, self.network
+        assert net is not None
+        exposure_s = exposure_ms / 1000.0
+        activation_mw = max(0.0, float(self.activation_mw))
+        excitation_mw = max(0.0, float(self.excitation_mw))
+        t_mid = self.t_s + 0.5 * exposure_s
+        focus_offset_nm = self._advance_drift(0.5 * exposure_s)  # mid-exposure
+        net.advance_to(t_mid)
+        # Bleaching: fluorescence exp(-k * dose) averaged over this exposure's dose.
+        dose_mj = excitation_mw * exposure_s
+        k_dose = live.bleach_per_mj * dose_mj
+        mean_fluorescence = np.exp(-live.bleach_per_mj * self._dose_mj) * (
+            -np.expm1(-k_dose) / k_dose if k_dose > 0 else 1.0
+        )
+        self._dose_mj += dose_mj
+        self._advance_drift(period_s - 0.5 * exposure_s)
+
+        centre = (0.5 * self.field_nm[0], 0.5 * self.field_nm[1])
+        pos, diameter = net.geometry(t_mid)
+        pos = rotate_positions(pos, self.angle_deg, cfg.rotation_axis, centre)
+        tangent = net.tangents(pos)
+        background = live.background_photons_per_mw_per_s_per_px * excitation_mw * exposure_s
+        expected = np.full(self.shape, float(background))
+        photon_scale = live.photons_per_mw_per_s_per_um3 * excitation_mw * exposure_s * mean_fluorescence
+        lit = np.flatnonzero(diameter > 0) if photon_scale > 0 else np.empty(0, np.int64)
+        if lit.size:
+            d = diameter[lit]
+            photons = (np.pi / 4e9 * STEP_NM * photon_scale * 0.5) * d**2  # per half of the slice
+            across = np.column_stack([-tangent[lit, 1], tangent[lit, 0]])
+            norm = np.hypot(across[:, 0], across[:, 1])
+            across = np.where(norm[:, None] > 1e-6, across / np.maximum(norm, 1e-6)[:, None], [1.0, 0.0])
+            offset = (0.25 * d)[:, None] * across
+            px = cam.pixel_size_nm
+            xy = np.concatenate([pos[lit, :2] + offset, pos[lit, :2] - offset]) / px
+            z = np.tile(pos[lit, 2] + focus_offset_nm, 2)
+            render_dense_psf(self.shape, xy[:, 0], xy[:, 1], z, np.tile(photons, 2), cfg.optics, px, out=expected)
+
+        events = []
+        for ev in net.active:
+            phase = ev.phase(t_mid)
+            if phase is None:
+                continue
+            where = ev.base_nm.copy()
+            where[:2] += net.displacement_nm(where[None, :2], t_mid)[0]
+            where = rotate_positions(where[None], self.angle_deg, cfg.rotation_axis, centre)[0]
+            if not (0 <= where[0] < self.field_nm[0] and 0 <= where[1] < self.field_nm[1]):
+                continue
+            on_tubule = np.flatnonzero(net.segment == ev.segment)
+            nearest = on_tubule[np.argmin(np.abs(net.s_nm[on_tubule] - ev.s_nm))]
+            direction = np.degrees(np.arctan2(tangent[nearest, 1], tangent[nearest, 0])) % 180.0
+            events.append(EventTruth(
+                id=ev.id, x_nm=float(where[0]), y_nm=float(where[1]),
+                z_nm=float(where[2] + focus_offset_nm), phase=phase, onset_s=ev.onset_s,
+                division_s=ev.division_s, end_s=ev.end_s,
+                neck_width_nm=net.neck_width_nm(ev, t_mid), direction_deg=float(direction),
+            ))  # fmt: skip
+
+        empty = np.empty(0)
+        truth = FrameTruth(
+            frame=self.frame_index,
+            t_s=self.t_s,
+            id=np.empty(0, np.int64),
+            x_nm=empty,
+            y_nm=empty,
+            z_nm=empty,
+            photons=empty,
+            background_per_px=float(background),
+            focus_offset_nm=float(focus_offset_nm),
+            exposure_ms=float(exposure_ms),
+            pixel_size_nm=cam.pixel_size_nm,
+            qe=cam.qe,
+            em_excess=2.0 if cam.em_gain > 1 else 1.0,
+            activation_mw=activation_mw,
+            excitation_mw=excitation_mw,
+            stage_z_um=float(self.stage_z_um),
+            angle_deg=float(self.angle_deg),
+            mode="live",
+            events=events,
+            fluorescence_remaining=1.0 - self.bleached_fraction,
+        )
+        return expected, truth
 
     def render(
         self,
@@ -232,35 +374,52 @@ class SimulatedMicroscope:
 
     def _expose(
         self, exposure_s: float, k_on: float, k_off: float, k_bleach: float
-    ) -> np.ndarray:
-        """Telegraph each molecule through the exposure; return its on-time (s), all N.
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Telegraph the molecules through the exposure; return those that were on and their on-times (s).
 
         Continuous time: exponential waiting times, looping only over the
-        (few) molecules that still switch inside the window. Leaving the on
+        (few) molecules that are on or switch on inside the window. The off
+        molecules that switch on are picked without visiting the others: each
+        does so with probability p = 1 - exp(-k_on T), so the picks are
+        Bernoulli(p) trials drawn by geometric skipping, and their switch-on
+        times are exponential times truncated to the window. Leaving the on
         state is off (k_off) or bleached (k_bleach = photon rate x bleach per photon).
+        Returns (molecule ids ascending, on-time in s), only molecules with on-time > 0.
         """
         state, rng = self._state, self._dye_rng
-        on_time = np.zeros(state.size)
-        idx = np.flatnonzero(state != _BLEACHED)
-        t = np.zeros(idx.size)
+        p_switch = -np.expm1(-k_on * exposure_s)
+        picked = _bernoulli_indices(state.size, p_switch, rng)
+        picked = picked[state[picked] == _OFF]
+        t_picked = -np.log1p(-rng.random(picked.size) * p_switch) / k_on if picked.size else np.empty(0)
+        already_on = np.flatnonzero(state == _ON)
+        involved = np.concatenate([already_on, picked])
+        local = np.full(involved.size, _ON, dtype=np.int8)  # the states of `involved`, as the loop runs
+        on_time = np.zeros(involved.size)
+        j = np.arange(involved.size)  # positions in `involved` still switching inside the window
+        t = np.concatenate([np.zeros(already_on.size), t_picked])
         k_leave = k_off + k_bleach
         p_bleach = k_bleach / k_leave
-        while idx.size:
-            is_on = state[idx] == _ON
+        while j.size:
+            is_on = local[j] == _ON
             rate = np.where(is_on, k_leave, k_on)
             with np.errstate(divide="ignore"):
-                t_next = t + rng.standard_exponential(idx.size) / rate
+                t_next = t + rng.standard_exponential(j.size) / rate
             if is_on.any():
-                on_time[idx[is_on]] += np.minimum(t_next[is_on], exposure_s) - t[is_on]
+                on_time[j[is_on]] += np.minimum(t_next[is_on], exposure_s) - t[is_on]
             switched = t_next < exposure_s
-            idx, t, is_on = idx[switched], t_next[switched], is_on[switched]
-            if not idx.size:
+            j, t, is_on = j[switched], t_next[switched], is_on[switched]
+            if not j.size:
                 break
-            bleached = rng.random(idx.size) < p_bleach
-            state[idx] = np.where(is_on, np.where(bleached, _BLEACHED, _OFF), _ON)
-            keep = state[idx] != _BLEACHED
-            idx, t = idx[keep], t[keep]
-        return on_time
+            bleached = rng.random(j.size) < p_bleach
+            local[j] = np.where(is_on, np.where(bleached, _BLEACHED, _OFF), _ON)
+            keep = local[j] != _BLEACHED
+            j, t = j[keep], t[keep]
+        state[involved] = local
+        self._n_bleached += int(np.count_nonzero(local == _BLEACHED))
+        order = np.argsort(involved)
+        involved, on_time = involved[order], on_time[order]
+        lit = on_time > 0
+        return involved[lit], on_time[lit]
 
     def _relax(self, dark_s: float, k_on: float, k_off: float) -> None:
         """Dark part of the frame period: exact two-state relaxation, no bleaching."""
@@ -272,6 +431,27 @@ class SimulatedMicroscope:
         decay = np.exp(-k_sum * dark_s)
         p_on = p_inf + ((self._state[idx] == _ON) - p_inf) * decay
         self._state[idx] = np.where(self._dye_rng.random(idx.size) < p_on, _ON, _OFF)
+
+
+def _bernoulli_indices(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices 0..n-1 each picked independently with probability p, in O(n p) for small p.
+
+    The gaps between successive picks of Bernoulli(p) trials are Geometric(p).
+    """
+    if n == 0 or p <= 0:
+        return np.empty(0, np.int64)
+    if p >= 0.2:
+        return np.flatnonzero(rng.random(n) < p)
+    expected = n * p
+    chunk = int(expected + 6.0 * np.sqrt(expected) + 16)
+    parts, last = [], -1
+    while True:
+        picks = last + np.cumsum(rng.geometric(p, chunk))
+        if picks[-1] >= n:
+            parts.append(picks[picks < n])
+            return np.concatenate(parts)
+        parts.append(picks)
+        last = int(picks[-1])
 
 
 def truth_table(truths: list[FrameTruth]) -> dict[str, np.ndarray]:
@@ -316,3 +496,30 @@ def truth_table(truths: list[FrameTruth]) -> dict[str, np.ndarray]:
         "offset [photon]": offset,
         "uncertainty [nm]": uncertainty,
     }
+
+
+EVENT_COLUMNS = (
+    "frame", "id", "x [nm]", "y [nm]", "phase", "z [nm]", "t [s]",
+    "onset [s]", "division [s]", "end [s]", "neck width [nm]", "direction [deg]",
+)  # fmt: skip
+
+
+def events_table(truths: list[FrameTruth]) -> dict[str, np.ndarray]:
+    """Fission events per frame (live mode), one row per event active in a frame.
+
+    Columns: frame (0-based), id (the event, stable across frames), x [nm],
+    y [nm] (the neck in the image frame), phase ("constricting"/"dividing"),
+    then z [nm] (defocus), t [s] (the frame's exposure start), onset [s],
+    division [s] (when the tubule divides), end [s], neck width [nm] and
+    direction [deg] (the tubule's axis). Columns in EVENT_COLUMNS order.
+    """
+    rows = [(t, e) for t in truths for e in t.events]
+    values: dict[str, list] = {c: [] for c in EVENT_COLUMNS}
+    for t, e in rows:
+        for column, value in zip(EVENT_COLUMNS, (
+            t.frame, e.id, e.x_nm, e.y_nm, e.phase, e.z_nm, t.t_s, e.onset_s, e.division_s,
+            e.end_s, e.neck_width_nm, e.direction_deg,
+        ), strict=True):  # fmt: skip
+            values[column].append(value)
+    dtypes = {"frame": np.int64, "id": np.int64, "phase": str}
+    return {c: np.asarray(v, dtype=dtypes.get(c, np.float64)) for c, v in values.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 from scipy.special import erf
 
 if TYPE_CHECKING:
@@ -121,6 +122,89 @@ def render_gaussian_psfs(
             index = np.where(row_ok[:, :, None] & col_ok[:, None, :], index, height * width)
         flat += np.bincount(index.ravel(), weights.ravel(), minlength=flat.size)
     image += flat[:-1].reshape(height, width)
+    return image
+
+
+_NODE_STEP = 0.25  # spacing of the defocus nodes of render_dense_psf, in asinh(z / astig_depth_nm)
+_DENSE_MAX_MARGIN_PX = 64
+
+
+def render_dense_psf(
+    shape_px: tuple[int, int],
+    x_px: ArrayLike,
+    y_px: ArrayLike,
+    z_nm: ArrayLike,
+    photons: ArrayLike,
+    optics: OpticsConfig,
+    pixel_size_nm: float,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Expected photons per pixel of a dense label (many point sources) through the astigmatic PSF.
+
+    For continuous structures of thousands of points, where one window per
+    point (render_gaussian_psfs) is too slow: the points are splatted
+    bilinearly onto a padded canvas per defocus node, and each node's canvas is
+    blurred once with that defocus's PSF (scipy.ndimage.gaussian_filter), so
+    the cost is a few image filters whatever the number of points. Defocus
+    nodes are evenly spaced in asinh(z / astig_depth_nm): 100 nm apart near
+    focus, further out of focus where the PSF changes slowly relative to its
+    width; a point between two nodes is shared linearly between them, so the
+    image changes smoothly with z (the variance of the shared PSF is within
+    0.3 % of the exact one). Bilinear splatting adds 1/6 px^2 of variance on
+    average and pixel integration 1/12 px^2, so the blur uses sigma^2 - 1/12
+    px^2: the result matches the pixel-integrated Gaussian in its first two
+    moments. z_nm is each point's defocus; light from points off the frame
+    (up to 4 sigma, at most 64 px) enters it. With ``out`` the light is added
+    into it.
+    """
+    height, width = int(shape_px[0]), int(shape_px[1])
+    x, y, z, n = (
+        np.ravel(a).astype(np.float64, copy=False)
+        for a in np.broadcast_arrays(x_px, y_px, z_nm, photons)
+    )
+    image = np.zeros((height, width)) if out is None else out
+    if image.shape != (height, width):
+        raise ValueError(f"out has shape {image.shape}, expected {(height, width)}")
+    lit = n != 0
+    if not lit.all():
+        x, y, z, n = x[lit], y[lit], z[lit], n[lit]
+    if x.size == 0:
+        return image
+    depth = optics.astig_depth_nm
+    u = np.arcsinh(z / depth) / _NODE_STEP
+    node = np.floor(u)
+    frac = u - node
+    first = int(node.min())
+    nodes = np.arange(first, int(node.max()) + 2)
+    sx_nodes, sy_nodes = astigmatic_sigmas_nm(depth * np.sinh(nodes * _NODE_STEP), optics)
+    sx_nodes, sy_nodes = sx_nodes / pixel_size_nm, sy_nodes / pixel_size_nm
+    margin = min(int(np.ceil(_WINDOW_SIGMAS * max(sx_nodes.max(), sy_nodes.max()))) + 1, _DENSE_MAX_MARGIN_PX)
+    canvas_h, canvas_w = height + 2 * margin, width + 2 * margin
+    plane = canvas_h * canvas_w
+
+    cx = x + (margin - 0.5)  # splat onto pixel centres: pixel k's centre is at k + 0.5
+    cy = y + (margin - 0.5)
+    ix, iy = np.floor(cx), np.floor(cy)
+    fx, fy = cx - ix, cy - iy
+    inside = (ix >= 0) & (ix < canvas_w - 1) & (iy >= 0) & (iy < canvas_h - 1)
+    if not inside.all():
+        ix, iy, fx, fy, n, node, frac = (a[inside] for a in (ix, iy, fx, fy, n, node, frac))
+    base = (node.astype(np.int64) - first) * plane + iy.astype(np.int64) * canvas_w + ix.astype(np.int64)
+    corners = np.concatenate([base, base + 1, base + canvas_w, base + canvas_w + 1])
+    index = np.concatenate([corners, corners + plane])
+    wx0, wy0 = 1.0 - fx, 1.0 - fy
+    corner_w = np.concatenate([wx0 * wy0, fx * wy0, wx0 * fy, fx * fy])
+    weights = np.concatenate([corner_w * np.tile(n * (1.0 - frac), 4), corner_w * np.tile(n * frac, 4)])
+    slabs = np.bincount(index, weights, minlength=nodes.size * plane).reshape(nodes.size, canvas_h, canvas_w)
+    used = np.bincount(index // plane, minlength=nodes.size) > 0
+    crop = (slice(margin, margin + height), slice(margin, margin + width))
+    for j in np.flatnonzero(used):
+        sigma = (
+            np.sqrt(max(sy_nodes[j] ** 2 - 1.0 / 12.0, 0.01)),
+            np.sqrt(max(sx_nodes[j] ** 2 - 1.0 / 12.0, 0.01)),
+        )
+        image += gaussian_filter(slabs[j], sigma, mode="constant", truncate=_WINDOW_SIGMAS)[crop]
     return image
 
 
