@@ -185,7 +185,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         counts = run_worker(args.frames_address or frames, args.results_address or results,
                             model=args.model or inf.model, provider=args.provider or inf.provider,
-                            threshold=args.threshold or inf.detection_threshold)
+                            threshold=args.threshold or inf.detection_threshold,
+                            counting_model=args.counting_model or inf.counting_model)
     except ModelError as e:
         raise SystemExit(f"error: {e}") from None
     log.info("worker done: %s", counts)
@@ -208,10 +209,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.model != "localization":
-        raise SystemExit(f"error: unknown model {args.model!r}; available: localization")
+    import importlib
+
+    if args.model not in ("localization", "counting"):
+        raise SystemExit(f"error: unknown model {args.model!r}; available: localization, counting")
     try:
-        from smartscope.training.localization import train_and_export
+        train_and_export = importlib.import_module(f"smartscope.training.{args.model}").train_and_export
     except ImportError as e:
         raise SystemExit(f"error: training needs the train extra (pip install 'smartscope[train]'): {e}") from None
     from smartscope.resources import bundled_path
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--counting-model", default=None, help="also count emitters with this model")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="write a simulated stack and its ground truth")
@@ -292,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="train a model on the simulation and export it to ONNX")
-    p.add_argument("model", help="localization")
+    p.add_argument("model", help="localization | counting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")

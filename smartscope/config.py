@@ -146,6 +146,9 @@ class InferenceConfig(_Strict):
     model: str = Field("localization.onnx", description="path, or name in models/")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     detection_threshold: float = Field(0.5, gt=0, lt=1)
+    counting_model: str | None = Field(
+        None, description="emitter-counting model (e.g. counting.onnx): per-frame density for the illumination policy"
+    )
     workers: int = Field(1, ge=0, description="worker processes the daemon starts")
 
 

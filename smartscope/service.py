@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartscope")
 
 #: per-frame inference record written next to the data (the report reads it)
-INFERENCE_COLUMNS = ("frame", "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "focus_nm",
-                     "event_score", "background_photons", "set_point_emitters", "worker")
+INFERENCE_COLUMNS = ("frame", "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
+                     "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
 #: upper bounds (ms) of the inference latency histogram buckets (/metrics)
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 RUN_STATES = ("acquiring", "paused", "finishing", "finished", "cancelled", "errored")
@@ -118,6 +118,9 @@ def frames_from_sequence(sequence: useq.MDASequence) -> tuple[int, float]:
     return n, plan.interval.total_seconds() * 1000
 
 
+LATENCY_WINDOW = 1_000_000  # frames whose latency the summary's percentiles cover
+
+
 @dataclass
 class AcquisitionRun:
     id: str
@@ -130,7 +133,9 @@ class AcquisitionRun:
     counts: LoopCounts = field(default_factory=LoopCounts)
     inferred: int = 0
     localizations: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    # capture → result latency of the most recent frames (bounded: a run may last days)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    decisions_at_start: int = 0
     started_s: float = field(default_factory=time.time)
     finished_s: float | None = None
     error: str | None = None
@@ -193,6 +198,10 @@ class Daemon:
         self.camera = camera_params(config, self.core)
         shape = (self.core.getImageHeight(), self.core.getImageWidth())
         check_fits_frames(self.card, shape, self.camera.pixel_size_nm)
+        self.counting_model_path: Path | None = None
+        if config.inference.counting_model:
+            self.counting_model_path, counting_card = read_card(config.inference.counting_model)
+            check_fits_frames(counting_card, shape, self.camera.pixel_size_nm)
         self.actuator = Actuator(self.core, config.hardware.devices)
         self.envelope = SafetyEnvelope(config.safety)
         self.decisions = DecisionLog()
@@ -228,6 +237,8 @@ class Daemon:
             cmd = [sys.executable, "-m", "smartscope", "worker", "--frames-address", self.frames_address,
                    "--results-address", self.results_address, "--model", str(self.model_path),
                    "--provider", inf.provider, "--threshold", str(inf.detection_threshold)]
+            if self.counting_model_path is not None:
+                cmd += ["--counting-model", str(self.counting_model_path)]
             self._procs.append(subprocess.Popen(cmd))
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:
@@ -276,14 +287,15 @@ class Daemon:
             out_dir.mkdir(parents=True, exist_ok=True)
             run = AcquisitionRun(id=run_id, n_frames=n_frames, out_dir=out_dir, exposure_ms=exposure_ms,
                                  interval_ms=initial.get("interval_ms", interval_ms),
-                                 sequence=sequence.model_dump(mode="json", exclude_unset=True) if sequence else None)
+                                 sequence=sequence.model_dump(mode="json", exclude_unset=True) if sequence else None,
+                                 decisions_at_start=self.decisions.count)
             self.core.setExposure(exposure_ms)
             for name, value in initial.items():
                 self.actuator.write(name, value)
             self.actuator.refresh()
             shape = (self.core.getImageHeight(), self.core.getImageWidth())
             dtype = np.uint16 if self.core.getBytesPerPixel() == 2 else np.uint8
-            run.writer = FrameWriter(out_dir, n_frames, shape, dtype, self.camera.pixel_size_nm)
+            run.writer = FrameWriter(out_dir, shape, dtype, self.camera.pixel_size_nm)
             run.locs = LocalizationWriter(out_dir / "localizations.csv")
             run.inference_fh = open(out_dir / "inference.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
             run.inference_csv = csv.writer(run.inference_fh)
@@ -478,6 +490,7 @@ class Daemon:
             run.locs.write(r.seq, locs, r.background_photons)
             run.inference_csv.writerow([
                 r.seq, f"{r.t_capture_s:.6f}", f"{now:.6f}", f"{latency_ms:.3f}", r.n_emitters,
+                "" if r.count_estimate is None else r.count_estimate,
                 "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
                 "" if r.background_photons is None else f"{r.background_photons:.3f}",
                 "" if set_point is None else set_point, r.worker_id])
@@ -488,9 +501,10 @@ class Daemon:
         area_um2 = h.shape[0] * h.shape[1] * (h.camera.pixel_size_nm / 1000) ** 2
         obs = Observation(seq=r.seq, t_capture_s=r.t_capture_s, n_emitters=r.n_emitters, localizations=locs,
                           background_photons=r.background_photons, state=state, field_area_um2=area_um2,
-                          event_score=r.event_score)
+                          event_score=r.event_score, emitter_count=r.count_estimate)
         summary = {"acquisition": run.id, "frame": r.seq, "t_capture_s": r.t_capture_s,
-                   "n_emitters": r.n_emitters, "event_score": r.event_score, "focus_nm": focus_nm,
+                   "n_emitters": r.n_emitters, "emitter_count": r.count_estimate,
+                   "event_score": r.event_score, "focus_nm": focus_nm,
                    "latency_ms": round(latency_ms, 3), **state}
         self.latest = summary
         self.latest_result = {**summary, "background_photons": r.background_photons, "worker": r.worker_id,
@@ -537,7 +551,7 @@ class Daemon:
             "provider": providers[0] if len(providers) == 1 else providers,
             "workers": len(self.workers),
             "actions": {name: self.engine.actions.get(name, 0) for name in self.engine.slots},
-            "decisions": self.decisions.count,
+            "decisions": self.decisions.count - run.decisions_at_start,
             "malformed_results": self.receiver.malformed,
             "policies": {name: {"enabled": slot.enabled, "params": slot.policy.params.model_dump()}
                          for name, slot in self.engine.slots.items()},

@@ -3,6 +3,7 @@ running the shipped ONNX model, the policy engine, OME-TIFF storage."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -43,17 +44,38 @@ def test_closed_loop_end_to_end(config, tmp_path):
         assert len(locs["frame"]) > 50
         ups = _decisions(tmp_path / "up" / "decisions.jsonl", "activation_mw")
         assert s["actions"]["illumination"] == len(ups) >= 3
-        assert all(d["applied"] > d["before"] for d in ups[:3])  # too few emitters: more activation
+        # too few emitters: the first move and the net of the first five raise the activation
+        assert ups[0]["applied"] > ups[0]["before"]
+        assert ups[min(4, len(ups) - 1)]["applied"] > ups[0]["before"]
         # lasers go to their safe value when the run ends
         assert daemon.actuator.snapshot()["activation_mw"] == 0.0
 
         # the other direction, on the same daemon: far too many emitters
         config.acquisition.activation_mw = 300.0
         daemon.engine.update_params("illumination", {"set_point_emitters": 2})
-        run = daemon.start_acquisition(tmp_path / "down", 60)
+        run = daemon.start_acquisition(tmp_path / "down", 100)
         assert run.done.wait(60)
         downs = _decisions(tmp_path / "down" / "decisions.jsonl", "activation_mw")
-        assert len(downs) >= 3 and all(d["applied"] < d["before"] for d in downs[:3])
+        assert len(downs) >= 2 and downs[0]["applied"] < downs[0]["before"]
+        assert downs[min(4, len(downs) - 1)]["applied"] < downs[0]["before"]
+    finally:
+        daemon.close()
+
+
+def test_worker_runs_the_counting_model_on_consecutive_frames(config, tmp_path):
+    config.inference.counting_model = "counting.onnx"
+    config.acquisition.exposure_ms = config.acquisition.interval_ms = 30
+    config.acquisition.activation_mw = 100.0
+    daemon = Daemon(config)
+    try:
+        daemon.spawn_workers(1)
+        daemon.wait_for_workers(1)
+        run = daemon.start_acquisition(tmp_path / "count", 60)
+        assert run.done.wait(60)
+        with open(tmp_path / "count" / "inference.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        counted = [int(r["emitter_count"]) for r in rows if r["emitter_count"]]
+        assert len(rows) >= 30 and len(counted) >= 0.5 * len(rows) and max(counted) > 0
     finally:
         daemon.close()
 

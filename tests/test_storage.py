@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import tifffile
 
@@ -15,7 +17,7 @@ def _frames(n):
 
 def test_all_frames_written_lossless(tmp_path):
     frames = _frames(12)
-    w = FrameWriter(tmp_path, 12, (24, 32), np.uint16, pixel_size_nm=100)
+    w = FrameWriter(tmp_path, (24, 32), np.uint16, pixel_size_nm=100)
     for i, f in enumerate(frames):
         w.put(f, {"frame": i, "z_um": 0.5})
     assert w.close() == 12
@@ -27,14 +29,23 @@ def test_all_frames_written_lossless(tmp_path):
     assert len(rows) == 13 and rows[1].startswith("0,")
 
 
-def test_early_stop_keeps_only_real_frames(tmp_path):
+def test_readable_while_writing_and_ome_when_closed(tmp_path):
+    """No length declared up front; a crash mid-run still leaves a readable TIFF."""
     frames = _frames(5)
-    w = FrameWriter(tmp_path, 100, (24, 32), np.uint16, pixel_size_nm=100)
+    w = FrameWriter(tmp_path, (24, 32), np.uint16, pixel_size_nm=160)
     for i, f in enumerate(frames):
         w.put(f, {"frame": i})
+    deadline = time.time() + 10
+    while w.saved < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    with tifffile.TiffFile(tmp_path / "frames.ome.tif") as tif:  # the writer is still open
+        assert not tif.is_ome and len(tif.pages) == 5
+        np.testing.assert_array_equal(tif.pages[4].asarray(), frames[4])
     assert w.close() == 5
-    data = tifffile.imread(tmp_path / "frames.ome.tif")
-    np.testing.assert_array_equal(data, np.stack(frames))
+    with tifffile.TiffFile(tmp_path / "frames.ome.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "TYX"
+        np.testing.assert_array_equal(tif.asarray(), np.stack(frames))
+        assert 'PhysicalSizeX="0.16"' in tif.ome_metadata
 
 
 def test_localization_csv_roundtrip(tmp_path):

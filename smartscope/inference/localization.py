@@ -76,18 +76,22 @@ def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: float, sigm
     return np.sqrt(var)
 
 
-def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,
-                   threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
-    """One raw frame (ADU) → (localizations, background photons/px).
-
-    Saturated pixels (at the integer type's maximum) carry no photon count:
-    they are masked like NaN, so they cannot create detections. With
-    `refine`, isolated detections get a maximum-likelihood position
-    (inference/refine.py) when the model card carries its PSF calibration.
-    """
+def frame_to_photons(frame_adu: np.ndarray, camera: Any) -> np.ndarray:
+    """Raw frame (ADU) → photons per pixel; saturated pixels (at the integer
+    type's maximum) carry no photon count and become NaN (masked downstream)."""
     photons = adu_to_photons(frame_adu, camera)
     if np.issubdtype(frame_adu.dtype, np.integer):
         photons[frame_adu >= np.iinfo(frame_adu.dtype).max] = np.nan
+    return photons
+
+
+def localize_photons(model: LoadedModel, photons: np.ndarray, camera: Any, *, threshold: float,
+                     refine: bool = True) -> tuple[np.ndarray, float]:
+    """Photons (H, W) → (localizations, background photons/px).
+
+    With `refine`, isolated detections get a maximum-likelihood position
+    (inference/refine.py) when the model card carries its PSF calibration.
+    """
     background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
     card = model.card
     batch, shape = prepare_input(photons, card)
@@ -99,3 +103,10 @@ def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,
         locs[:, 4] = mortensen_uncertainty_nm(locs[:, 3], background, float(card["psf_sigma_nm"]),
                                               camera.pixel_size_nm)
     return locs, background
+
+
+def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,
+                   threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
+    """One raw frame (ADU) → (localizations, background photons/px)."""
+    return localize_photons(model, frame_to_photons(frame_adu, camera), camera, threshold=threshold,
+                            refine=refine)

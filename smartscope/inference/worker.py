@@ -17,7 +17,12 @@ import time
 
 import zmq
 
-from smartscope.inference.localization import localize_frame
+from collections import deque
+
+import numpy as np
+
+from smartscope.inference.counting import count_frame
+from smartscope.inference.localization import frame_to_photons, localize_photons
 from smartscope.inference.session import load_model
 from smartscope.transport.protocol import MalformedMessage, Result, decode_frame, encode_result
 
@@ -26,13 +31,21 @@ log = logging.getLogger("smartscope.worker")
 
 def run_worker(frames_address: str, results_address: str, *, model: str, provider: str = "auto",
                threshold: float = 0.5, stop: threading.Event | None = None,
-               threads: int | None = None) -> dict[str, int]:
-    """Serve until stopped; returns counts (frames, results, malformed)."""
+               threads: int | None = None, counting_model: str | None = None) -> dict[str, int]:
+    """Serve until stopped; returns counts (frames, results, malformed).
+
+    With a counting model, the worker keeps the last few frames it received;
+    the model runs when they are consecutive (with several load-balanced
+    workers, a worker sees consecutive frames only now and then: those frames
+    carry no count).
+    """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     loaded = load_model(model, provider, threads=threads)
+    counter = load_model(counting_model, provider, threads=threads) if counting_model else None
+    history: deque[tuple[int, np.ndarray]] = deque(maxlen=counter.card["frames"] if counter else 1)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     name = loaded.card["name"]
     log.info("worker %s: model %s on %s", worker_id, name, loaded.provider)
@@ -72,12 +85,22 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
                 log.warning("dropped malformed frame message (%d so far): %s", counts["malformed"], e)
                 continue
             t0 = time.perf_counter()
-            locs, background = localize_frame(loaded, frame, header.camera, threshold=threshold)
+            photons = frame_to_photons(frame, header.camera)
+            locs, background = localize_photons(loaded, photons, header.camera, threshold=threshold)
+            count = density = None
+            if counter is not None:
+                history.append((header.seq, photons))
+                seqs = [s for s, _ in history]
+                if len(history) == history.maxlen and seqs == list(range(seqs[0], seqs[0] + len(seqs))):
+                    count = int(count_frame(counter, np.stack([p for _, p in history])).sum())
+                    area_um2 = photons.size * (header.camera.pixel_size_nm / 1000) ** 2
+                    density = count / area_um2
             infer_ms = (time.perf_counter() - t0) * 1000
             send(Result(seq=header.seq, t_capture_s=header.t_capture_s, t_done_s=time.time(),
                         worker_id=worker_id, provider=loaded.provider, model=name, infer_ms=infer_ms,
                         n_emitters=len(locs), localizations=[tuple(r) for r in locs.tolist()],
-                        background_photons=background, malformed_frames=counts["malformed"],
+                        background_photons=background, count_estimate=count, density_per_um2=density,
+                        malformed_frames=counts["malformed"],
                         header=header))
     finally:
         pull.close()

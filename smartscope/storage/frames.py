@@ -1,10 +1,12 @@
 """Lossless storage of every frame: OME-TIFF (tifffile) plus a per-frame state table.
 
 Frames are queued without bound (storage never drops a frame) and written by
-a thread of their own, so disk hiccups never stall the acquisition. tifffile
-writes an OME series of a declared length as it streams; if the acquisition
-ends early, the file is rewritten with exactly the frames that were acquired
-(no invented frames).
+a thread of their own, so disk hiccups never stall the acquisition. Each
+frame is written as its own TIFF page with its directory at once, so the file
+is a readable multi-page TIFF at every moment, even after a crash; when the
+writer closes, the first page's description becomes the OME-XML for exactly
+the frames written (no length needs to be known in advance, no frame is
+invented when a run stops early).
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import tifffile
 
 STATE_COLUMNS = ("frame", "t_s", "exposure_ms", "interval_ms", "activation_mw", "excitation_mw",
                  "z_um", "angle_deg")
+IN_PROGRESS = "smartscope: acquisition in progress (OME-XML is written when it closes)"
 _END = object()
 
 
 class FrameWriter:
-    def __init__(self, out_dir: Path, n_frames: int, shape: tuple[int, int], dtype: np.dtype,
-                 pixel_size_nm: float) -> None:
+    def __init__(self, out_dir: Path, shape: tuple[int, int], dtype: np.dtype, pixel_size_nm: float) -> None:
         self.path = Path(out_dir) / "frames.ome.tif"
         self.state_path = Path(out_dir) / "frames.csv"
-        self._n = n_frames
         self._shape = tuple(shape)
         self._dtype = np.dtype(dtype)
         self._pixel_um = pixel_size_nm / 1000
@@ -48,44 +49,28 @@ class FrameWriter:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def _frames(self):
-        while self.saved < self._n:
-            item = self._queue.get()
-            if item is _END:
-                break
-            frame, state = item
-            self._state.writerow([state.get(c, "") for c in STATE_COLUMNS])
-            self.saved += 1
-            yield frame
-        # an early end: pad the declared series, then truncate after closing
-        for _ in range(self._n - self.saved):
-            yield np.zeros(self._shape, self._dtype)
-
-    def _metadata(self) -> dict:
-        return {"axes": "TYX", "PhysicalSizeX": self._pixel_um, "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": self._pixel_um, "PhysicalSizeYUnit": "µm"}
-
     def _run(self) -> None:
         try:
-            with tifffile.TiffWriter(self.path, ome=True, bigtiff=True) as tif:
-                tif.write(self._frames(), shape=(self._n, *self._shape), dtype=self._dtype,
-                          metadata=self._metadata())
-            if self.saved < self._n:
-                self._truncate()
+            with tifffile.TiffWriter(self.path, bigtiff=True) as tif:
+                while (item := self._queue.get()) is not _END:
+                    frame, state = item
+                    tif.write(frame, metadata=None, description=IN_PROGRESS if self.saved == 0 else None)
+                    self._state.writerow([state.get(c, "") for c in STATE_COLUMNS])
+                    self.saved += 1
+            if self.saved:
+                tifffile.tiffcomment(self.path, self._ome_xml())
         except BaseException as e:  # surfaced by close()
             self.error = e
         finally:
             self._state_fh.close()
 
-    def _truncate(self) -> None:
-        if self.saved == 0:
-            self.path.unlink(missing_ok=True)
-            return
-        kept = tifffile.imread(self.path, key=range(self.saved))
-        tmp = self.path.with_suffix(".tmp.tif")
-        tifffile.imwrite(tmp, kept.reshape(self.saved, *self._shape), ome=True, bigtiff=True,
-                         metadata=self._metadata())
-        tmp.replace(self.path)
+    def _ome_xml(self) -> str:
+        ome = tifffile.OmeXml()
+        h, w = self._shape
+        # PhysicalSize units default to µm in the OME schema (TIFF tags must stay ASCII)
+        ome.addimage(self._dtype, (self.saved, h, w), (self.saved, 1, 1, h, w, 1), axes="TYX",
+                     PhysicalSizeX=self._pixel_um, PhysicalSizeY=self._pixel_um)
+        return ome.tostring()
 
     def close(self, timeout_s: float | None = None) -> int:
         """Finish writing (everything queued is written); returns frames saved."""

@@ -157,6 +157,7 @@ def _card_core() -> dict[str, Any]:
 def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
                      batch: int = 24, log_every: int = 100) -> dict[str, Any]:
     steps = steps or 4000
+    torch.set_num_threads(1)  # reproducible, and no OpenMP oversubscription on a shared machine
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     optics, camera = OpticsConfig(), CameraConfig()

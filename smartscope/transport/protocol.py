@@ -71,6 +71,8 @@ class Result(BaseModel):
     )
     background_photons: float | None = None
     event_score: float | None = None
+    count_estimate: int | None = Field(None, description="emitters on in this frame (counting model)")
+    density_per_um2: float | None = Field(None, description="count_estimate per µm² of the field")
     malformed_frames: int = Field(0, description="malformed frame messages this worker dropped so far")
     header: FrameHeader | None = None
 

@@ -1,0 +1,181 @@
+"""Train the high-density emitter counter (HD-SMLM class) and export it to ONNX.
+
+A 3D U-Net with residual blocks keeps time as an axis over a causal window of
+3 frames (t−2, t−1, t) and gives per-pixel count classes 0/1/2/3+ for frame t.
+Input normalisation is the published one: clip to the 20th–99th percentile of
+the stack, scale to −1…1. Loss: cross-entropy plus a Tversky term on the
+emitter classes (α = 0.3, β = 0.7: a missed emitter costs more than a false
+one), since occupied pixels are rare.
+
+`smartscope train counting --seed 0` reproduces models/counting.onnx and its card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from smartscope.inference.counting import counts_to_positions, decode_counts, score_counts
+from smartscope.simulation import CameraConfig, OpticsConfig
+from smartscope.training.stacks import N_CLASSES, STACK_DISTRIBUTION, normalise_stack, simulate_stacks
+
+FRAMES = 3
+TILE_PX = 32
+MATCH_TOLERANCE_NM = 200.0
+
+
+class ResBlock3d(nn.Module):
+    """Residual (2+1)D block on (B, C, T, H, W): a spatial 3×3 then a temporal 3×1
+    convolution (the R(2+1)D factorisation of a 3×3×3 kernel). Both run as 2D
+    convolutions on folded tensors, which CPUs do about twice as fast as Conv3d."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.spatial = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temporal = nn.Conv2d(cout, cout, (3, 1), padding=(1, 0))
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.spatial(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = self.act(y).reshape(b, t, -1, h, w).transpose(1, 2)
+        y = self.temporal(y.reshape(b, y.shape[1], t, h * w)).reshape(b, -1, t, h, w)
+        return self.act(y + self.skip(x))
+
+
+class CountingNet(nn.Module):
+    """(B, 1, T, H, W) normalised stack → (B, 4, H, W) class logits for the last frame."""
+
+    def __init__(self, width: int = 12, frames: int = FRAMES) -> None:
+        super().__init__()
+        w = width
+        self.enc1, self.enc2, self.mid = ResBlock3d(1, w), ResBlock3d(w, 2 * w), ResBlock3d(2 * w, 4 * w)
+        self.dec2, self.dec1 = ResBlock3d(6 * w, 2 * w), ResBlock3d(3 * w, w)
+        self.pool = nn.MaxPool3d((1, 2, 2))
+        self.up = nn.Upsample(scale_factor=(1, 2, 2), mode="nearest")
+        self.head = nn.Conv3d(w, N_CLASSES, (frames, 1, 1))  # collapses time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        m = self.mid(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up(m), e2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
+        return self.head(d1)[:, :, 0]
+
+
+def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
+    prob = torch.softmax(logits, 1)[:, 1:]
+    onehot = nn.functional.one_hot(target, N_CLASSES).permute(0, 3, 1, 2)[:, 1:].float()
+    tp = (prob * onehot).sum((0, 2, 3))
+    fp = (prob * (1 - onehot)).sum((0, 2, 3))
+    fn = ((1 - prob) * onehot).sum((0, 2, 3))
+    return (1 - (tp + 1) / (tp + alpha * fp + beta * fn + 1)).mean()
+
+
+def _logits(net: nn.Module, stacks: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(normalise_stack(stacks)[:, None])).numpy()
+
+
+def _score(logits: np.ndarray, truth: list[np.ndarray], threshold: float, pixel_size_nm: float) -> dict:
+    pred = [counts_to_positions(decode_counts(lg, threshold), pixel_size_nm) for lg in logits]
+    return score_counts(truth, pred, MATCH_TOLERANCE_NM)
+
+
+def tune_threshold(net: nn.Module, seed: int, optics: OpticsConfig, camera: CameraConfig) -> float:
+    """The occupancy threshold with the best F1 on validation stacks (not the test stacks)."""
+    rng = np.random.default_rng(seed + 20_000)
+    stacks, _, truth = simulate_stacks(rng, 40, FRAMES, 64, optics, camera)
+    logits = _logits(net, stacks)
+    grid = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    f1 = [_score(logits, truth, t, camera.pixel_size_nm)["f1"] for t in grid]
+    return grid[int(np.argmax(f1))]
+
+
+def evaluate(net: nn.Module, seed: int, optics: OpticsConfig, camera: CameraConfig,
+             threshold: float) -> dict[str, Any]:
+    rng = np.random.default_rng(seed + 10_000)
+    net.eval()
+    out = {}
+    for density in (1.0, 3.0, 6.0):
+        stacks, _, truth = simulate_stacks(rng, 60, FRAMES, 64, optics, camera, on_density_per_um2=density)
+        out[f"density_{density:g}_per_um2"] = _score(_logits(net, stacks), truth, threshold, camera.pixel_size_nm)
+    return out
+
+
+def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
+                     batch: int = 8, log_every: int = 100) -> dict[str, Any]:
+    steps = steps or 5000
+    torch.set_num_threads(1)  # reproducible, and no OpenMP oversubscription on a shared machine
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    optics, camera = OpticsConfig(), CameraConfig()
+    net = CountingNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    class_weight = torch.tensor([1.0, 1.5, 2.0, 2.0])
+    t0 = time.time()
+    running = 0.0
+    for step in range(1, steps + 1):
+        net.train()
+        stacks, counts, _ = simulate_stacks(rng, batch, FRAMES, TILE_PX, optics, camera)
+        x = torch.from_numpy(normalise_stack(stacks)[:, None])
+        y = torch.from_numpy(counts)
+        logits = net(x)
+        loss = nn.functional.cross_entropy(logits, y, weight=class_weight) + tversky_loss(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        if step % log_every == 0 or step == steps:
+            eta = (time.time() - t0) / step * (steps - step)
+            print(f"step {step}/{steps}  loss {running:.4f}  eta {eta:.0f}s", flush=True)
+    net.eval()
+    threshold = tune_threshold(net, seed, optics, camera)
+    metrics = evaluate(net, seed, optics, camera, threshold)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "counting.onnx"
+    net.eval()
+    torch.onnx.export(net, torch.zeros(1, 1, FRAMES, 64, 64), str(onnx_path), dynamo=False, opset_version=17,
+                      input_names=["stack"], output_names=["logits"],
+                      dynamic_axes={"stack": {3: "H", 4: "W"}, "logits": {2: "H", 3: "W"}})
+    card = {
+        "name": "counting",
+        "version": 1,
+        "file": onnx_path.name,
+        "task": "high-density SMLM emitter counting: per-pixel classes 0/1/2/3+ of the last frame",
+        "architecture": "3D U-Net with residual (2+1)D blocks (12-24-48), time kept as an axis, causal 3-frame window",
+        "inputs": [{"name": "stack", "shape": [1, 1, FRAMES, "H", "W"], "dtype": "float32",
+                    "description": "frames t-2, t-1, t in photons, clipped to the stack's 20th-99th percentile "
+                                   "and scaled to -1..1"}],
+        "outputs": [{"name": "logits", "shape": [1, N_CLASSES, "H", "W"], "channels": ["0", "1", "2", "3+"]}],
+        "normalisation": {"percentile_clip": [20, 99], "range": [-1, 1]},
+        "frames": FRAMES,
+        "occupancy_threshold": threshold,
+        "input_multiple_px": 4,
+        "min_input_px": 8,
+        "pixel_size_nm": camera.pixel_size_nm,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "training": {"seed": seed, "steps": steps, "batch": batch, "tile_px": TILE_PX,
+                     "loss": "cross-entropy (class weights 1/1.5/2/2) + Tversky (alpha 0.3, beta 0.7)",
+                     "data": {**STACK_DISTRIBUTION, "camera": camera.model_dump(), "optics": optics.model_dump()},
+                     "seconds": round(time.time() - t0, 1), "torch": torch.__version__},
+        "metrics": {"protocol": "emitters on in the last frame vs pixel centres repeated by predicted count "
+                                "(peaks of occupancy above the validation-tuned threshold), "
+                                f"greedy nearest-first matching within {MATCH_TOLERANCE_NM:g} nm; 60 stacks of 64x64 "
+                                "px per density; count error = |predicted - true| / true per frame",
+                    **metrics},
+        "retrain_command": f"smartscope train counting --seed {seed}" + (f" --steps {steps}" if steps != 5000 else ""),
+    }
+    onnx_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return card

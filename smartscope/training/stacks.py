@@ -1,0 +1,73 @@
+"""Short blinking stacks with per-pixel emitter counts: data of the counting model.
+
+Numpy only (no torch), so tests and benchmarks draw exactly the data the
+model was trained and scored on. Each stack is T frames of one field of
+emitters that blink (a two-state Markov chain per frame, with partial
+on-times); the target is the number of emitters on in the LAST frame per
+pixel, clipped to the classes 0, 1, 2, 3+ (HD-SMLM). The window is causal so
+the count of a frame is known as soon as it arrives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from smartscope.simulation import CameraConfig, OpticsConfig
+from smartscope.simulation.camera import adu_to_photons, photons_to_adu
+from smartscope.simulation.optics import astigmatic_sigmas_nm, render_gaussian_psfs
+
+N_CLASSES = 4
+STACK_DISTRIBUTION = {
+    "on_density_per_um2": (0.5, 8.0),  # emitters on per frame, uniform
+    "photons": (500.0, 5000.0),  # per full on-frame, log-uniform
+    "z_nm": (-500.0, 500.0),
+    "background_photons_per_px": (5.0, 100.0),  # log-uniform
+    "p_stay_on": 0.5,  # per frame
+    "on_fraction": 0.2,  # of the pool, per frame
+}
+
+
+def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int, optics: OpticsConfig,
+                    camera: CameraConfig, *, on_density_per_um2: float | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(n, T, H, W) photons, (n, H, W) int count targets of the last frame, and per stack
+    the emitters on in the last frame (K, 2) x_nm, y_nm."""
+    d = STACK_DISTRIBUTION
+    px = camera.pixel_size_nm
+    area_um2 = (tile_px * px / 1000) ** 2
+    stacks = np.empty((n, frames, tile_px, tile_px), np.float32)
+    counts = np.zeros((n, tile_px, tile_px), np.int64)
+    last_on = []
+    p_stay = d["p_stay_on"]
+    for i in range(n):
+        density = rng.uniform(*d["on_density_per_um2"]) if on_density_per_um2 is None else on_density_per_um2
+        # a pool of which a fraction p_on is on per frame at steady state
+        p_on = d["on_fraction"]
+        pool = rng.poisson(density * area_um2 / p_on)
+        xy = rng.uniform(-1.0, tile_px + 1.0, size=(pool, 2)) * px
+        z = rng.uniform(*d["z_nm"], size=pool)
+        brightness = np.exp(rng.uniform(*np.log(d["photons"]), size=pool))
+        sx, sy = astigmatic_sigmas_nm(z, optics)
+        bg = np.exp(rng.uniform(*np.log(d["background_photons_per_px"])))
+        p_turn_on = p_on * (1 - p_stay) / (1 - p_on)  # keeps the on-fraction at p_on
+        on = rng.random(pool) < p_on
+        for t in range(frames):
+            if t:
+                on = np.where(on, rng.random(pool) < p_stay, rng.random(pool) < p_turn_on)
+            lit = np.flatnonzero(on)
+            photons = brightness[lit] * rng.uniform(0.3, 1.0, size=lit.size)  # partial on-time
+            img = render_gaussian_psfs((tile_px, tile_px), xy[lit, 0] / px, xy[lit, 1] / px, photons,
+                                       sx[lit] / px, sy[lit] / px, out=np.full((tile_px, tile_px), bg))
+            stacks[i, t] = adu_to_photons(photons_to_adu(img, camera, rng), camera)
+        ix, iy = (xy[lit, 0] // px).astype(int), (xy[lit, 1] // px).astype(int)
+        inside = (ix >= 0) & (ix < tile_px) & (iy >= 0) & (iy < tile_px)
+        np.add.at(counts[i], (iy[inside], ix[inside]), 1)
+        last_on.append(xy[lit][inside])
+    return stacks, np.minimum(counts, N_CLASSES - 1), last_on
+
+
+def normalise_stack(stack: np.ndarray, low_pct: float = 20.0, high_pct: float = 99.0) -> np.ndarray:
+    """HD-SMLM normalisation: clip each (T, H, W) stack to its 20th–99th percentile, scale to −1…1."""
+    lo, hi = np.percentile(stack, [low_pct, high_pct], axis=(-3, -2, -1), keepdims=True)
+    hi = np.maximum(hi, lo + 1e-3)
+    return (2 * (np.clip(stack, lo, hi) - lo) / (hi - lo) - 1).astype(np.float32)
