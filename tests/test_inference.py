@@ -47,6 +47,12 @@ def test_sizes_off_the_stride_and_empty_frames(model, shape):
     assert locs.shape == (0, 6) and bg == 0.0
 
 
+@pytest.mark.parametrize("adu", [0, 100, 300, 1000, 5000, 65534])
+def test_constant_frames_of_any_level_invent_nothing(model, adu):
+    locs, _ = localize_frame(model, np.full((64, 64), adu, np.uint16), PARAMS, threshold=0.5)
+    assert len(locs) == 0
+
+
 def test_nan_and_saturated_pixels_invent_nothing(model):
     frame = np.full((32, 32), 120.0, np.float32)
     frame[5:9, 5:9] = np.nan
