@@ -14,6 +14,8 @@ from smartscope.scenarios import (
     bleaching_config,
     density_error,
     drifting_config,
+    frame_rate_scenario,
+    live_mode_available,
     mount_tilt_deg,
     mount_tilted,
     run_closed_loop,
@@ -106,3 +108,13 @@ def test_the_bench_scenarios_meet_their_goals_on_one_seed():
     assert foc["rms_defocus_nm"] <= 50 < foc["rms_uncorrected_nm"]
     va = view_angle_scenario(0)
     assert va["ratio_chosen"] >= 0.9
+
+
+@pytest.mark.skipif(not live_mode_available(), reason="the simulation has no live mode yet")
+def test_frame_rate_goes_fast_during_fission_events_and_slow_between():
+    """60 s of the live sample with frequent fission; the score is truth-derived (not the event model)."""
+    r = frame_rate_scenario(0, duration_s=60.0, size_px=64, fission_rate_per_um_per_s=0.005)
+    assert r["events"] >= 1
+    assert r["fast_fraction_of_event_time"] > 0.75
+    assert r["fast_fraction_outside_events"] < 0.1
+    assert r["dose_vs_always_fast"] < 0.2 + 1.2 * r["event_time_fraction"]
