@@ -186,7 +186,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         counts = run_worker(args.frames_address or frames, args.results_address or results,
                             model=args.model or inf.model, provider=args.provider or inf.provider,
                             threshold=args.threshold or inf.detection_threshold,
-                            counting_model=args.counting_model or inf.counting_model)
+                            counting_model=args.counting_model or inf.counting_model,
+                            event_model=args.event_model or inf.event_model)
     except ModelError as e:
         raise SystemExit(f"error: {e}") from None
     log.info("worker done: %s", counts)
@@ -211,8 +212,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
-    if args.model not in ("localization", "counting"):
-        raise SystemExit(f"error: unknown model {args.model!r}; available: localization, counting")
+    if args.model not in ("localization", "counting", "events"):
+        raise SystemExit(f"error: unknown model {args.model!r}; available: localization, counting, events")
     try:
         train_and_export = importlib.import_module(f"smartscope.training.{args.model}").train_and_export
     except ImportError as e:
@@ -237,6 +238,19 @@ def cmd_localize(args: argparse.Namespace) -> int:
                                adu_per_electron=args.adu_per_electron, offset_adu=args.offset_adu, qe=args.qe,
                                em_gain=args.em_gain, model=args.model, threshold=args.threshold,
                                provider=args.provider)
+    except (StackError, ModelError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from smartscope.inference.offline import StackError, events_in_stack
+    from smartscope.inference.session import ModelError
+
+    try:
+        stats = events_in_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
+                                model=args.model, threshold=args.threshold, provider=args.provider)
     except (StackError, ModelError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(stats))
@@ -286,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--counting-model", default=None, help="also count emitters with this model")
+    p.add_argument("--event-model", default=None, help="also score events with this model")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="write a simulated stack and its ground truth")
@@ -296,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="train a model on the simulation and export it to ONNX")
-    p.add_argument("model", help="localization | counting")
+    p.add_argument("model", help="localization | counting | events")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")
@@ -314,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("events", help="score a live-imaging stack for fission events (CSV)")
+    p.add_argument("stack", help="TIFF / OME-TIFF stack (frames, y, x)")
+    p.add_argument("--out", required=True, help="CSV to write: frame, x [nm], y [nm], score")
+    p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
+    p.add_argument("--model", default="events.onnx")
+    p.add_argument("--threshold", type=float, default=None, help="default: the model card's")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_events)
 
     from smartscope.bench import BENCHMARKS
 

@@ -149,6 +149,9 @@ class InferenceConfig(_Strict):
     counting_model: str | None = Field(
         None, description="emitter-counting model (e.g. counting.onnx): per-frame density for the illumination policy"
     )
+    event_model: str | None = Field(
+        None, description="event-detection model (e.g. events.onnx): per-frame event score for the frame-rate policy"
+    )
     workers: int = Field(1, ge=0, description="worker processes the daemon starts")
 
 

@@ -198,10 +198,13 @@ class Daemon:
         self.camera = camera_params(config, self.core)
         shape = (self.core.getImageHeight(), self.core.getImageWidth())
         check_fits_frames(self.card, shape, self.camera.pixel_size_nm)
-        self.counting_model_path: Path | None = None
-        if config.inference.counting_model:
-            self.counting_model_path, counting_card = read_card(config.inference.counting_model)
-            check_fits_frames(counting_card, shape, self.camera.pixel_size_nm)
+        self.extra_models: dict[str, Path] = {}  # worker flag → model file
+        for flag, name in (("--counting-model", config.inference.counting_model),
+                           ("--event-model", config.inference.event_model)):
+            if name:
+                path, card = read_card(name)
+                check_fits_frames(card, shape, self.camera.pixel_size_nm)
+                self.extra_models[flag] = path
         self.actuator = Actuator(self.core, config.hardware.devices)
         self.envelope = SafetyEnvelope(config.safety)
         self.decisions = DecisionLog()
@@ -237,8 +240,8 @@ class Daemon:
             cmd = [sys.executable, "-m", "smartscope", "worker", "--frames-address", self.frames_address,
                    "--results-address", self.results_address, "--model", str(self.model_path),
                    "--provider", inf.provider, "--threshold", str(inf.detection_threshold)]
-            if self.counting_model_path is not None:
-                cmd += ["--counting-model", str(self.counting_model_path)]
+            for flag, path in self.extra_models.items():
+                cmd += [flag, str(path)]
             self._procs.append(subprocess.Popen(cmd))
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:

@@ -3,10 +3,13 @@
 `smartscope localize STACK.tif --out locs.csv` reads any TIFF / OME-TIFF
 (memory-mapped where possible), takes the camera calibration from flags or
 from the file's metadata, and writes a ThunderSTORM-compatible CSV.
+`smartscope events STACK.tif --out events.csv` scores live-imaging stacks
+for fission events.
 """
 
 from __future__ import annotations
 
+import csv
 import sys
 import time
 from pathlib import Path
@@ -101,3 +104,50 @@ def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = 
     seconds = time.perf_counter() - t0
     return {"frames": n, "localizations": writer.rows, "seconds": round(seconds, 3),
             "frames_per_s": round(n / seconds, 1) if seconds else None, "provider": loaded.provider}
+
+
+EVENT_CSV_COLUMNS = ("frame", "x [nm]", "y [nm]", "score")
+
+
+def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = None, model: str = "events.onnx",
+                    threshold: float | None = None, provider: str = "auto", progress: bool = True) -> dict:
+    """Score every frame of a live-imaging stack for fission events.
+
+    One row per detected event (its location and peak probability); only
+    events seen in at least the card's `min_frames` consecutive-ish frames
+    are kept (single-frame flickers are noise). A frame without a kept
+    detection gets one row with empty x/y and the frame's event score (the
+    map's maximum), so every frame's score is in the file. The first frames,
+    before a full window exists, are scored 0.
+    """
+    from smartscope.inference.events import detect_events, event_map, persistent
+
+    frames, meta_nm = open_stack(stack)
+    pixel_size_nm = pixel_size_nm or meta_nm
+    if pixel_size_nm is None:
+        raise StackError(f"{stack}: no pixel size in the metadata; pass --pixel-size-nm")
+    loaded = load_model(model, provider)
+    check_fits_frames(loaded.card, frames.shape[1:], pixel_size_nm)
+    threshold = loaded.card["threshold"] if threshold is None else threshold
+    window = loaded.card["frames"]
+    n, t0 = len(frames), time.perf_counter()
+    scores, peaks = np.zeros(n), [np.zeros((0, 3)) for _ in range(n)]
+    for i in range(window - 1, n):
+        scores[i], peaks[i] = detect_events(event_map(loaded, np.asarray(frames[i + 1 - window : i + 1], np.float32)),
+                                            threshold)
+        if progress and ((i + 1) % max(1, n // 20) == 0 or i + 1 == n):
+            print(f"\r  scoring {i + 1}/{n} frames", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    kept = persistent(peaks, int(loaded.card.get("min_frames", 1)))
+    with open(out_csv, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(EVENT_CSV_COLUMNS)
+        for i in range(n):
+            for x_px, y_px, p in kept[i]:
+                writer.writerow([i, f"{x_px * pixel_size_nm:.1f}", f"{y_px * pixel_size_nm:.1f}", f"{p:.4f}"])
+            if not len(kept[i]):
+                writer.writerow([i, "", "", f"{scores[i]:.4f}"])
+    seconds = time.perf_counter() - t0
+    return {"frames": n, "detections": int(sum(len(k) for k in kept)), "seconds": round(seconds, 3),
+            "provider": loaded.provider}

@@ -22,6 +22,7 @@ from collections import deque
 import numpy as np
 
 from smartscope.inference.counting import count_frame
+from smartscope.inference.events import event_map
 from smartscope.inference.localization import frame_to_photons, localize_photons
 from smartscope.inference.session import load_model
 from smartscope.transport.protocol import MalformedMessage, Result, decode_frame, encode_result
@@ -31,13 +32,15 @@ log = logging.getLogger("smartscope.worker")
 
 def run_worker(frames_address: str, results_address: str, *, model: str, provider: str = "auto",
                threshold: float = 0.5, stop: threading.Event | None = None,
-               threads: int | None = None, counting_model: str | None = None) -> dict[str, int]:
+               threads: int | None = None, counting_model: str | None = None,
+               event_model: str | None = None) -> dict[str, int]:
     """Serve until stopped; returns counts (frames, results, malformed).
 
-    With a counting model, the worker keeps the last few frames it received;
-    the model runs when they are consecutive (with several load-balanced
-    workers, a worker sees consecutive frames only now and then: those frames
-    carry no count).
+    The counting and event models look at a short causal window of frames:
+    the worker keeps the last few frames it received and runs them when the
+    window is consecutive (with several load-balanced workers, a worker sees
+    consecutive frames only now and then: the other frames carry no count and
+    no event score).
     """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -45,7 +48,9 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
             signal.signal(sig, lambda *_: stop.set())
     loaded = load_model(model, provider, threads=threads)
     counter = load_model(counting_model, provider, threads=threads) if counting_model else None
-    history: deque[tuple[int, np.ndarray]] = deque(maxlen=counter.card["frames"] if counter else 1)
+    eventer = load_model(event_model, provider, threads=threads) if event_model else None
+    window = max([m.card["frames"] for m in (counter, eventer) if m is not None], default=1)
+    history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     name = loaded.card["name"]
     log.info("worker %s: model %s on %s", worker_id, name, loaded.provider)
@@ -87,19 +92,22 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
             t0 = time.perf_counter()
             photons = frame_to_photons(frame, header.camera)
             locs, background = localize_photons(loaded, photons, header.camera, threshold=threshold)
-            count = density = None
-            if counter is not None:
-                history.append((header.seq, photons))
-                seqs = [s for s, _ in history]
-                if len(history) == history.maxlen and seqs == list(range(seqs[0], seqs[0] + len(seqs))):
-                    count = int(count_frame(counter, np.stack([p for _, p in history])).sum())
-                    area_um2 = photons.size * (header.camera.pixel_size_nm / 1000) ** 2
-                    density = count / area_um2
+            count = density = score = None
+            history.append((header.seq, photons))
+            seqs = [s for s, _ in history]
+            if len(history) == window and seqs == list(range(seqs[0], seqs[0] + window)):
+                frames_window = np.stack([p for _, p in history])
+                if counter is not None:
+                    count = int(count_frame(counter, frames_window[-counter.card["frames"]:]).sum())
+                    density = count / (photons.size * (header.camera.pixel_size_nm / 1000) ** 2)
+                if eventer is not None:
+                    score = float(event_map(eventer, frames_window[-eventer.card["frames"]:]).max())
             infer_ms = (time.perf_counter() - t0) * 1000
             send(Result(seq=header.seq, t_capture_s=header.t_capture_s, t_done_s=time.time(),
                         worker_id=worker_id, provider=loaded.provider, model=name, infer_ms=infer_ms,
                         n_emitters=len(locs), localizations=[tuple(r) for r in locs.tolist()],
                         background_photons=background, count_estimate=count, density_per_um2=density,
+                        event_score=score,
                         malformed_frames=counts["malformed"],
                         header=header))
     finally:

@@ -13,7 +13,6 @@ one), since occupied pixels are rare.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from smartscope.inference.counting import counts_to_positions, decode_counts, score_counts
 from smartscope.simulation import CameraConfig, OpticsConfig
+from smartscope.training.common import export_onnx, fit, seed_everything
 from smartscope.training.stacks import N_CLASSES, STACK_DISTRIBUTION, normalise_stack, simulate_stacks
 
 FRAMES = 3
@@ -114,41 +114,26 @@ def evaluate(net: nn.Module, seed: int, optics: OpticsConfig, camera: CameraConf
 def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
                      batch: int = 8, log_every: int = 100) -> dict[str, Any]:
     steps = steps or 5000
-    torch.set_num_threads(1)  # reproducible, and no OpenMP oversubscription on a shared machine
-    torch.manual_seed(seed)
+    seed_everything(seed)
     rng = np.random.default_rng(seed)
     optics, camera = OpticsConfig(), CameraConfig()
     net = CountingNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     class_weight = torch.tensor([1.0, 1.5, 2.0, 2.0])
-    t0 = time.time()
-    running = 0.0
-    for step in range(1, steps + 1):
-        net.train()
+
+    def next_batch() -> tuple[torch.Tensor, ...]:
         stacks, counts, _ = simulate_stacks(rng, batch, FRAMES, TILE_PX, optics, camera)
-        x = torch.from_numpy(normalise_stack(stacks)[:, None])
-        y = torch.from_numpy(counts)
-        logits = net(x)
-        loss = nn.functional.cross_entropy(logits, y, weight=class_weight) + tversky_loss(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
-        if step % log_every == 0 or step == steps:
-            eta = (time.time() - t0) / step * (steps - step)
-            print(f"step {step}/{steps}  loss {running:.4f}  eta {eta:.0f}s", flush=True)
-    net.eval()
+        return torch.from_numpy(normalise_stack(stacks)[:, None]), torch.from_numpy(counts)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y, weight=class_weight) + tversky_loss(logits, y)
+
+    seconds = fit(net, next_batch, loss_fn, steps, log_every=log_every)
     threshold = tune_threshold(net, seed, optics, camera)
     metrics = evaluate(net, seed, optics, camera, threshold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "counting.onnx"
-    net.eval()
-    torch.onnx.export(net, torch.zeros(1, 1, FRAMES, 64, 64), str(onnx_path), dynamo=False, opset_version=17,
-                      input_names=["stack"], output_names=["logits"],
-                      dynamic_axes={"stack": {3: "H", 4: "W"}, "logits": {2: "H", 3: "W"}})
+    export_onnx(net, torch.zeros(1, 1, FRAMES, 64, 64), onnx_path, "stack", "logits")
     card = {
         "name": "counting",
         "version": 1,
@@ -169,7 +154,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
         "training": {"seed": seed, "steps": steps, "batch": batch, "tile_px": TILE_PX,
                      "loss": "cross-entropy (class weights 1/1.5/2/2) + Tversky (alpha 0.3, beta 0.7)",
                      "data": {**STACK_DISTRIBUTION, "camera": camera.model_dump(), "optics": optics.model_dump()},
-                     "seconds": round(time.time() - t0, 1), "torch": torch.__version__},
+                     "seconds": round(seconds, 1), "torch": torch.__version__},
         "metrics": {"protocol": "emitters on in the last frame vs pixel centres repeated by predicted count "
                                 "(peaks of occupancy above the validation-tuned threshold), "
                                 f"greedy nearest-first matching within {MATCH_TOLERANCE_NM:g} nm; 60 stacks of 64x64 "

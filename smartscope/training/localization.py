@@ -14,7 +14,6 @@ and its card (metrics measured on held-out simulated frames).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from smartscope.evaluation import score
 from smartscope.inference.localization import localize_photons, normalise
 from smartscope.simulation import CameraConfig, OpticsConfig, astigmatic_sigmas_nm, integrated_gaussian_crlb_nm
 from smartscope.simulation.tiles import TILE_DISTRIBUTION, simulate_tiles
+from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
 from smartscope.transport.protocol import CameraParams
 
 CHANNELS = ("p", "dx", "dy", "z", "photons")
@@ -40,25 +40,11 @@ class LocalizationNet(nn.Module):
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
-
-        w = width
-        self.enc1, self.enc2, self.mid = block(1, w), block(w, 2 * w), block(2 * w, 4 * w)
-        self.dec2, self.dec1 = block(6 * w, 2 * w), block(3 * w, w)
-        self.pool = nn.MaxPool2d(2)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.head = nn.Conv2d(w, len(CHANNELS), 1)
+        self.backbone = UNet2d(1, width)
+        self.head = nn.Conv2d(width, len(CHANNELS), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(x)
-        e2 = self.enc2(self.pool(e1))
-        m = self.mid(self.pool(e2))
-        d2 = self.dec2(torch.cat([self.up(m), e2], 1))
-        d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
-        h = self.head(d1)
+        h = self.head(self.backbone(x))
         p = torch.sigmoid(h[:, :1])
         dxy = 0.6 * torch.tanh(h[:, 1:3])
         z = 1.5 * torch.tanh(h[:, 3:4])
@@ -170,39 +156,24 @@ def _card_core() -> dict[str, Any]:
 def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
                      batch: int = 24, log_every: int = 100) -> dict[str, Any]:
     steps = steps or 4000
-    torch.set_num_threads(1)  # reproducible, and no OpenMP oversubscription on a shared machine
-    torch.manual_seed(seed)
+    seed_everything(seed)
     rng = np.random.default_rng(seed)
     optics, camera = OpticsConfig(), CameraConfig()
     net = LocalizationNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     tile = TRAIN["tile_px"]
-    t0 = time.time()
-    running = 0.0
-    for step in range(1, steps + 1):
-        net.train()
+
+    def next_batch() -> tuple[torch.Tensor, ...]:
         frames, truth = simulate_tiles(rng, batch, tile, optics, camera)
         tgt, mask = targets(truth, tile)
         x = torch.from_numpy(normalise(frames, NORMALISATION)[:, None])
-        loss = loss_fn(net(x), torch.from_numpy(tgt), torch.from_numpy(mask))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
-        if step % log_every == 0 or step == steps:
-            eta = (time.time() - t0) / step * (steps - step)
-            print(f"step {step}/{steps}  loss {running:.4f}  eta {eta:.0f}s", flush=True)
-    net.eval()
+        return x, torch.from_numpy(tgt), torch.from_numpy(mask)
+
+    seconds = fit(net, next_batch, loss_fn, steps, log_every=log_every)
     metrics = evaluate(_TorchModel(net), seed, optics, camera)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "localization.onnx"
-    net.eval()
-    torch.onnx.export(net, torch.zeros(1, 1, 64, 64), str(onnx_path), dynamo=False, opset_version=17,
-                      input_names=["frames"], output_names=["maps"],
-                      dynamic_axes={"frames": {2: "H", 3: "W"}, "maps": {2: "H", 3: "W"}})
+    export_onnx(net, torch.zeros(1, 1, 64, 64), onnx_path, "frames", "maps")
     card = {
         **_card_core(),
         "version": 1,
@@ -211,7 +182,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
         "parameters": sum(p.numel() for p in net.parameters()),
         "training": {"seed": seed, "steps": steps, "batch": batch, "optimizer": "AdamW + OneCycle, max lr 2e-3",
                      "data": {**TRAIN, "camera": camera.model_dump(), "optics": optics.model_dump()},
-                     "seconds": round(time.time() - t0, 1), "torch": torch.__version__},
+                     "seconds": round(seconds, 1), "torch": torch.__version__},
         "metrics": {"protocol": "the full pipeline (network, decoding, ML refinement of isolated detections); "
                                 "greedy nearest-first matching per frame within 250 nm lateral; "
                                 "isolated: one emitter per 32x32 tile at z = 0, RMSE in x vs sqrt(CRLB_x) "

@@ -1,0 +1,122 @@
+"""Event detection (event-driven acquisition class): a 3-frame window → event map → score.
+
+The per-frame event score (the map's maximum) drives the frame-rate policy;
+the map's peaks are the event locations. Object-level scoring: an event is
+found if a detection lies within the tolerance of it in any frame while it is
+active; the delay is the first such frame minus the event's first active frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import maximum_filter
+
+from smartscope.evaluation import match_frame
+from smartscope.inference.session import LoadedModel
+
+EVENT_FRAMES = 3
+MATCH_TOLERANCE_PX = 5.0
+
+
+def normalise_window(window: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.9) -> np.ndarray:
+    """(T, H, W) frames in any linear unit → float32 scaled to the window's percentiles, 0…1."""
+    w = np.nan_to_num(np.asarray(window, np.float32), nan=float(np.nanmedian(window)))
+    lo, hi = np.percentile(w, [low_pct, high_pct])
+    return np.clip((w - lo) / max(hi - lo, 1e-6), 0, 1.5).astype(np.float32)
+
+
+def detect_events(event_map: np.ndarray, threshold: float, min_distance_px: int = 5) -> tuple[float, np.ndarray]:
+    """(score, (K, 3) x_px, y_px, p): the map's maximum and its peaks above threshold."""
+    score = float(event_map.max()) if event_map.size else 0.0
+    peaks = (event_map >= threshold) & (event_map == maximum_filter(event_map, size=2 * min_distance_px + 1))
+    iy, ix = np.nonzero(peaks)
+    return score, np.column_stack([ix + 0.5, iy + 0.5, event_map[iy, ix]]).reshape(-1, 3)
+
+
+def event_map(model: LoadedModel, window: np.ndarray) -> np.ndarray:
+    """(3, H, W) frames, oldest first → (H, W) event probability of the last frame."""
+    t, h, w = window.shape
+    if t != model.card["frames"]:
+        raise ValueError(f"event model needs {model.card['frames']} frames, got {t}")
+    m = int(model.card.get("input_multiple_px", 1))
+    x = np.pad(normalise_window(window), ((0, 0), (0, (-h) % m), (0, (-w) % m)), mode="edge")
+    return model.run(x[None])[0, 0, :h, :w]
+
+
+def link_tracks(detections: list[np.ndarray], tol_px: float = MATCH_TOLERANCE_PX, max_gap: int = 2
+                ) -> list[list[tuple[int, float, float, int]]]:
+    """Link one episode's per-frame detections into objects: a detection joins the
+    open track whose last detection is nearest, within tol_px and at most
+    max_gap frames back. Each track is a list of (frame, x_px, y_px, index in
+    that frame's detections)."""
+    tracks: list[list[tuple[int, float, float, int]]] = []
+    for t, det in enumerate(detections):
+        open_tracks = [tr for tr in tracks if t - tr[-1][0] <= max_gap]
+        taken: set[int] = set()
+        for k, (x, y) in enumerate(np.asarray(det, float)[:, :2] if len(det) else []):
+            dist = [np.inf if i in taken else np.hypot(x - tr[-1][1], y - tr[-1][2])
+                    for i, tr in enumerate(open_tracks)]
+            j = int(np.argmin(dist)) if dist else -1
+            if j >= 0 and dist[j] <= tol_px:
+                open_tracks[j].append((t, x, y, k))
+                taken.add(j)
+            else:
+                tracks.append([(t, x, y, k)])
+    return tracks
+
+
+def persistent(detections: list[np.ndarray], min_frames: int, tol_px: float = MATCH_TOLERANCE_PX
+               ) -> list[np.ndarray]:
+    """Only the detections that belong to objects seen in at least `min_frames` frames."""
+    keep = [np.zeros(len(d), bool) for d in detections]
+    for track in link_tracks(detections, tol_px):
+        if len(track) >= min_frames:
+            for t, _, _, k in track:
+                keep[t][k] = True
+    return [d[m] for d, m in zip(detections, keep, strict=True)]
+
+
+def score_events(detections: list[list[np.ndarray]], truth: list[list[np.ndarray]],
+                 tol_px: float = MATCH_TOLERANCE_PX, min_frames: int = 1) -> dict[str, Any]:
+    """Object-level scores. Per episode, per frame: detections (K, ≥2) x_px, y_px and
+    active events (M, 3) id, x_px, y_px.
+
+    Detections are linked over frames into objects (`link_tracks`); an object
+    counts once it has `min_frames` detections (its confirmation frame).
+    Precision: objects that lie on an active event at least once, over all
+    objects. Recall: events that some object lies on. Delay: the first
+    confirmation frame of an object on the event (or the frame it reaches the
+    event, if later) minus the event's first active frame.
+    """
+    found: dict[tuple[int, int], int] = {}
+    first_active: dict[tuple[int, int], int] = {}
+    true_objects = n_objects = 0
+    for e, (det_ep, truth_ep) in enumerate(zip(detections, truth, strict=True)):
+        for t, active in enumerate(truth_ep):
+            for ev_id in active[:, 0].astype(int):
+                first_active.setdefault((e, ev_id), t)
+        for track in link_tracks(det_ep, tol_px):
+            if len(track) < min_frames:
+                continue
+            n_objects += 1
+            confirmed_t = track[min_frames - 1][0]
+            hits = {}
+            for t, x, y, _ in track:
+                active = truth_ep[t]
+                if len(active):
+                    near = np.hypot(active[:, 1] - x, active[:, 2] - y) <= tol_px
+                    for ev_id in active[near, 0].astype(int):
+                        hits.setdefault(ev_id, max(t, confirmed_t))
+            true_objects += bool(hits)
+            for ev_id, t in hits.items():
+                found[(e, ev_id)] = min(found.get((e, ev_id), t), t)
+    n_events = len(first_active)
+    recall = len(found) / n_events if n_events else 0.0
+    precision = true_objects / n_objects if n_objects else 0.0
+    delays = [t - first_active[k] for k, t in found.items()]
+    return {"events": n_events, "found": len(found), "recall": round(recall, 4), "objects": n_objects,
+            "precision": round(precision, 4),
+            "f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4),
+            "median_delay_frames": float(np.median(delays)) if delays else None, "min_frames": min_frames}

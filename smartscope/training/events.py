@@ -1,0 +1,130 @@
+"""Train the fission-event detector on the live-mode simulation and export it to ONNX.
+
+A small 2D U-Net sees a causal window of 3 frames (t−2, t−1, t) as channels,
+each window normalised by its own percentiles (so brightness, bleaching and
+camera gain do not matter), and outputs a per-pixel event probability for
+frame t. Targets are Gaussian blobs (σ = 2 px) at every event that is
+constricting or dividing in frame t. Every training episode draws a new
+microscope (DeepTrack's lesson: vary what real data will vary): tubule width,
+brightness, background, read noise, pixel size, motion, drift, defocus and
+frame interval, so the detector does not learn one rendering.
+
+`smartscope train events --seed 0` reproduces models/events.onnx and its card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from smartscope.inference.events import EVENT_FRAMES, normalise_window
+from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
+from smartscope.training.episodes import TARGET_SIGMA_PX, TILE_PX, VARIETY, evaluate, heatmap, random_microscope
+from smartscope.training.episodes import simulate_episode
+
+class EventNet(nn.Module):
+    """2D U-Net 16-32-64: (B, 3, H, W) normalised window → (B, 1, H, W) event probability."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.backbone = UNet2d(EVENT_FRAMES, width)
+        self.head = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.backbone(x)))
+
+
+def _dataset(rng: np.random.Generator, episodes: int, frames: int) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    data = []
+    for i in range(episodes):
+        scope, interval = random_microscope(rng)
+        data.append(simulate_episode(scope, frames, interval))
+        if (i + 1) % max(1, episodes // 5) == 0:
+            print(f"  simulated {i + 1}/{episodes} episodes", flush=True)
+    return data
+
+
+def _batch(rng: np.random.Generator, data, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.empty((batch, EVENT_FRAMES, TILE_PX, TILE_PX), np.float32)
+    y = np.empty((batch, 1, TILE_PX, TILE_PX), np.float32)
+    for b in range(batch):
+        frames, events = data[rng.integers(len(data))]
+        t = int(rng.integers(EVENT_FRAMES - 1, len(frames)))
+        win = normalise_window(frames[t - EVENT_FRAMES + 1 : t + 1])
+        target = heatmap(events[t][:, 1:], frames.shape[1:])
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))  # the physics has no preferred direction
+        win, target = np.rot90(win, k, axes=(1, 2)), np.rot90(target, k)
+        if flip:
+            win, target = win[:, :, ::-1], target[:, ::-1]
+        x[b], y[b, 0] = win, target
+    return x, y
+
+
+def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
+                     batch: int = 16, log_every: int = 100) -> dict[str, Any]:
+    steps = steps or 4000
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    print("simulating training episodes…", flush=True)
+    data = _dataset(rng, episodes=300, frames=30)
+    net = EventNet()
+
+    def next_batch() -> tuple[torch.Tensor, ...]:
+        x, y = _batch(rng, data, batch)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy(pred, target, weight=1 + 5 * target)
+
+    fit(net, next_batch, loss_fn, steps, log_every=log_every)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    metrics = evaluate(run, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "events.onnx"
+    export_onnx(net, torch.zeros(1, EVENT_FRAMES, 64, 64), onnx_path, "window", "event_map")
+    card = {
+        "name": "events",
+        "version": 1,
+        "file": onnx_path.name,
+        "task": "fission-event detection in live (iSIM-like) mitochondria imaging: per-pixel event probability",
+        "architecture": "2D U-Net 16-32-64, causal window of 3 frames as channels",
+        "inputs": [{"name": "window", "shape": [1, EVENT_FRAMES, "H", "W"], "dtype": "float32",
+                    "description": "frames t-2, t-1, t (any units), each window scaled to its 1st-99.9th "
+                                   "percentile -> 0..1"}],
+        "outputs": [{"name": "event_map", "shape": [1, 1, "H", "W"],
+                     "description": "probability that an event (constricting or dividing) is at this pixel in frame t"}],
+        "normalisation": {"percentiles": [1, 99.9], "range": [0, 1]},
+        "frames": EVENT_FRAMES,
+        "threshold": metrics["best_threshold"],
+        "min_frames": metrics["best_min_frames"],
+        "input_multiple_px": 4,
+        "min_input_px": 16,
+        "pixel_size_nm": None,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "training": {"seed": seed, "steps": steps, "batch": batch, "episodes": 300, "frames_per_episode": 30,
+                     "tile_px": TILE_PX, "target": f"Gaussian blobs, sigma {TARGET_SIGMA_PX} px",
+                     "loss": "weighted BCE (1 + 5 x target)", "variety": VARIETY,
+                     "augmentation": "rot90 and flips", "seconds": round(time.time() - t0, 1),
+                     "torch": torch.__version__},
+        "metrics": {"protocol": "24 fresh episodes x 40 frames, each a new random microscope; detections "
+                                "(peaks above threshold) linked over frames into objects within 5 px, an object "
+                                "counting from its min_frames-th detection; an event is found if an object lies "
+                                "on it while it is active; precision over objects; delay = confirmation frame - "
+                                "first active frame",
+                    **metrics},
+        "retrain_command": f"smartscope train events --seed {seed}" + (f" --steps {steps}" if steps != 4000 else ""),
+    }
+    onnx_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return card
