@@ -184,11 +184,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     inf = config.inference
     try:
         counts = run_worker(args.frames_address or frames, args.results_address or results,
-                            model=args.model or inf.model, provider=args.provider or inf.provider,
+                            model=None if args.no_localization else args.model or inf.model,
+                            provider=args.provider or inf.provider,
                             threshold=args.threshold or inf.detection_threshold,
                             counting_model=args.counting_model or inf.counting_model,
                             event_model=args.event_model or inf.event_model)
-    except ModelError as e:
+    except (ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     log.info("worker done: %s", counts)
     return 0
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--counting-model", default=None, help="also count emitters with this model")
     p.add_argument("--event-model", default=None, help="also score events with this model")
+    p.add_argument("--no-localization", action="store_true", help="run no localization model (live imaging)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="write a simulated stack and its ground truth")

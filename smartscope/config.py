@@ -143,7 +143,9 @@ class TransportConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    model: str = Field("localization.onnx", description="path, or name in models/")
+    model: str | None = Field(
+        "localization.onnx", description="localization model: path, or name in models/; null: none (live imaging)"
+    )
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     detection_threshold: float = Field(0.5, gt=0, lt=1)
     counting_model: str | None = Field(

@@ -193,18 +193,18 @@ def _bind_address(socket_address: str) -> str:
 class Daemon:
     def __init__(self, config: SmartscopeConfig) -> None:
         self.config = config
-        self.model_path, self.card = read_card(config.inference.model)
         self.core, self.scope = build_core(config)
         self.camera = camera_params(config, self.core)
         shape = (self.core.getImageHeight(), self.core.getImageWidth())
-        check_fits_frames(self.card, shape, self.camera.pixel_size_nm)
-        self.extra_models: dict[str, Path] = {}  # worker flag → model file
-        for flag, name in (("--counting-model", config.inference.counting_model),
+        self.models: dict[str, Path] = {}  # worker flag → model file, each checked against the frames
+        for flag, name in (("--model", config.inference.model), ("--counting-model", config.inference.counting_model),
                            ("--event-model", config.inference.event_model)):
             if name:
                 path, card = read_card(name)
                 check_fits_frames(card, shape, self.camera.pixel_size_nm)
-                self.extra_models[flag] = path
+                self.models[flag] = path
+        if not self.models:
+            raise ValueError("inference: no model configured (model, counting_model or event_model)")
         self.actuator = Actuator(self.core, config.hardware.devices)
         self.envelope = SafetyEnvelope(config.safety)
         self.decisions = DecisionLog()
@@ -238,10 +238,12 @@ class Daemon:
         inf = self.config.inference
         for _ in range(n):
             cmd = [sys.executable, "-m", "smartscope", "worker", "--frames-address", self.frames_address,
-                   "--results-address", self.results_address, "--model", str(self.model_path),
+                   "--results-address", self.results_address,
                    "--provider", inf.provider, "--threshold", str(inf.detection_threshold)]
-            for flag, path in self.extra_models.items():
+            for flag, path in self.models.items():
                 cmd += [flag, str(path)]
+            if "--model" not in self.models:
+                cmd.append("--no-localization")
             self._procs.append(subprocess.Popen(cmd))
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:

@@ -80,6 +80,27 @@ def test_worker_runs_the_counting_model_on_consecutive_frames(config, tmp_path):
         daemon.close()
 
 
+def test_live_mode_scores_events_without_localizing(tmp_path):
+    """The live demo config: no localization model, the event model scores every frame."""
+    config = load_config(bundled_path("configs") / "live-demo.yaml")
+    config.transport.frames_address = "tcp://127.0.0.1:0"
+    config.transport.results_address = "tcp://127.0.0.1:0"
+    config.simulation.camera.width_px = config.simulation.camera.height_px = 64
+    config.acquisition.interval_ms = 40
+    daemon = Daemon(config)
+    try:
+        daemon.spawn_workers(1)
+        daemon.wait_for_workers(1)
+        run = daemon.start_acquisition(tmp_path / "live", 40)
+        assert run.done.wait(60)
+        assert run.summary["localizations"] == 0 and run.summary["frames_saved"] == 40
+        with open(tmp_path / "live" / "inference.csv", newline="") as fh:
+            scores = [float(r["event_score"]) for r in csv.DictReader(fh) if r["event_score"]]
+        assert len(scores) >= 30 and all(0.0 <= s <= 1.0 for s in scores)
+    finally:
+        daemon.close()
+
+
 def test_real_micromanager_demo_adapters_through_the_same_loop(tmp_path):
     """CMMCorePlus + the C++ DemoCamera/DStage from mm-test-adapters, same Daemon code."""
     config = load_config(bundled_path("configs") / "hardware-example.yaml")

@@ -12,6 +12,7 @@ from smartscope.inference.events import (
     link_tracks,
     normalise_window,
     persistent,
+    persistent_score,
     score_events,
 )
 from smartscope.inference.session import load_model
@@ -83,3 +84,14 @@ def _live_config(tmp_path):
     path.write_text("simulation: {mode: live, camera: {width_px: 64, height_px: 64}}\n"
                     "acquisition: {exposure_ms: 50, interval_ms: 200, excitation_mw: 20, activation_mw: 0}\n")
     return path
+
+
+def test_persistent_score_needs_the_previous_frame_nearby():
+    cur = np.zeros((32, 32), np.float32)
+    cur[10, 10] = 0.9
+    prev_near, prev_far = np.zeros_like(cur), np.zeros_like(cur)
+    prev_near[12, 11] = 0.8
+    prev_far[25, 25] = 0.8
+    assert persistent_score(cur, prev_near) == pytest.approx(0.8)
+    assert persistent_score(cur, prev_far) == 0.0
+    assert persistent_score(cur, None) == pytest.approx(0.9)

@@ -35,6 +35,16 @@ def detect_events(event_map: np.ndarray, threshold: float, min_distance_px: int 
     return score, np.column_stack([ix + 0.5, iy + 0.5, event_map[iy, ix]]).reshape(-1, 3)
 
 
+def persistent_score(current: np.ndarray, previous: np.ndarray | None, tol_px: float = MATCH_TOLERANCE_PX) -> float:
+    """The frame's event score, counting only what the previous frame's map also saw
+    nearby: the causal form of requiring an object in two frames (single-frame
+    flickers do not switch the frame rate). Without a previous map: the plain maximum."""
+    if previous is None:
+        return float(current.max())
+    size = 2 * int(np.ceil(tol_px)) + 1
+    return float(np.minimum(current, maximum_filter(previous, size=size)).max())
+
+
 def event_map(model: LoadedModel, window: np.ndarray) -> np.ndarray:
     """(3, H, W) frames, oldest first → (H, W) event probability of the last frame."""
     t, h, w = window.shape

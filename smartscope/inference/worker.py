@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 
 from smartscope.inference.counting import count_frame
-from smartscope.inference.events import event_map
+from smartscope.inference.events import event_map, persistent_score
 from smartscope.inference.localization import frame_to_photons, localize_photons
 from smartscope.inference.session import load_model
 from smartscope.transport.protocol import MalformedMessage, Result, decode_frame, encode_result
@@ -30,7 +30,7 @@ from smartscope.transport.protocol import MalformedMessage, Result, decode_frame
 log = logging.getLogger("smartscope.worker")
 
 
-def run_worker(frames_address: str, results_address: str, *, model: str, provider: str = "auto",
+def run_worker(frames_address: str, results_address: str, *, model: str | None, provider: str = "auto",
                threshold: float = 0.5, stop: threading.Event | None = None,
                threads: int | None = None, counting_model: str | None = None,
                event_model: str | None = None) -> dict[str, int]:
@@ -46,14 +46,19 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    loaded = load_model(model, provider, threads=threads)
+    loaded = load_model(model, provider, threads=threads) if model else None
     counter = load_model(counting_model, provider, threads=threads) if counting_model else None
     eventer = load_model(event_model, provider, threads=threads) if event_model else None
+    models = [m for m in (loaded, counter, eventer) if m is not None]
+    if not models:
+        raise ValueError("the worker has no model to run (localization, counting or event model)")
     window = max([m.card["frames"] for m in (counter, eventer) if m is not None], default=1)
     history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
+    previous_map: tuple[int, np.ndarray | None] = (-2, None)  # (seq, event map) of the last scored frame
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    name = loaded.card["name"]
-    log.info("worker %s: model %s on %s", worker_id, name, loaded.provider)
+    name = "+".join(m.card["name"] for m in models)
+    provider_used = models[0].provider
+    log.info("worker %s: models %s on %s", worker_id, name, provider_used)
 
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
@@ -73,7 +78,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
         except zmq.Again:
             pass  # daemon gone or saturated: results are allowed to drop
 
-    send(Result(kind="hello", worker_id=worker_id, provider=loaded.provider, model=name,
+    send(Result(kind="hello", worker_id=worker_id, provider=provider_used, model=name,
                 t_done_s=time.time()))
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
@@ -91,7 +96,11 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
                 continue
             t0 = time.perf_counter()
             photons = frame_to_photons(frame, header.camera)
-            locs, background = localize_photons(loaded, photons, header.camera, threshold=threshold)
+            if loaded is not None:
+                locs, background = localize_photons(loaded, photons, header.camera, threshold=threshold)
+            else:  # e.g. live imaging: no single molecules to localize
+                locs = np.zeros((0, 6))
+                background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
             count = density = score = None
             history.append((header.seq, photons))
             seqs = [s for s, _ in history]
@@ -101,10 +110,13 @@ def run_worker(frames_address: str, results_address: str, *, model: str, provide
                     count = int(count_frame(counter, frames_window[-counter.card["frames"]:]).sum())
                     density = count / (photons.size * (header.camera.pixel_size_nm / 1000) ** 2)
                 if eventer is not None:
-                    score = float(event_map(eventer, frames_window[-eventer.card["frames"]:]).max())
+                    current = event_map(eventer, frames_window[-eventer.card["frames"]:])
+                    persist = eventer.card.get("min_frames", 1) > 1 and previous_map[0] == header.seq - 1
+                    score = persistent_score(current, previous_map[1] if persist else None)
+                    previous_map = (header.seq, current)
             infer_ms = (time.perf_counter() - t0) * 1000
             send(Result(seq=header.seq, t_capture_s=header.t_capture_s, t_done_s=time.time(),
-                        worker_id=worker_id, provider=loaded.provider, model=name, infer_ms=infer_ms,
+                        worker_id=worker_id, provider=provider_used, model=name, infer_ms=infer_ms,
                         n_emitters=len(locs), localizations=[tuple(r) for r in locs.tolist()],
                         background_photons=background, count_estimate=count, density_per_um2=density,
                         event_score=score,
