@@ -3,6 +3,7 @@ running the shipped ONNX model, the policy engine, OME-TIFF storage."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 
@@ -16,6 +17,25 @@ from smartscope.service import Busy, Daemon
 from smartscope.storage import read_localizations
 
 
+@contextlib.contextmanager
+def running_daemon(config, workers: int = 1):
+    """A Daemon on private ports with its worker processes ready; closed afterwards."""
+    config.transport.frames_address = "tcp://127.0.0.1:0"
+    config.transport.results_address = "tcp://127.0.0.1:0"
+    daemon = Daemon(config)
+    try:
+        daemon.spawn_workers(workers)
+        daemon.wait_for_workers(workers)
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def _inference_rows(run_dir) -> list[dict]:
+    with open(run_dir / "inference.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _decisions(path, actuator):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return [r for r in rows if r.get("actuator") == actuator and r["outcome"] in ("applied", "clamped")]
@@ -24,10 +44,7 @@ def _decisions(path, actuator):
 def test_closed_loop_end_to_end(config, tmp_path):
     config.acquisition.activation_mw = 2.0  # far too few emitters for the set point
     config.policies[0].params = {"set_point_emitters": 12}
-    daemon = Daemon(config)
-    try:
-        daemon.spawn_workers(1)
-        daemon.wait_for_workers(1)
+    with running_daemon(config) as daemon:
         run = daemon.start_acquisition(tmp_path / "up", 150)
         with pytest.raises(Busy):
             daemon.start_acquisition(tmp_path / "second", 10)
@@ -58,59 +75,38 @@ def test_closed_loop_end_to_end(config, tmp_path):
         downs = _decisions(tmp_path / "down" / "decisions.jsonl", "activation_mw")
         assert len(downs) >= 2 and downs[0]["applied"] < downs[0]["before"]
         assert downs[min(4, len(downs) - 1)]["applied"] < downs[0]["before"]
-    finally:
-        daemon.close()
 
 
 def test_worker_runs_the_counting_model_on_consecutive_frames(config, tmp_path):
     config.inference.counting_model = "counting.onnx"
     config.acquisition.exposure_ms = config.acquisition.interval_ms = 30
     config.acquisition.activation_mw = 100.0
-    daemon = Daemon(config)
-    try:
-        daemon.spawn_workers(1)
-        daemon.wait_for_workers(1)
+    with running_daemon(config) as daemon:
         run = daemon.start_acquisition(tmp_path / "count", 60)
         assert run.done.wait(60)
-        with open(tmp_path / "count" / "inference.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = _inference_rows(tmp_path / "count")
         counted = [int(r["emitter_count"]) for r in rows if r["emitter_count"]]
         assert len(rows) >= 30 and len(counted) >= 0.5 * len(rows) and max(counted) > 0
-    finally:
-        daemon.close()
 
 
 def test_live_mode_scores_events_without_localizing(tmp_path):
     """The live demo config: no localization model, the event model scores every frame."""
     config = load_config(bundled_path("configs") / "live-demo.yaml")
-    config.transport.frames_address = "tcp://127.0.0.1:0"
-    config.transport.results_address = "tcp://127.0.0.1:0"
     config.simulation.camera.width_px = config.simulation.camera.height_px = 64
     config.acquisition.interval_ms = 40
-    daemon = Daemon(config)
-    try:
-        daemon.spawn_workers(1)
-        daemon.wait_for_workers(1)
+    with running_daemon(config) as daemon:
         run = daemon.start_acquisition(tmp_path / "live", 40)
         assert run.done.wait(60)
         assert run.summary["localizations"] == 0 and run.summary["frames_saved"] == 40
-        with open(tmp_path / "live" / "inference.csv", newline="") as fh:
-            scores = [float(r["event_score"]) for r in csv.DictReader(fh) if r["event_score"]]
+        scores = [float(r["event_score"]) for r in _inference_rows(tmp_path / "live") if r["event_score"]]
         assert len(scores) >= 30 and all(0.0 <= s <= 1.0 for s in scores)
-    finally:
-        daemon.close()
 
 
 def test_real_micromanager_demo_adapters_through_the_same_loop(tmp_path):
     """CMMCorePlus + the C++ DemoCamera/DStage from mm-test-adapters, same Daemon code."""
     config = load_config(bundled_path("configs") / "hardware-example.yaml")
-    config.transport.frames_address = "tcp://127.0.0.1:0"
-    config.transport.results_address = "tcp://127.0.0.1:0"
-    daemon = Daemon(config)
-    try:
+    with running_daemon(config) as daemon:
         assert type(daemon.core).__name__ == "CMMCorePlus" and daemon.scope is None
-        daemon.spawn_workers(1)
-        daemon.wait_for_workers(1)
         run = daemon.start_acquisition(tmp_path / "mm", 20, exposure_ms=10)
         assert run.done.wait(60)
         s = run.summary
@@ -118,5 +114,3 @@ def test_real_micromanager_demo_adapters_through_the_same_loop(tmp_path):
         assert s["frames_inferred"] >= 1
         stack = tifffile.imread(tmp_path / "mm" / "frames.ome.tif")
         assert stack.shape[0] == 20 and stack.shape[1:] == (daemon.core.getImageHeight(), daemon.core.getImageWidth())
-    finally:
-        daemon.close()
