@@ -1,8 +1,16 @@
 """Event-driven frame rate (Mahecic et al. 2022): fast while events are likely.
 
-Hysteresis on the event score: go fast above `upper`, go back to slow only
-after the score has stayed below `lower` and the minimum fast dwell has
-passed. Frames without an event score (no event model loaded) change nothing.
+Hysteresis on the event score: go fast when it reaches `upper`, go back to
+slow only after the score has fallen below `lower` and the minimum fast dwell
+(`min_fast_frames` frames at the fast rate) has passed, so one noisy frame
+neither starts nor ends a burst. Frames without an event score (no event
+model loaded) change nothing.
+
+The slow interval is the reaction time: the frame that shows an event was
+taken at the slow rate, so each event loses the detector's delay plus up to
+two slow periods before frames come fast; a slower slow rate spends less
+light between events and catches less of each one (`smartscope bench
+policies` prints both sides of that trade-off).
 """
 
 from __future__ import annotations
@@ -13,11 +21,12 @@ from smartscope.control.policy import Action, Observation, Policy, PolicyParams
 
 
 class FrameRateParams(PolicyParams):
-    slow_interval_ms: float = Field(200.0, gt=0)
+    slow_interval_ms: float = Field(100.0, gt=0)
     fast_interval_ms: float = Field(20.0, gt=0)
     upper: float = Field(0.8, ge=0, le=1, description="event score that switches to fast")
     lower: float = Field(0.5, ge=0, le=1, description="score below which slow is allowed")
     min_fast_frames: int = Field(10, ge=0)
+    retry_frames: int = Field(5, ge=1, description="repeat a switch not yet seen in the frames after this many")
 
     @model_validator(mode="after")
     def _order(self) -> FrameRateParams:
@@ -35,21 +44,31 @@ class FrameRate(Policy):
     def reset(self) -> None:
         self._fast = False
         self._fast_frames = 0
+        self._requested: tuple[float, int] | None = None  # (interval, seq) of the last request
 
     def propose(self, obs: Observation) -> list[Action]:
         p: FrameRateParams = self.params
         if obs.event_score is None:
             return []
         score = obs.event_score
+        reason = None
         if not self._fast and score >= p.upper:
             self._fast, self._fast_frames = True, 0
-            return [Action("interval_ms", p.fast_interval_ms, f"event score {score:.2f} >= {p.upper}",
-                           {"event_score": score})]
-        if self._fast:
+            reason = f"event score {score:.2f} >= {p.upper}"
+        elif self._fast:
             self._fast_frames += 1
             if score < p.lower and self._fast_frames >= p.min_fast_frames:
                 self._fast = False
-                return [Action("interval_ms", p.slow_interval_ms,
-                               f"event score {score:.2f} < {p.lower} after {self._fast_frames} fast frames",
-                               {"event_score": score})]
-        return []
+                reason = f"event score {score:.2f} < {p.lower} after {self._fast_frames} fast frames"
+        target = p.fast_interval_ms if self._fast else p.slow_interval_ms
+        current = obs.state.get("interval_ms")
+        if current is not None and abs(current - target) < 1e-9:
+            self._requested = None
+            return []
+        if reason is None:  # the interval is not (yet) what the mode wants: refused, or still in flight
+            if self._requested is not None and self._requested[0] == target \
+                    and obs.seq - self._requested[1] < p.retry_frames:
+                return []
+            reason = f"{'fast' if self._fast else 'slow'} mode: interval {current} ms, not yet {target:g} ms"
+        self._requested = (target, obs.seq)
+        return [Action("interval_ms", target, reason, {"event_score": round(score, 3), "fast": self._fast})]

@@ -39,11 +39,36 @@ from smartscope.transport.protocol import CameraParams
 
 
 @functools.cache
-def localization_model(name: str = "localization.onnx"):
-    """The shipped localizer on the CPU, one thread (deterministic, shares the machine)."""
+def shipped_model(name: str = "localization.onnx"):
+    """A shipped model (the localizer by default) on the CPU, one thread (deterministic, shares the machine)."""
     from smartscope.inference.session import load_model
 
     return load_model(name, "cpu", threads=1)
+
+
+def counting_model_counter(config: SmartscopeConfig,
+                           name: str = "counting.onnx") -> Callable[[np.ndarray], float | None]:
+    """Per-frame emitter count from the shipped counting model, as the worker computes it.
+
+    Stateful: keeps the model's window of consecutive frames (photons) and
+    returns None until the window is full.
+    """
+    from collections import deque
+
+    from smartscope.inference.counting import count_frame
+    from smartscope.simulation.camera import adu_to_photons
+
+    model = shipped_model(name)
+    camera = camera_of(config)
+    window: deque[np.ndarray] = deque(maxlen=int(model.card["frames"]))
+
+    def count(frame_adu: np.ndarray) -> float | None:
+        window.append(adu_to_photons(frame_adu, camera))
+        if len(window) < window.maxlen:
+            return None
+        return float(count_frame(model, np.stack(window)).sum())
+
+    return count
 
 
 def base_config(*, seed: int = 0, size_px: int = 64, exposure_ms: float = 20.0,
@@ -77,6 +102,7 @@ class ClosedLoopRun:
     writes: list[tuple[float, str, float]] = field(default_factory=list)  # (t_s, actuator, value)
     holding: np.ndarray | None = None  # (T,) bool: engine in hold after this frame
     bleached_fraction: float = 0.0  # of all molecules, at the end
+    emitter_counts: np.ndarray | None = None  # (T,) the emitter_count hook's values (NaN: none)
 
     @property
     def focus_offset_nm(self) -> np.ndarray:
@@ -115,7 +141,7 @@ def run_closed_loop(
     latency_s: float = 0.005,
     delivered: Callable[[int], bool] | None = None,
     event_score: Callable[[FrameTruth, np.random.Generator], float | None] | None = None,
-    emitter_count: Callable[[FrameTruth, np.ndarray], float | None] | None = None,
+    emitter_count: Callable[[np.ndarray], float | None] | None = None,
     threshold: float | None = None,
     initial: dict[str, float] | None = None,
     setup: Callable[[SimulatedMicroscope], None] | None = None,
@@ -128,8 +154,10 @@ def run_closed_loop(
     the core and localized; its result reaches the engine `latency_s` after the
     exposure ends (simulation time) unless `delivered(frame)` is False (a
     worker that is gone): then only the engine's staleness watchdog runs.
-    `event_score(truth, rng)` and `emitter_count(truth, locs)` stand in for
-    models that are not part of the loop yet (None: the field stays None).
+    `event_score(truth, rng)` fills `Observation.event_score` (e.g. a stand-in
+    made from the truth) and `emitter_count(frame_adu)` fills
+    `Observation.emitter_count` (e.g. `counting_model_counter`); None: the
+    field stays None, as when that model does not run.
     `initial` sets actuators before the first frame (the set-up, not a decision);
     `setup(scope)` may change the simulated sample before the first frame
     (e.g. mount it tilted). `localize=False` skips the localizer (live mode,
@@ -154,7 +182,7 @@ def run_closed_loop(
     engine = PolicyEngine(build_policies(specs), SafetyEnvelope(config.safety), actuator, log,
                           config.safety.stale_after_s)
     engine.reset(now_s=0.0)
-    model = localization_model(config.inference.model) if localize else None
+    model = shipped_model(config.inference.model) if localize else None
     camera = camera_of(config)
     threshold = config.inference.detection_threshold if threshold is None else threshold
     rng = np.random.default_rng([config.hardware.seed, 7])
@@ -162,7 +190,7 @@ def run_closed_loop(
 
     from smartscope.inference.localization import localize_frame
 
-    counts, all_locs, times, holding = [], [], [], []
+    counts, model_counts, all_locs, times, holding = [], [], [], [], []
     states: dict[str, list[float]] = {k: [] for k in actuator.snapshot()}
     for i in range(n_frames):
         state = actuator.snapshot()
@@ -180,12 +208,14 @@ def run_closed_loop(
         counts.append(len(locs))
         all_locs.append(locs)
         times.append(truth.t_s)
+        model_count = None if emitter_count is None else emitter_count(frame)
+        model_counts.append(np.nan if model_count is None else model_count)
         if delivered is None or delivered(i):
             obs = Observation(
                 seq=i, t_capture_s=truth.t_s, n_emitters=len(locs), localizations=locs,
                 background_photons=background, state=state, field_area_um2=area_um2,
                 event_score=None if event_score is None else event_score(truth, rng),
-                emitter_count=None if emitter_count is None else emitter_count(truth, locs))
+                emitter_count=model_count)
             engine.on_observation(obs, now_s)
         else:
             engine.check_stale(now_s)
@@ -194,6 +224,7 @@ def run_closed_loop(
             break
     return ClosedLoopRun(
         truths=list(scope.truth_log), n_localizations=np.asarray(counts), localizations=all_locs,
+        emitter_counts=np.asarray(model_counts, dtype=float),
         states={k: np.asarray(v, dtype=float) for k, v in states.items()}, t_s=np.asarray(times),
         decisions=log.recent(10**7), engine=engine, writes=actuator.writes,
         holding=np.asarray(holding), bleached_fraction=scope.bleached_fraction)
@@ -203,12 +234,19 @@ def run_closed_loop(
 
 
 def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over `window` frames: element i averages x[i-window+1 .. i]; NaN before."""
+    """Trailing mean over `window` frames: element i averages x[i-window+1 .. i]; NaN before.
+
+    NaN values (no count for that frame) are left out of their windows.
+    """
     x = np.asarray(x, dtype=float)
     out = np.full(x.size, np.nan)
     if x.size >= window:
-        c = np.cumsum(np.concatenate([[0.0], x]))
-        out[window - 1:] = (c[window:] - c[:-window]) / window
+        valid = np.isfinite(x)
+        c = np.cumsum(np.concatenate([[0.0], np.where(valid, x, 0.0)]))
+        n = np.cumsum(np.concatenate([[0], valid.astype(int)]))
+        sums, counts = c[window:] - c[:-window], n[window:] - n[:-window]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[window - 1:] = np.where(counts > 0, sums / counts, np.nan)
     return out
 
 
@@ -230,6 +268,16 @@ def settling_frame(relative_error: np.ndarray, tolerance: float, hold_frames: in
 # -- 1. illumination: hold emitters per frame while the dye bleaches -------------------------
 
 ILLUMINATION_FIXED_MW = (10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0)
+ILLUMINATION_FIXED_MW_COUNTING = (30.0, 45.0, 60.0, 90.0)  # around the best; the counting model costs ~10 ms/frame
+
+
+def counting_model_available(name: str = "counting.onnx") -> bool:
+    from smartscope.resources import resolve_model_path
+
+    try:
+        return resolve_model_path(name).is_file()
+    except Exception:  # noqa: BLE001 - any failure to find it means: not available
+        return False
 
 
 def bleaching_config(seed: int, *, size_px: int = 64, activation_mw: float = 5.0,
@@ -251,8 +299,13 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
                           set_point: float = 12.0, start_mw: float = 5.0,
                           fixed_mw: Sequence[float] = ILLUMINATION_FIXED_MW, window: int = 50,
                           tolerance: float = 0.1, hold_frames: int = 100,
-                          bleach_factor: float = 4.0, params: dict[str, Any] | None = None) -> dict[str, Any]:
+                          bleach_factor: float = 4.0, signal: str = "localizations",
+                          params: dict[str, Any] | None = None) -> dict[str, Any]:
     """PI on the activation laser vs every fixed power in `fixed_mw`, same sample and seed.
+
+    `signal` is the policy's input and the counted quantity: "localizations"
+    per frame, or "counting_model" (the shipped counting model's per-frame
+    count, run in the loop as the worker runs it).
 
     The score is the median |error| / set point of the localizations per frame
     averaged over `window` frames (single-frame counts carry Poisson noise of
@@ -262,25 +315,30 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
     one with the least median error.
     """
     spec = {"name": "illumination", "module": "policies.illumination",
-            "params": {"set_point_emitters": set_point, **(params or {})}}
-    run = run_closed_loop(bleaching_config(seed, size_px=size_px, activation_mw=start_mw,
-                                           bleach_factor=bleach_factor), [spec], n_frames)
-    err = density_error(run.n_localizations, set_point, window)
+            "params": {"set_point_emitters": set_point, "signal": signal, **(params or {})}}
+
+    def loop(mw: float, policies: list[dict[str, Any]]) -> tuple[ClosedLoopRun, np.ndarray]:
+        cfg = bleaching_config(seed, size_px=size_px, activation_mw=mw, bleach_factor=bleach_factor)
+        counter = counting_model_counter(cfg) if signal == "counting_model" else None
+        r = run_closed_loop(cfg, policies, n_frames, emitter_count=counter)
+        return r, (r.emitter_counts if counter is not None else r.n_localizations)
+
+    run, counted = loop(start_mw, [spec])
+    err = density_error(counted, set_point, window)
     settle = settling_frame(err, tolerance, hold_frames)
     start = settle if settle is not None else window - 1
     fixed = {}
     for mw in fixed_mw:
-        r = run_closed_loop(bleaching_config(seed, size_px=size_px, activation_mw=mw,
-                                             bleach_factor=bleach_factor), [], n_frames)
-        e = density_error(r.n_localizations, set_point, window)
+        _, c = loop(mw, [])
+        e = density_error(c, set_point, window)
         fixed[mw] = {"median_abs_error": float(np.nanmedian(np.abs(e[start:]))),
                      "p90_abs_error": float(np.nanpercentile(np.abs(e[start:]), 90)),
-                     "first_mean": float(np.mean(r.n_localizations[:window])),
-                     "last_mean": float(np.mean(r.n_localizations[-window:]))}
+                     "first_mean": float(np.nanmean(c[:window])),
+                     "last_mean": float(np.nanmean(c[-window:]))}
     best_mw = min(fixed, key=lambda mw: fixed[mw]["median_abs_error"])
     power = run.states["activation_mw"]
     return {
-        "seed": seed, "set_point": set_point, "frames": n_frames,
+        "seed": seed, "signal": signal, "set_point": set_point, "frames": n_frames,
         "settling_frames": settle,
         "median_abs_error": float(np.nanmedian(np.abs(err[start:]))),
         "p90_abs_error": float(np.nanpercentile(np.abs(err[start:]), 90)),
@@ -344,6 +402,7 @@ def event_intervals(run: ClosedLoopRun) -> list[tuple[float, float]]:
     return sorted(spans.values())
 
 
+# thresholds for the stand-in score (0.9 on events, 0.1 off, sd 0.1): well clear of both
 FRAME_RATE_PARAMS = {"upper": 0.6, "lower": 0.4, "min_fast_frames": 10}
 
 

@@ -157,12 +157,38 @@ def test_focus_integral_does_not_wind_up_while_the_step_is_saturated():
 def test_frame_rate_hysteresis_and_min_dwell():
     pol = FrameRate("frame_rate", {"upper": 0.8, "lower": 0.5, "min_fast_frames": 3,
                                    "fast_interval_ms": 20, "slow_interval_ms": 200})
-    assert pol.propose(obs(event=0.7)) == []
-    assert pol.propose(obs(event=0.9))[0].value == 20
-    assert pol.propose(obs(event=0.6)) == []       # between thresholds: stay fast
-    assert pol.propose(obs(event=0.1)) == []       # below, but min dwell not reached
-    assert pol.propose(obs(event=0.1))[0].value == 200
-    assert pol.propose(obs(event=None)) == []
+    interval = 200.0
+
+    def step(score):
+        nonlocal interval
+        actions = pol.propose(obs(event=score, state={"interval_ms": interval}))
+        for a in actions:
+            interval = a.value  # applied at once, seen in the next frame
+        return [a.value for a in actions]
+
+    assert step(0.7) == []
+    assert step(0.9) == [20]
+    assert step(0.6) == []       # between thresholds: stay fast
+    assert step(0.1) == []       # below, but min dwell not reached
+    assert step(0.1) == [200]
+    assert step(None) == []
+
+
+def test_frame_rate_repeats_a_switch_the_envelope_refused():
+    """The switch to fast was rate-limited: the frames still show the slow interval, so it asks again."""
+    pol = FrameRate("frame_rate", {"retry_frames": 3})
+    slow = {"interval_ms": 100.0}
+    assert [a.value for a in pol.propose(obs(seq=0, event=0.9, state=slow))] == [20.0]
+    assert pol.propose(obs(seq=1, event=0.9, state=slow)) == []  # may still be in flight
+    assert pol.propose(obs(seq=2, event=0.9, state=slow)) == []
+    assert [a.value for a in pol.propose(obs(seq=3, event=0.9, state=slow))] == [20.0]
+    assert pol.propose(obs(seq=4, event=0.9, state={"interval_ms": 20.0})) == []
+
+
+def test_frame_rate_starts_slow():
+    pol = FrameRate("frame_rate")
+    (a,) = pol.propose(obs(event=0.1, state={"interval_ms": 20.0}))
+    assert a.value == pol.params.slow_interval_ms
 
 
 def test_frame_rate_params_are_validated_before_they_change():

@@ -12,6 +12,8 @@ import pytest
 from smartscope.config import SafetyConfig
 from smartscope.scenarios import (
     bleaching_config,
+    counting_model_available,
+    counting_model_counter,
     density_error,
     drifting_config,
     frame_rate_scenario,
@@ -118,3 +120,17 @@ def test_frame_rate_goes_fast_during_fission_events_and_slow_between():
     assert r["fast_fraction_of_event_time"] > 0.75
     assert r["fast_fraction_outside_events"] < 0.1
     assert r["dose_vs_always_fast"] < 0.2 + 1.2 * r["event_time_fraction"]
+
+
+@pytest.mark.skipif(not counting_model_available(), reason="no counting model shipped")
+def test_illumination_on_the_counting_models_count():
+    """The same PI fed by the counting model (3-frame window, as in the worker) instead of localizations."""
+    cfg = bleaching_config(0, activation_mw=5.0)
+    spec = {**ILLUMINATION, "params": {"set_point_emitters": 12, "signal": "counting_model"}}
+    run = run_closed_loop(cfg, [spec], 300, emitter_count=counting_model_counter(cfg))
+    counts = run.emitter_counts
+    assert np.isnan(counts[:2]).all() and np.isfinite(counts[2:]).all()  # the window fills first
+    assert run.states["activation_mw"][-1] > 20.0
+    assert abs(np.mean(counts[-100:]) / 12.0 - 1) < 0.15
+    decisions = [d for d in run.decisions if d.get("policy") == "illumination"]
+    assert decisions and all(d["inputs"]["signal"] == "counting_model" for d in decisions)

@@ -30,6 +30,7 @@ from smartscope import scenarios
 
 GOALS = {
     "illumination": ("median |density error| / set point", "<=", 0.10),
+    "illumination_counting": ("same, input from the counting model", "<=", 0.10),
     "illumination_p90": ("p90 |density error| / set point", None, None),
     "illumination_settling": ("settling time (frames, ±10 %)", None, None),
     "frame_rate_fast": ("event time imaged fast", ">=", 0.90),
@@ -67,6 +68,13 @@ def run(quick: bool = False) -> dict[str, Any]:
     per_seed["illumination"] = [
         _timed(f"illumination seed {s}", lambda s=s: scenarios.illumination_scenario(s, n_frames=ill_frames))
         for s in seeds]
+    if scenarios.counting_model_available():
+        per_seed["illumination_counting"] = [
+            _timed(f"illumination (counting model) seed {s}",
+                   lambda s=s: scenarios.illumination_scenario(
+                       s, n_frames=ill_frames, signal="counting_model",
+                       fixed_mw=scenarios.ILLUMINATION_FIXED_MW_COUNTING))
+            for s in seeds]
     if scenarios.live_mode_available():
         duration = 150.0 if quick else 600.0
         per_seed["frame_rate"] = [
@@ -104,6 +112,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     row("illumination", "illumination_p90", med("illumination", "p90_abs_error"),
         med("illumination", "best_fixed_p90_abs_error"), "the same fixed power")
     row("illumination", "illumination_settling", med("illumination", "settling_frames"), None, "from 5 mW")
+    if "illumination_counting" in per_seed:
+        ilc = per_seed["illumination_counting"]
+        row("illumination", "illumination_counting", med("illumination_counting", "median_abs_error"),
+            med("illumination_counting", "best_fixed_median_abs_error"),
+            "best fixed power " + "/".join(f"{r['best_fixed_mw']:g}" for r in ilc) + " mW")
     if "frame_rate" in per_seed:
         fr = per_seed["frame_rate"]
         row("frame_rate", "frame_rate_fast", med("frame_rate", "fast_fraction_of_event_time"),
