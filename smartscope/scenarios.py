@@ -140,7 +140,7 @@ def run_closed_loop(
     *,
     latency_s: float = 0.005,
     delivered: Callable[[int], bool] | None = None,
-    event_score: Callable[[FrameTruth, np.random.Generator], float | None] | None = None,
+    event_score: Callable[[np.ndarray, FrameTruth, np.random.Generator], float | None] | None = None,
     emitter_count: Callable[[np.ndarray], float | None] | None = None,
     threshold: float | None = None,
     initial: dict[str, float] | None = None,
@@ -154,8 +154,8 @@ def run_closed_loop(
     the core and localized; its result reaches the engine `latency_s` after the
     exposure ends (simulation time) unless `delivered(frame)` is False (a
     worker that is gone): then only the engine's staleness watchdog runs.
-    `event_score(truth, rng)` fills `Observation.event_score` (e.g. a stand-in
-    made from the truth) and `emitter_count(frame_adu)` fills
+    `event_score(frame_adu, truth, rng)` fills `Observation.event_score` (the
+    event model, or a stand-in made from the truth) and `emitter_count(frame_adu)` fills
     `Observation.emitter_count` (e.g. `counting_model_counter`); None: the
     field stays None, as when that model does not run.
     `initial` sets actuators before the first frame (the set-up, not a decision);
@@ -214,7 +214,7 @@ def run_closed_loop(
             obs = Observation(
                 seq=i, t_capture_s=truth.t_s, n_emitters=len(locs), localizations=locs,
                 background_photons=background, state=state, field_area_um2=area_um2,
-                event_score=None if event_score is None else event_score(truth, rng),
+                event_score=None if event_score is None else event_score(frame, truth, rng),
                 emitter_count=model_count)
             engine.on_observation(obs, now_s)
         else:
@@ -272,6 +272,14 @@ ILLUMINATION_FIXED_MW_COUNTING = (30.0, 45.0, 60.0, 90.0)  # around the best; th
 
 
 def counting_model_available(name: str = "counting.onnx") -> bool:
+    return _model_available(name)
+
+
+def event_model_available(name: str = "events.onnx") -> bool:
+    return _model_available(name) and live_mode_available()
+
+
+def _model_available(name: str) -> bool:
     from smartscope.resources import resolve_model_path
 
     try:
@@ -384,10 +392,42 @@ def truth_event_score(detection_delay_s: float = 0.25, noise: float = 0.1,
     starts and sometimes fires on nothing.
     """
 
-    def score(truth: FrameTruth, rng: np.random.Generator) -> float:
+    def score(frame_adu: np.ndarray, truth: FrameTruth, rng: np.random.Generator) -> float:
         t_mid = truth.t_s + 0.5 * truth.exposure_ms / 1000
         seen = any(t_mid - ev.onset_s >= detection_delay_s for ev in getattr(truth, "events", []))
         return float(np.clip((0.9 if seen else 0.1) + noise * rng.normal(), 0.0, 1.0))
+
+    return score
+
+
+def event_model_scorer(config: SmartscopeConfig, name: str = "events.onnx",
+                       ) -> Callable[[np.ndarray, FrameTruth, np.random.Generator], float | None]:
+    """The shipped event model's per-frame score, computed as the worker computes it.
+
+    Stateful: a causal window of the model's frames (photons); the score is the
+    event map's maximum, kept only where the previous frame's map also saw
+    something nearby when the card asks for `min_frames` > 1. None until the
+    window is full.
+    """
+    from collections import deque
+
+    from smartscope.inference.events import event_map, persistent_score
+    from smartscope.simulation.camera import adu_to_photons
+
+    model = shipped_model(name)
+    camera = camera_of(config)
+    window: deque[np.ndarray] = deque(maxlen=int(model.card["frames"]))
+    previous: list[np.ndarray] = []
+
+    def score(frame_adu: np.ndarray, truth: FrameTruth, rng: np.random.Generator) -> float | None:
+        window.append(adu_to_photons(frame_adu, camera))
+        if len(window) < window.maxlen:
+            return None
+        current = event_map(model, np.stack(window))
+        persist = model.card.get("min_frames", 1) > 1 and previous
+        value = persistent_score(current, previous[0] if persist else None)
+        previous[:] = [current]
+        return value
 
     return score
 
@@ -410,10 +450,13 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
                         fission_rate_per_um_per_s: float = 0.0015,
                         fast_interval_ms: float = 20.0, slow_interval_ms: float = 100.0,
                         exposure_ms: float = 20.0, detection_delay_s: float = 0.25, noise: float = 0.1,
-                        dose_budget: float = 0.4, params: dict[str, Any] | None = None) -> dict[str, Any]:
+                        dose_budget: float = 0.4, score: str = "truth",
+                        params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Event-driven frame rate on the live sample, scored on the truth's fission events.
 
-    The event score is truth-derived (`truth_event_score`), not the event model.
+    The event score is truth-derived (`truth_event_score`, score="truth") or
+    the shipped event model's (score="model", `event_model_scorer`, with the
+    card's threshold as the upper hysteresis threshold).
     Fission is made rarer than the live default (`fission_rate_per_um_per_s`)
     so that events fill about a tenth of the time, the situation event-driven
     acquisition is for. The slow interval sets the reaction time: a frame
@@ -434,7 +477,15 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
                        **FRAME_RATE_PARAMS, **(params or {})}}
     # frames needed: all slow, plus the fast frames that events will add (bounded by all fast)
     n_max = int(duration_s / (max(exposure_ms, fast_interval_ms) / 1000)) + 1
-    run = _run_for(cfg, [spec], duration_s, n_max, event_score=truth_event_score(detection_delay_s, noise))
+    if score == "model":
+        scorer = event_model_scorer(cfg)
+        upper = float(shipped_model("events.onnx").card.get("threshold", 0.5))
+        spec["params"].update({"upper": upper, "lower": upper / 2, **(params or {})})
+        source = "the shipped event model (events.onnx)"
+    else:
+        scorer = truth_event_score(detection_delay_s, noise)
+        source = "truth-derived stand-in (simulated fission events + noise), not the event model"
+    run = _run_for(cfg, [spec], duration_s, n_max, event_score=scorer)
     t0 = run.t_s[0]
     periods_s = np.maximum(run.states["interval_ms"], exposure_ms) / 1000
     t_end = run.t_s[-1] + periods_s[-1]
@@ -459,7 +510,7 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
         "dose_vs_always_fast": float(dose / dose_always_fast),
         "fixed_within_budget_interval_ms": fixed_within_budget_ms,
         "fixed_within_budget_fast_fraction": 0.0 if fixed_within_budget_ms > fast_period_ms else 1.0,
-        "score_source": "truth-derived stand-in (simulated fission events + noise), not the event model",
+        "score_source": source,
         "switches": int(run.engine.actions.get("frame_rate", 0)),
     }
 

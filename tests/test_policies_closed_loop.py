@@ -16,7 +16,10 @@ from smartscope.scenarios import (
     counting_model_counter,
     density_error,
     drifting_config,
+    event_model_available,
+    event_model_scorer,
     frame_rate_scenario,
+    live_config,
     live_mode_available,
     mount_tilt_deg,
     mount_tilted,
@@ -134,3 +137,23 @@ def test_illumination_on_the_counting_models_count():
     assert abs(np.mean(counts[-100:]) / 12.0 - 1) < 0.15
     decisions = [d for d in run.decisions if d.get("policy") == "illumination"]
     assert decisions and all(d["inputs"]["signal"] == "counting_model" for d in decisions)
+
+
+@pytest.mark.skipif(not event_model_available(), reason="no event model or no live mode")
+def test_event_model_feeds_the_frame_rate_policy_as_the_worker_would():
+    cfg = live_config(0, size_px=64)
+    cfg.acquisition.interval_ms = 20.0  # started fast: the policy's first decision sets its mode's interval
+    seen = []
+    scorer = event_model_scorer(cfg)
+
+    def score(frame, truth, rng):
+        value = scorer(frame, truth, rng)
+        seen.append(value)
+        return value
+
+    spec = {"name": "frame_rate", "module": "policies.frame_rate"}
+    run = run_closed_loop(cfg, [spec], 12, localize=False, event_score=score)
+    assert seen[:2] == [None, None] and all(0.0 <= v <= 1.0 for v in seen[2:])
+    decisions = [d for d in run.decisions if d.get("policy") == "frame_rate"]
+    assert decisions and decisions[0]["frame"] == 2  # the first frame with a score
+    assert all(d["inputs"]["event_score"] == pytest.approx(seen[d["frame"]], abs=1e-3) for d in decisions)
