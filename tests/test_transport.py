@@ -77,3 +77,32 @@ def test_worker_survives_malformed_messages(tmp_path):
         pub.close()
         rec.close()
     assert out["malformed"] == 2 and out["frames"] == 3
+
+
+def test_worker_runs_the_newest_frame_and_counts_the_skipped():
+    """A burst of frames waiting at once: one result, for the newest; the rest counted as skipped."""
+    pub = FramePublisher("tcp://127.0.0.1:*", hwm=100)
+    rec = ResultReceiver("tcp://127.0.0.1:*")
+    stop = threading.Event()
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(run_worker(pub.endpoint, rec.endpoint, model="localization.onnx",
+                                                              stop=stop, threads=1)))
+    t.start()
+    try:
+        results = []
+        deadline = time.time() + 20
+        while not any(r.kind == "hello" for r in results) and time.time() < deadline:
+            results += rec.receive(100)
+        for seq in range(6):  # faster than one inference: they queue
+            assert pub.publish(header(seq), np.full((32, 32), 100, np.uint16))
+        deadline = time.time() + 20
+        while time.time() < deadline and not any(r.kind == "result" and r.seq == 5 for r in results):
+            results += rec.receive(100)
+        seqs = [r.seq for r in results if r.kind == "result"]
+        assert seqs[-1] == 5 and len(seqs) < 6
+    finally:
+        stop.set()
+        t.join(10)
+        pub.close()
+        rec.close()
+    assert out["frames"] == 6 and out["skipped"] == 6 - len(seqs)

@@ -34,7 +34,12 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                threshold: float = 0.5, stop: threading.Event | None = None,
                threads: int | None = None, counting_model: str | None = None,
                event_model: str | None = None) -> dict[str, int]:
-    """Serve until stopped; returns counts (frames, results, malformed).
+    """Serve until stopped; returns counts (frames, results, malformed, skipped).
+
+    When frames arrive faster than the models run, the worker takes the
+    newest waiting frame and skips the older ones (counted): a control loop
+    needs fresh results more than complete ones, and storage keeps every
+    frame for offline analysis anyway.
 
     The counting and event models look at a short causal window of frames:
     the worker keeps the last few frames it received and runs them when the
@@ -69,7 +74,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     push.setsockopt(zmq.SNDHWM, 64)
     push.setsockopt(zmq.LINGER, 500)
     push.connect(results_address)
-    counts = {"frames": 0, "results": 0, "malformed": 0}
+    counts = {"frames": 0, "results": 0, "malformed": 0, "skipped": 0}
 
     def send(result: Result) -> None:
         try:
@@ -86,14 +91,23 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         while not stop.is_set():
             if not poller.poll(200):
                 continue
-            parts = pull.recv_multipart(copy=False)
-            counts["frames"] += 1
-            try:
-                header, frame = decode_frame(parts)
-            except MalformedMessage as e:
-                counts["malformed"] += 1
-                log.warning("dropped malformed frame message (%d so far): %s", counts["malformed"], e)
+            newest = None
+            while True:  # every waiting message is checked; only the newest good frame is run
+                parts = pull.recv_multipart(copy=False)
+                counts["frames"] += 1
+                try:
+                    decoded = decode_frame(parts)
+                except MalformedMessage as e:
+                    counts["malformed"] += 1
+                    log.warning("dropped malformed frame message (%d so far): %s", counts["malformed"], e)
+                else:
+                    counts["skipped"] += newest is not None
+                    newest = decoded
+                if not poller.poll(0):
+                    break
+            if newest is None:
                 continue
+            header, frame = newest
             t0 = time.perf_counter()
             photons = frame_to_photons(frame, header.camera)
             if loaded is not None:
