@@ -405,9 +405,8 @@ def event_model_scorer(config: SmartscopeConfig, name: str = "events.onnx",
     """The shipped event model's per-frame score, computed as the worker computes it.
 
     Stateful: a causal window of the model's frames (photons); the score is the
-    event map's maximum, kept only where the previous frame's map also saw
-    something nearby when the card asks for `min_frames` > 1. None until the
-    window is full.
+    event map's maximum, kept only where the maps of the card's `min_frames` − 1
+    previous frames also saw something nearby. None until the window is full.
     """
     from collections import deque
 
@@ -417,16 +416,16 @@ def event_model_scorer(config: SmartscopeConfig, name: str = "events.onnx",
     model = shipped_model(name)
     camera = camera_of(config)
     window: deque[np.ndarray] = deque(maxlen=int(model.card["frames"]))
-    previous: list[np.ndarray] = []
+    previous: deque[np.ndarray] = deque(maxlen=max(int(model.card.get("min_frames", 1)) - 1, 0))
 
     def score(frame_adu: np.ndarray, truth: FrameTruth, rng: np.random.Generator) -> float | None:
         window.append(adu_to_photons(frame_adu, camera))
         if len(window) < window.maxlen:
             return None
         current = event_map(model, np.stack(window))
-        persist = model.card.get("min_frames", 1) > 1 and previous
-        value = persistent_score(current, previous[0] if persist else None)
-        previous[:] = [current]
+        value = persistent_score(current, list(previous) if len(previous) == previous.maxlen else [])
+        if previous.maxlen:
+            previous.append(current)
         return value
 
     return score

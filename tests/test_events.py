@@ -86,12 +86,13 @@ def _live_config(tmp_path):
     return path
 
 
-def test_persistent_score_needs_the_previous_frame_nearby():
+def test_persistent_score_needs_the_previous_frames_nearby():
     cur = np.zeros((32, 32), np.float32)
     cur[10, 10] = 0.9
     prev_near, prev_far = np.zeros_like(cur), np.zeros_like(cur)
     prev_near[12, 11] = 0.8
     prev_far[25, 25] = 0.8
-    assert persistent_score(cur, prev_near) == pytest.approx(0.8)
-    assert persistent_score(cur, prev_far) == 0.0
-    assert persistent_score(cur, None) == pytest.approx(0.9)
+    assert persistent_score(cur, [prev_near]) == pytest.approx(0.8)
+    assert persistent_score(cur, [prev_far]) == 0.0
+    assert persistent_score(cur, [prev_near, prev_far]) == 0.0  # seen in 3 frames: all must agree
+    assert persistent_score(cur, []) == pytest.approx(0.9)

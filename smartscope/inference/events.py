@@ -35,14 +35,16 @@ def detect_events(event_map: np.ndarray, threshold: float, min_distance_px: int 
     return score, np.column_stack([ix + 0.5, iy + 0.5, event_map[iy, ix]]).reshape(-1, 3)
 
 
-def persistent_score(current: np.ndarray, previous: np.ndarray | None, tol_px: float = MATCH_TOLERANCE_PX) -> float:
-    """The frame's event score, counting only what the previous frame's map also saw
-    nearby: the causal form of requiring an object in two frames (single-frame
-    flickers do not switch the frame rate). Without a previous map: the plain maximum."""
-    if previous is None:
-        return float(current.max())
+def persistent_score(current: np.ndarray, previous: list[np.ndarray], tol_px: float = MATCH_TOLERANCE_PX) -> float:
+    """The frame's event score, counting only what each of the previous frames' maps
+    also saw nearby: the causal form of requiring an object in 1 + len(previous)
+    frames (single-frame flickers do not switch the frame rate). With no previous
+    maps: the plain maximum."""
     size = 2 * int(np.ceil(tol_px)) + 1
-    return float(np.minimum(current, maximum_filter(previous, size=size)).max())
+    seen = current
+    for prev in previous:
+        seen = np.minimum(seen, maximum_filter(prev, size=size))
+    return float(seen.max())
 
 
 def event_map(model: LoadedModel, window: np.ndarray) -> np.ndarray:

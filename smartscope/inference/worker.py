@@ -59,7 +59,9 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         raise ValueError("the worker has no model to run (localization, counting or event model)")
     window = max([m.card["frames"] for m in (counter, eventer) if m is not None], default=1)
     history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
-    previous_map: tuple[int, np.ndarray | None] = (-2, None)  # (seq, event map) of the last scored frame
+    # event maps of the last frames (seq, map): the score needs an event seen in the card's min_frames frames
+    recent_maps: deque[tuple[int, np.ndarray]] = deque(maxlen=max(eventer.card.get("min_frames", 1) - 1, 0)
+                                                       if eventer else 0)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     name = "+".join(m.card["name"] for m in models)
     provider_used = models[0].provider
@@ -125,9 +127,11 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                     density = count / (photons.size * (header.camera.pixel_size_nm / 1000) ** 2)
                 if eventer is not None:
                     current = event_map(eventer, frames_window[-eventer.card["frames"]:])
-                    persist = eventer.card.get("min_frames", 1) > 1 and previous_map[0] == header.seq - 1
-                    score = persistent_score(current, previous_map[1] if persist else None)
-                    previous_map = (header.seq, current)
+                    # the maps of the immediately preceding frames this worker saw (fewer after skips)
+                    recent = [m for k, m in recent_maps if header.seq - k <= recent_maps.maxlen]
+                    score = persistent_score(current, recent)
+                    if recent_maps.maxlen:
+                        recent_maps.append((header.seq, current))
             infer_ms = (time.perf_counter() - t0) * 1000
             send(Result(seq=header.seq, t_capture_s=header.t_capture_s, t_done_s=time.time(),
                         worker_id=worker_id, provider=provider_used, model=name, infer_ms=infer_ms,
