@@ -570,7 +570,7 @@ class Daemon:
         run = self.run
         base = {"state": "idle" if run is None else run.state,
                 "provider": sorted({w["provider"] for w in self.workers.values()}),
-                "workers": self.workers, "hold": self.engine.hold_reason,
+                "workers": self.workers, "hold": self.engine.hold_reason, "engine": self.engine.status(),
                 "actuators": self.actuator.snapshot(), "latest": self.latest}
         if run is not None:
             base.update({"acquisition": run.id, **{k: v for k, v in self._summary(run).items()
