@@ -78,7 +78,7 @@ def test_stream_decimates_frames_and_carries_every_decision(live):
         first, rest = messages[0][1], [m for _, m in messages[1:]]
         assert first["state"] == "idle" and first["frame"] is None  # the state at connection
         sent_t = [m["t_s"] for m in rest]
-        gaps = [b - a for a, b in zip(sent_t, sent_t[1:])]
+        gaps = [b - a for a, b in zip(sent_t[:-1], sent_t[1:], strict=True)]
         assert min(gaps) >= 1 / rate - 0.01, (rate, min(gaps))  # the decimation bound, on the server clock
         duration = sent_t[-1] - sent_t[0]
         assert len(rest) <= rate * duration + 1

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import maximum_filter
 
-from smartscope.evaluation import match_frame
 from smartscope.inference.session import LoadedModel
 
 EVENT_FRAMES = 3

@@ -192,7 +192,7 @@ class SimulatedMicroscope:
     def _image_smlm(self, exposure_ms: float, period_s: float) -> tuple[np.ndarray, FrameTruth]:
         """Blink, bleach and drift through one frame period; the expected image and its truth."""
         cfg = self.config
-        pp, cam = cfg.photophysics, cfg.camera
+        pp = cfg.photophysics
         exposure_s = exposure_ms / 1000.0
         activation_mw = max(0.0, float(self.activation_mw))
         excitation_mw = max(0.0, float(self.excitation_mw))
@@ -231,27 +231,15 @@ class SimulatedMicroscope:
             & (pos[:, 1] >= 0)
             & (pos[:, 1] < self.field_nm[1])
         )
-        truth = FrameTruth(
-            frame=self.frame_index,
-            t_s=self.t_s,
+        truth = self._truth(
+            background, focus_offset_nm, exposure_ms, activation_mw, excitation_mw,
             id=lit[inside].astype(np.int64),
             x_nm=pos[inside, 0],
             y_nm=pos[inside, 1],
             z_nm=z_nm[inside],
             photons=photons[inside],
-            background_per_px=float(background),
-            focus_offset_nm=float(focus_offset_nm),
-            exposure_ms=float(exposure_ms),
             sigma_x_nm=sigma_x_nm[inside],
             sigma_y_nm=sigma_y_nm[inside],
-            pixel_size_nm=cam.pixel_size_nm,
-            qe=cam.qe,
-            em_excess=2.0 if cam.em_gain > 1 else 1.0,
-            activation_mw=activation_mw,
-            excitation_mw=excitation_mw,
-            stage_z_um=float(self.stage_z_um),
-            angle_deg=float(self.angle_deg),
-            fluorescence_remaining=1.0 - self.bleached_fraction,
         )
         return expected, truth
 
@@ -322,14 +310,20 @@ class SimulatedMicroscope:
             ))  # fmt: skip
 
         empty = np.empty(0)
-        truth = FrameTruth(
+        truth = self._truth(
+            background, focus_offset_nm, exposure_ms, activation_mw, excitation_mw,
+            id=np.empty(0, np.int64), x_nm=empty, y_nm=empty, z_nm=empty, photons=empty,
+            mode="live", events=events,
+        )
+        return expected, truth
+
+    def _truth(self, background: float, focus_offset_nm: float, exposure_ms: float, activation_mw: float,
+               excitation_mw: float, **specific) -> FrameTruth:
+        """This frame's truth: the conditions every mode records, plus the mode's own fields."""
+        cam = self.config.camera
+        return FrameTruth(
             frame=self.frame_index,
             t_s=self.t_s,
-            id=np.empty(0, np.int64),
-            x_nm=empty,
-            y_nm=empty,
-            z_nm=empty,
-            photons=empty,
             background_per_px=float(background),
             focus_offset_nm=float(focus_offset_nm),
             exposure_ms=float(exposure_ms),
@@ -340,11 +334,9 @@ class SimulatedMicroscope:
             excitation_mw=excitation_mw,
             stage_z_um=float(self.stage_z_um),
             angle_deg=float(self.angle_deg),
-            mode="live",
-            events=events,
             fluorescence_remaining=1.0 - self.bleached_fraction,
+            **specific,
         )
-        return expected, truth
 
     def render(
         self,
