@@ -263,12 +263,17 @@ class Daemon:
 
     def start_acquisition(self, out_dir: Path | None = None, n_frames: int | None = None, *,
                           exposure_ms: float | None = None, interval_ms: float | None = None,
-                          sequence: useq.MDASequence | None = None) -> AcquisitionRun:
+                          sequence: useq.MDASequence | None = None,
+                          policies: list[str] | None = None) -> AcquisitionRun:
         """Start one acquisition in the background; Busy if one is running.
 
         `sequence`: a useq time-lapse instead of n_frames/interval_ms (see
         `frames_from_sequence`); ValueError if it asks for more than that.
+        `policies`: the ones that run (the others are disabled), checked
+        before anything changes.
         """
+        if policies is not None and (unknown := sorted(set(policies) - set(self.engine.slots))):
+            raise ValueError(f"unknown policies {unknown}; configured: {sorted(self.engine.slots)}")
         if sequence is not None:
             if n_frames is not None or interval_ms is not None:
                 raise ValueError("give either a sequence or frames/interval_ms, not both")
@@ -294,6 +299,9 @@ class Daemon:
                                  interval_ms=initial.get("interval_ms", interval_ms),
                                  sequence=sequence.model_dump(mode="json", exclude_unset=True) if sequence else None,
                                  decisions_at_start=self.decisions.count)
+            if policies is not None:
+                for name in self.engine.slots:
+                    self.engine.set_enabled(name, name in policies)
             self.core.setExposure(exposure_ms)
             for name, value in initial.items():
                 self.actuator.write(name, value)
@@ -556,6 +564,7 @@ class Daemon:
             "provider": providers[0] if len(providers) == 1 else providers,
             "workers": len(self.workers),
             "actions": {name: self.engine.actions.get(name, 0) for name in self.engine.slots},
+            "policies_enabled": [name for name, slot in self.engine.slots.items() if slot.enabled],
             "decisions": self.decisions.count - run.decisions_at_start,
             "malformed_results": self.receiver.malformed,
             "policies": {name: {"enabled": slot.enabled, "params": slot.policy.params.model_dump()}

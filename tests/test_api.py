@@ -344,3 +344,17 @@ def test_tokens_never_logged(config, tmp_path):
     assert any("/status" in r for r in records) and any("/stream" in r for r in records)
     assert not any(TOKEN in r for r in records)
     assert any("token=***" in r for r in records)
+
+
+def test_acquisition_chooses_which_policies_run(api):
+    client, daemon = api
+    before = {n: s.enabled for n, s in daemon.engine.slots.items()}
+    r = client.post("/acquisitions", json={"frames": 5, "policies": ["focus", "nope"]}, headers=AUTH)
+    assert r.status_code == 422 and "nope" in r.text
+    assert {n: s.enabled for n, s in daemon.engine.slots.items()} == before and not daemon.runs
+    r = client.post("/acquisitions", json={"frames": 5, "policies": ["focus"]}, headers=AUTH)
+    assert r.status_code == 201
+    enabled = {p["name"]: p["enabled"] for p in client.get("/policies").json()}
+    assert enabled == {name: name == "focus" for name in before}
+    assert daemon.runs[r.json()["id"]].done.wait(30)
+    assert client.get(f"/acquisitions/{r.json()['id']}").json()["summary"]["policies_enabled"] == ["focus"]

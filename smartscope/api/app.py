@@ -215,7 +215,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
         try:
             run = daemon.start_acquisition(out_dir, body.frames,
                                            exposure_ms=body.exposure_ms, interval_ms=body.interval_ms,
-                                           sequence=body.sequence)
+                                           sequence=body.sequence, policies=body.policies)
         except Busy as e:
             raise HTTPException(status.HTTP_409_CONFLICT, {"message": str(e), "running": e.running_id}) from e
         except ValueError as e:

@@ -28,6 +28,10 @@ class StartAcquisition(BaseModel):
         "plan is supported: frames = its number of time points, interval = its interval; z, channels, "
         "positions, grids and autofocus are refused (422). Excludes `frames` and `interval_ms`.")
 
+    policies: list[str] | None = Field(
+        None, description="the policies that run in this acquisition (the others are disabled; the choice "
+        "stays until changed); default: leave the current enabled set", examples=[["illumination", "focus"]])
+
     @model_validator(mode="after")
     def _one_kind(self) -> StartAcquisition:
         if self.sequence is not None and (self.frames is not None or self.interval_ms is not None):
