@@ -24,6 +24,7 @@ VARIETY = {
     "photons_scale": (0.3, 3.0), "background_scale": (0.3, 3.0), "read_noise_e": (0.5, 3.0),
     "motion_nm_per_s": (0.0, 40.0), "drift_nm_per_s": (-30.0, 30.0), "focal_plane_um": (-0.3, 0.3),
     "interval_ms": (100.0, 1000.0), "excitation_mw": (5.0, 40.0), "fission_rate_per_um_per_s": (0.01, 0.06),
+    "length_density_um_per_um2": (0.3, 1.2),
 }
 
 
@@ -42,6 +43,7 @@ def random_microscope(rng: np.random.Generator, tile_px: int = TILE_PX) -> tuple
     live.motion_nm_per_s = rng.uniform(*v["motion_nm_per_s"])
     live.drift_x_nm_per_s, live.drift_y_nm_per_s = rng.uniform(*v["drift_nm_per_s"], size=2)
     live.fission_rate_per_um_per_s = rng.uniform(*v["fission_rate_per_um_per_s"])
+    live.length_density_um_per_um2 = rng.uniform(*v["length_density_um_per_um2"])
     cfg.focal_plane_um = rng.uniform(*v["focal_plane_um"])
     cfg = SimulationConfig.model_validate(cfg.model_dump())  # re-check the drawn values
     scope = SimulatedMicroscope(cfg, seed=int(rng.integers(2**31)), keep_truth=False)
