@@ -22,12 +22,7 @@ BENCHMARKS = ("transport", "latency", "simulation", "localization", "counting", 
 def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}")
-    try:
-        module = importlib.import_module(f"smartscope.bench.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"smartscope.bench.{name}":
-            raise ValueError(f"benchmark {name!r} is not implemented yet") from None
-        raise
+    module = importlib.import_module(f"smartscope.bench.{name}")
     t0 = time.time()
     results = module.run(quick=quick)
     report = {"benchmark": name, "quick": quick, "machine": {"python": platform.python_version(),
