@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -43,6 +44,30 @@ def test_publisher_drops_without_workers_and_never_blocks():
     pub.close()
 
 
+@contextlib.contextmanager
+def worker_thread(pub: FramePublisher, rec: ResultReceiver):
+    """A real worker (shipped ONNX model) in a thread; yields its counts dict (filled when it stops)
+    and the results received so far, once it has said hello."""
+    stop = threading.Event()
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(run_worker(pub.endpoint, rec.endpoint, model="localization.onnx",
+                                                              stop=stop, threads=1)))
+    t.start()
+    results: list = []
+    try:
+        receive_until(rec, results, lambda r: r.kind == "hello")
+        yield out, results
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def receive_until(rec: ResultReceiver, results: list, done, timeout_s: float = 20.0) -> None:
+    deadline = time.time() + timeout_s
+    while not any(done(r) for r in results) and time.time() < deadline:
+        results += rec.receive(100)
+
+
 def test_worker_survives_malformed_messages(tmp_path):
     """A real worker (real ONNX model) counts bad messages and keeps serving."""
     pub = FramePublisher("tcp://127.0.0.1:*", hwm=16)
@@ -50,29 +75,17 @@ def test_worker_survives_malformed_messages(tmp_path):
     raw = zmq.Context.instance().socket(zmq.PUSH)
     raw.connect(rec.endpoint)
     raw.send(b"garbage result")
-    stop = threading.Event()
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.update(run_worker(pub.endpoint, rec.endpoint,
-                                                              model="localization.onnx", stop=stop, threads=1)))
-    t.start()
     try:
-        results = []
-        deadline = time.time() + 20
-        while not any(r.kind == "hello" for r in results) and time.time() < deadline:
-            results += rec.receive(100)
-        # malformed frames sent through the real publisher socket
-        pub._socket.send_multipart([b"{bad header", b"123"])
-        pub._socket.send_multipart([b"only one part"])
-        assert pub.publish(header(5), np.full((32, 32), 100, np.uint16))
-        deadline = time.time() + 20
-        while not any(r.kind == "result" for r in results) and time.time() < deadline:
-            results += rec.receive(100)
-        (res,) = [r for r in results if r.kind == "result"]
-        assert res.seq == 5 and res.n_emitters == 0 and res.malformed_frames == 2
-        assert rec.malformed == 1
+        with worker_thread(pub, rec) as (out, results):
+            # malformed frames sent through the real publisher socket
+            pub._socket.send_multipart([b"{bad header", b"123"])
+            pub._socket.send_multipart([b"only one part"])
+            assert pub.publish(header(5), np.full((32, 32), 100, np.uint16))
+            receive_until(rec, results, lambda r: r.kind == "result")
+            (res,) = [r for r in results if r.kind == "result"]
+            assert res.seq == 5 and res.n_emitters == 0 and res.malformed_frames == 2
+            assert rec.malformed == 1
     finally:
-        stop.set()
-        t.join(10)
         raw.close()
         pub.close()
         rec.close()
@@ -83,26 +96,14 @@ def test_worker_runs_the_newest_frame_and_counts_the_skipped():
     """A burst of frames waiting at once: one result, for the newest; the rest counted as skipped."""
     pub = FramePublisher("tcp://127.0.0.1:*", hwm=100)
     rec = ResultReceiver("tcp://127.0.0.1:*")
-    stop = threading.Event()
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.update(run_worker(pub.endpoint, rec.endpoint, model="localization.onnx",
-                                                              stop=stop, threads=1)))
-    t.start()
     try:
-        results = []
-        deadline = time.time() + 20
-        while not any(r.kind == "hello" for r in results) and time.time() < deadline:
-            results += rec.receive(100)
-        for seq in range(6):  # faster than one inference: they queue
-            assert pub.publish(header(seq), np.full((32, 32), 100, np.uint16))
-        deadline = time.time() + 20
-        while time.time() < deadline and not any(r.kind == "result" and r.seq == 5 for r in results):
-            results += rec.receive(100)
-        seqs = [r.seq for r in results if r.kind == "result"]
-        assert seqs[-1] == 5 and len(seqs) < 6
+        with worker_thread(pub, rec) as (out, results):
+            for seq in range(6):  # faster than one inference: they queue
+                assert pub.publish(header(seq), np.full((32, 32), 100, np.uint16))
+            receive_until(rec, results, lambda r: r.kind == "result" and r.seq == 5)
+            seqs = [r.seq for r in results if r.kind == "result"]
+            assert seqs[-1] == 5 and len(seqs) < 6
     finally:
-        stop.set()
-        t.join(10)
         pub.close()
         rec.close()
     assert out["frames"] == 6 and out["skipped"] == 6 - len(seqs)

@@ -233,18 +233,17 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     @writes.post("/acquisitions/current/pause", tags=["acquisitions"], response_model=AcquisitionInfo)
     def pause() -> AcquisitionInfo:
         """Stop the camera (no frame lost) and set the lasers to their safe value until resumed."""
-        try:
-            return _info(daemon.pause_acquisition())
-        except LookupError as e:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
-        except WrongState as e:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+        return _change_state(daemon.pause_acquisition)
 
     @writes.post("/acquisitions/current/resume", tags=["acquisitions"], response_model=AcquisitionInfo)
     def resume() -> AcquisitionInfo:
         """Lasers back to their values before the pause, camera restarted for the remaining frames."""
+        return _change_state(daemon.resume_acquisition)
+
+    def _change_state(change) -> AcquisitionInfo:
+        """Pause or resume: no acquisition → 404, not in a state that allows it → 409."""
         try:
-            return _info(daemon.resume_acquisition())
+            return _info(change())
         except LookupError as e:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
         except WrongState as e:
