@@ -173,6 +173,17 @@ def _with_host(address: str, host: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def _shape_px(text: str) -> tuple[int, int]:
+    """'256x256' → (256, 256)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 256x256, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"frame size must be positive, got {text!r}")
+    return h, w
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from smartscope.inference.session import ModelError
     from smartscope.inference.worker import run_worker
@@ -188,7 +199,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             provider=args.provider or inf.provider,
                             threshold=args.threshold or inf.detection_threshold,
                             counting_model=args.counting_model or inf.counting_model,
-                            event_model=args.event_model or inf.event_model)
+                            event_model=args.event_model or inf.event_model,
+                            threads=args.threads or inf.threads_per_worker,
+                            max_batch=args.max_batch or inf.max_batch, warmup_shape=args.warmup)
     except (ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     log.info("worker done: %s", counts)
@@ -298,11 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames-address", default=None)
     p.add_argument("--results-address", default=None)
     p.add_argument("--model", default=None)
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default=None)
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--counting-model", default=None, help="also count emitters with this model")
     p.add_argument("--event-model", default=None, help="also score events with this model")
     p.add_argument("--no-localization", action="store_true", help="run no localization model (live imaging)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="frames run at once when behind (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--warmup", type=_shape_px, default=None, metavar="HxW",
+                   help="run the models once on a frame of this size at start")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("simulate", help="write a simulated stack and its ground truth")
@@ -329,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
     p.add_argument("--model", default="localization.onnx")
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("events", help="score a live-imaging stack for fission events (CSV)")
@@ -338,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
     p.add_argument("--model", default="events.onnx")
     p.add_argument("--threshold", type=float, default=None, help="default: the model card's")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     p.set_defaults(func=cmd_events)
 
     from smartscope.bench import BENCHMARKS

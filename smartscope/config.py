@@ -140,13 +140,26 @@ class TransportConfig(_Strict):
     send_hwm: int = Field(
         16, ge=1, description="frames queued for workers before new ones are dropped"
     )
+    shared_memory: Literal["auto", "on", "off"] = Field(
+        "auto", description="pixels through a shared-memory ring, headers through ZeroMQ (workers on this host "
+        "only); auto: on when frames_address is ipc:// or loopback tcp, where no remote worker can connect"
+    )
+    ring_slots: int = Field(16, ge=2, description="frames the shared-memory ring lends to workers at once")
+
+    def ring_enabled(self) -> bool:
+        if self.shared_memory != "auto":
+            return self.shared_memory == "on"
+        address = self.frames_address
+        return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]"))
 
 
 class InferenceConfig(_Strict):
     model: str | None = Field(
         "localization.onnx", description="localization model: path, or name in models/; null: none (live imaging)"
     )
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    provider: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto", description="auto: CUDA when onnxruntime-gpu finds a GPU, else CPU; tensorrt only when asked"
+    )
     detection_threshold: float = Field(0.5, gt=0, lt=1)
     counting_model: str | None = Field(
         None, description="emitter-counting model (e.g. counting.onnx): per-frame density for the illumination policy"
@@ -155,6 +168,12 @@ class InferenceConfig(_Strict):
         None, description="event-detection model (e.g. events.onnx): per-frame event score for the frame-rate policy"
     )
     workers: int = Field(1, ge=0, description="worker processes the daemon starts")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads in each worker the daemon starts (default: cores / workers)"
+    )
+    max_batch: int | None = Field(
+        None, ge=1, description="frames a worker that is behind runs at once (default: 1 on CPU, 8 on GPU)"
+    )
 
 
 class PolicySpec(_Strict):

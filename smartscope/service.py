@@ -17,6 +17,7 @@ import bisect
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -40,6 +41,7 @@ from smartscope.control.policy import Observation
 from smartscope.control.safety import SafetyEnvelope
 from smartscope.hardware import build_core
 from smartscope.inference.session import check_fits_frames, read_card
+from smartscope.inference.worker import HEARTBEAT_S
 from smartscope.storage import FrameWriter, LocalizationWriter
 from smartscope.transport.protocol import CameraParams, Result
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
@@ -119,6 +121,19 @@ def frames_from_sequence(sequence: useq.MDASequence) -> tuple[int, float]:
 
 
 LATENCY_WINDOW = 1_000_000  # frames whose latency the summary's percentiles cover
+#: where a frame's capture → result latency goes (per-stage percentiles in the summary):
+#: queue: capture → handed to ZeroMQ (storage hand-off, header); transfer: → taken off the socket by a
+#: worker (socket queues included); pre / inference / post: the worker's own; return: → the daemon has it.
+#: transfer and return compare two hosts' clocks when the worker runs elsewhere.
+LATENCY_STAGES = ("queue", "transfer", "pre", "inference", "post", "return")
+STAGE_WINDOW = 100_000
+
+
+def _percentiles(values) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}
 
 
 @dataclass
@@ -132,9 +147,12 @@ class AcquisitionRun:
     sequence: dict[str, Any] | None = None  # the MDASequence it was started with (JSON)
     counts: LoopCounts = field(default_factory=LoopCounts)
     inferred: int = 0
+    skipped: int = 0  # frames workers conflated away (reported by sequence number)
     localizations: int = 0
     # capture → result latency of the most recent frames (bounded: a run may last days)
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    stages_ms: dict[str, deque[float]] = field(
+        default_factory=lambda: {s: deque(maxlen=STAGE_WINDOW) for s in LATENCY_STAGES})
     decisions_at_start: int = 0
     started_s: float = field(default_factory=time.time)
     finished_s: float | None = None
@@ -156,10 +174,7 @@ class AcquisitionRun:
     report_error: str | None = None
 
     def latency_percentiles(self) -> dict[str, float | None]:
-        if not self.latencies_ms:
-            return {"p50": None, "p99": None}
-        p50, p99 = np.percentile(self.latencies_ms, [50, 99])
-        return {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}
+        return _percentiles(self.latencies_ms)
 
 
 def camera_params(config: SmartscopeConfig, core) -> CameraParams:
@@ -211,7 +226,10 @@ class Daemon:
         self.engine = PolicyEngine(build_policies(config.policies), self.envelope, self.actuator,
                                    self.decisions, config.safety.stale_after_s)
         t = config.transport
-        self.publisher = FramePublisher(_bind_address(t.frames_address), t.send_hwm)
+        self.frame_shape = shape
+        self.publisher = FramePublisher(_bind_address(t.frames_address), t.send_hwm,
+                                        ring_slots=t.ring_slots if t.ring_enabled() else 0,
+                                        ring_slot_bytes=shape[0] * shape[1] * self.core.getBytesPerPixel())
         self.receiver = ResultReceiver(_bind_address(t.results_address))
         self.frames_address = self.publisher.endpoint
         self.results_address = self.receiver.endpoint
@@ -236,10 +254,14 @@ class Daemon:
     def spawn_workers(self, n: int | None = None) -> None:
         n = self.config.inference.workers if n is None else n
         inf = self.config.inference
+        threads = inf.threads_per_worker or max(1, (os.cpu_count() or 1) // max(n, 1))
         for _ in range(n):
             cmd = [sys.executable, "-m", "smartscope", "worker", "--frames-address", self.frames_address,
-                   "--results-address", self.results_address,
+                   "--results-address", self.results_address, "--threads", str(threads),
+                   "--warmup", "x".join(map(str, self.frame_shape)),
                    "--provider", inf.provider, "--threshold", str(inf.detection_threshold)]
+            if inf.max_batch:
+                cmd += ["--max-batch", str(inf.max_batch)]
             for flag, path in self.models.items():
                 cmd += [flag, str(path)]
             if "--model" not in self.models:
@@ -248,9 +270,9 @@ class Daemon:
 
     def wait_for_workers(self, n: int, timeout_s: float = 60.0) -> None:
         deadline = time.time() + timeout_s
-        while len(self.workers) < n:
+        while (active := sum(w["state"] == "active" for w in self.worker_status().values())) < n:
             if time.time() > deadline:
-                raise TimeoutError(f"{len(self.workers)}/{n} inference workers said hello in {timeout_s}s")
+                raise TimeoutError(f"{active}/{n} inference workers said hello in {timeout_s}s")
             if any(p.poll() is not None for p in self._procs):
                 raise RuntimeError("an inference worker exited at start (see its log above)")
             time.sleep(0.05)
@@ -339,7 +361,7 @@ class Daemon:
     def _drain(self, run: AcquisitionRun, timeout_s: float = 3.0) -> None:
         """Give in-flight inference results a moment to arrive before closing."""
         deadline = time.time() + timeout_s
-        while run.inferred < run.counts.published and time.time() < deadline and self.workers:
+        while run.inferred + run.skipped < run.counts.published and time.time() < deadline and self.workers:
             time.sleep(0.02)
 
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
@@ -483,13 +505,33 @@ class Daemon:
                 if self.decisions.count != before:
                     self._notify()
 
+    def _track_worker(self, r: Result, now: float) -> None:
+        """Every message updates its worker's entry: what it runs, its counters, when it was last heard."""
+        w = self.workers.setdefault(r.worker_id, {"host": r.host, "first_seen_s": now, "results": 0})
+        w.update(provider=r.provider, model=r.model, threads=r.threads, max_batch=r.max_batch, last_seen_s=now,
+                 frames_received=r.frames_received, frames_skipped=r.frames_skipped, malformed_frames=r.malformed,
+                 said_bye=r.kind == "bye")
+        w["results"] += r.kind == "result"
+
+    def worker_status(self) -> dict[str, dict[str, Any]]:
+        """Each worker heard from, with its state: active, silent (no message for 3 heartbeats) or gone (bye)."""
+        now = time.time()
+        out = {}
+        for worker_id, w in list(self.workers.items()):
+            state = "gone" if w["said_bye"] else "silent" if now - w["last_seen_s"] > 3 * HEARTBEAT_S else "active"
+            out[worker_id] = {**w, "state": state}
+        return out
+
     def _on_result(self, r: Result) -> None:
-        self.workers[r.worker_id] = {"provider": r.provider, "model": r.model, "last_seen_s": time.time(),
-                                     "malformed_frames": r.malformed_frames}
+        now = time.time()
+        self._track_worker(r, now)
+        if r.released:
+            self.publisher.release(r.released)
         run = self.run
+        if r.skipped_seqs and run is not None and not run.files_closed:
+            run.skipped += len(r.skipped_seqs)
         if r.kind != "result" or run is None or r.header is None or r.header.acquisition != run.id:
             return
-        now = time.time()
         locs = np.asarray(r.localizations, dtype=float).reshape(-1, 6)
         focus_nm = float(np.median(locs[:, 2])) if len(locs) else None
         latency_ms = (now - r.t_capture_s) * 1000
@@ -500,6 +542,12 @@ class Daemon:
             run.inferred += 1
             run.localizations += len(locs)
             run.latencies_ms.append(latency_ms)
+            if r.stages is not None and r.header.t_sent_s is not None:
+                st = r.stages
+                for name, value_ms in zip(LATENCY_STAGES, (
+                        (r.header.t_sent_s - r.t_capture_s) * 1000, (st.t_received_s - r.header.t_sent_s) * 1000,
+                        st.pre_ms, st.infer_ms, st.post_ms, (now - r.t_done_s) * 1000), strict=True):
+                    run.stages_ms[name].append(value_ms)
             run.locs.write(r.seq, locs, r.background_photons)
             run.inference_csv.writerow([
                 r.seq, f"{r.t_capture_s:.6f}", f"{now:.6f}", f"{latency_ms:.3f}", r.n_emitters,
@@ -541,7 +589,11 @@ class Daemon:
 
     def _summary(self, run: AcquisitionRun) -> dict[str, Any]:
         duration = (run.finished_s or time.time()) - run.started_s
-        providers = sorted({w["provider"] for w in self.workers.values()})
+        workers = self.worker_status()
+        providers = sorted({w["provider"] for w in workers.values()})
+        malformed_frames: Counter[str] = Counter()
+        for w in workers.values():
+            malformed_frames.update(w["malformed_frames"])
         return {
             "acquisition": run.id,
             "state": run.state,
@@ -557,16 +609,21 @@ class Daemon:
             "frames_inferred": run.inferred,
             "frames_dropped_inference": run.counts.acquired - run.inferred,
             "frames_not_sent": run.counts.dropped_inference,
+            "frames_skipped_by_workers": run.skipped,
+            "frames_lost": max(0, run.counts.published - run.inferred - run.skipped),
             "localizations": run.localizations,
             "latency_ms": run.latency_percentiles(),
+            "latency_stages_ms": {name: _percentiles(v) for name, v in run.stages_ms.items()},
             "duration_s": round(duration, 3),
             "inference_rate_hz": round(run.inferred / duration, 2) if duration > 0 else None,
             "provider": providers[0] if len(providers) == 1 else providers,
-            "workers": len(self.workers),
+            "workers": sum(w["state"] == "active" for w in workers.values()),
             "actions": {name: self.engine.actions.get(name, 0) for name in self.engine.slots},
             "policies_enabled": [name for name, slot in self.engine.slots.items() if slot.enabled],
             "decisions": self.decisions.count - run.decisions_at_start,
-            "malformed_results": self.receiver.malformed,
+            "malformed_frames": dict(malformed_frames),
+            "malformed_results": dict(self.receiver.malformed),
+            "frame_ring": self.publisher.ring.stats() if self.publisher.ring else None,
             "policies": {name: {"enabled": slot.enabled, "params": slot.policy.params.model_dump()}
                          for name, slot in self.engine.slots.items()},
             "files": {k: str(run.out_dir / f) for k, f in (
@@ -577,9 +634,10 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         run = self.run
+        workers = self.worker_status()
         base = {"state": "idle" if run is None else run.state,
-                "provider": sorted({w["provider"] for w in self.workers.values()}),
-                "workers": self.workers, "hold": self.engine.hold_reason, "engine": self.engine.status(),
+                "provider": sorted({w["provider"] for w in workers.values() if w["state"] == "active"}),
+                "workers": workers, "hold": self.engine.hold_reason, "engine": self.engine.status(),
                 "actuators": self.actuator.snapshot(), "latest": self.latest}
         if run is not None:
             base.update({"acquisition": run.id, **{k: v for k, v in self._summary(run).items()

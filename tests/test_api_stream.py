@@ -113,7 +113,8 @@ def test_latest_result_and_metrics_after_a_run(live):
     runs = list(daemon.runs.values())
     assert m[("smartscope_frames_inferred_total", ())] == sum(r.inferred for r in runs)
     assert m[("smartscope_inference_latency_seconds_count", ())] == sum(r.inferred for r in runs)
-    assert m[("smartscope_workers", (("provider", "CPUExecutionProvider"),))] == 1
+    assert m[("smartscope_workers", (("provider", "CPUExecutionProvider"), ("state", "active")))] == 1
+    assert sum(v for (name, _), v in m.items() if name == "smartscope_malformed_frames_total") == 0
     policy_moves = sum(v for (name, labels), v in m.items()
                        if name == "smartscope_actuator_moves_total" and ("source", "policy") in labels)
     assert policy_moves == sum(sum(r.summary["actions"].values()) for r in runs) > 0

@@ -114,3 +114,33 @@ def test_real_micromanager_demo_adapters_through_the_same_loop(tmp_path):
         assert s["frames_inferred"] >= 1
         stack = tifffile.imread(tmp_path / "mm" / "frames.ome.tif")
         assert stack.shape[0] == 20 and stack.shape[1:] == (daemon.core.getImageHeight(), daemon.core.getImageWidth())
+
+
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+def test_two_workers_share_the_stream_and_every_frame_is_accounted_for(config, tmp_path, shared_memory):
+    """A pool of two worker processes: both announce themselves, both serve; each published frame
+    has a result or was skipped (by number) by a worker that was behind; none is lost."""
+    config.transport.shared_memory = shared_memory
+    config.policies = []
+    with running_daemon(config, workers=2) as daemon:
+        workers = daemon.status()["workers"]
+        assert len(workers) == 2 and {w["state"] for w in workers.values()} == {"active"}
+        assert all(w["threads"] >= 1 and w["host"] and w["provider"] == "CPUExecutionProvider"
+                   for w in workers.values())
+        run = daemon.start_acquisition(tmp_path, 120)
+        assert run.done.wait(60)
+        s = run.summary
+        assert s["frames_saved"] == 120 and s["workers"] == 2
+        assert s["frames_inferred"] + s["frames_skipped_by_workers"] + s["frames_lost"] == s["frames_published"]
+        assert s["frames_lost"] == 0 and s["frames_inferred"] >= 60
+        assert all(daemon.status()["workers"][w]["results"] > 0 for w in workers)
+        assert set(s["latency_stages_ms"]) == {"queue", "transfer", "pre", "inference", "post", "return"}
+        assert all(v["p50"] is not None and v["p50"] >= 0 for v in s["latency_stages_ms"].values())
+        assert s["latency_stages_ms"]["inference"]["p50"] < s["latency_ms"]["p99"]
+        if shared_memory == "on":
+            assert s["frame_ring"]["written"] == s["frames_published"] and s["frame_ring"]["lent"] == 0
+        else:
+            assert s["frame_ring"] is None
+        assert s["malformed_frames"] == {} and s["malformed_results"] == {}
+        procs = list(daemon._procs)
+    assert all(p.poll() is not None for p in procs)

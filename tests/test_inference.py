@@ -60,3 +60,35 @@ def test_nan_and_saturated_pixels_invent_nothing(model):
     assert len(locs) == 0
     sat = np.full((32, 32), 65535, np.uint16)  # a fully saturated frame is flat: nothing to find
     assert len(localize_frame(model, sat, PARAMS, threshold=0.5)[0]) == 0
+
+
+def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
+    """The worker's batched path (several frames, one ONNX call) equals one frame at a time."""
+    from collections import deque
+
+    from smartscope.inference.localization import frame_to_photons
+    from smartscope.inference.worker import _Frame, _infer
+    from smartscope.transport import FrameHeader
+
+    rng = np.random.default_rng(5)
+    emitters = [np.column_stack([rng.uniform(800, 5600, (6, 2)), rng.uniform(-300, 300, 6), np.full(6, 2000.0)])
+                for _ in range(3)]
+    frames_adu, _ = simulate_tiles(rng, 3, 64, OpticsConfig(), CAM, emitters=emitters,
+                                   background=np.full(3, 20.0), as_adu=True)
+    batch = [_Frame(FrameHeader(seq=i, t_capture_s=0.0, shape=f.shape, dtype="uint16", exposure_ms=10,
+                                camera=PARAMS), frame_to_photons(f, PARAMS), 0.0, 0.1)
+             for i, f in enumerate(frames_adu)]
+    together = _infer(batch, model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), 1)
+    alone = [_infer([f], model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), 1)[0] for f in batch]
+    assert model.batches and [r["stages"].batch for r in together] == [3, 3, 3]
+    assert [r["seq"] for r in together] == [0, 1, 2]
+    for a, b in zip(together, alone, strict=True):
+        assert a["n_emitters"] == b["n_emitters"] >= 4
+        np.testing.assert_allclose(np.array(a["localizations"]), np.array(b["localizations"]), atol=1e-3)
+
+
+def test_warm_up_runs_at_the_frame_size_given(model):
+    model.warm_up((61, 47))  # padded to the stride inside; must not raise
+    counting = load_model("counting.onnx", "cpu")
+    counting.warm_up((61, 47))
+    assert not counting.batches and model.batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 
@@ -12,6 +13,8 @@ import zmq
 
 from smartscope.inference.worker import run_worker
 from smartscope.transport import CameraParams, FrameHeader, MalformedMessage, decode_frame, encode_frame
+from smartscope.transport.protocol import RingRef
+from smartscope.transport.ring import FrameRing, RingReader
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
 CAM = CameraParams(pixel_size_nm=100, offset_adu=100, e_per_adu=0.5, qe=0.8)
@@ -29,10 +32,27 @@ def test_roundtrip_keeps_pixels_and_state():
     np.testing.assert_array_equal(f, frame)
 
 
-@pytest.mark.parametrize("parts", [[b"{}"], [b"not json", b"x"], [header().model_dump_json().encode(), b"short"]])
-def test_malformed_frames_raise_malformed(parts):
-    with pytest.raises(MalformedMessage):
+def _json(**changes) -> bytes:
+    return json.dumps({**header().model_dump(mode="json"), **changes}).encode()
+
+
+@pytest.mark.parametrize(("parts", "reason"), [
+    ([b"not json", b"x"], "json"),
+    ([b"{}", b"x"], "version"),
+    ([_json(v=1), b"x"], "version"),
+    ([_json(shape=[32]), b"x"], "header"),
+    ([_json(dtype="int7"), b"x"], "header"),
+    ([_json(), b"short"], "size"),
+    ([_json(), np.zeros((32, 33), np.uint16).tobytes()], "size"),
+    ([_json()], "parts"),
+    ([_json(), b"x", b"y"], "parts"),
+    ([], "parts"),
+    ([_json(ring={"name": "r", "slot": 0, "gen": 1}), b"x"], "parts"),
+])
+def test_malformed_frames_are_named_by_reason(parts, reason):
+    with pytest.raises(MalformedMessage) as e:
         decode_frame(parts)
+    assert e.value.reason == reason
 
 
 def test_publisher_drops_without_workers_and_never_blocks():
@@ -79,17 +99,20 @@ def test_worker_survives_malformed_messages(tmp_path):
         with worker_thread(pub, rec) as (out, results):
             # malformed frames sent through the real publisher socket
             pub._socket.send_multipart([b"{bad header", b"123"])
-            pub._socket.send_multipart([b"only one part"])
+            pub._socket.send_multipart([_json()])
+            pub._socket.send_multipart([_json(v=1), np.zeros((32, 32), np.uint16)])
             assert pub.publish(header(5), np.full((32, 32), 100, np.uint16))
             receive_until(rec, results, lambda r: r.kind == "result")
             (res,) = [r for r in results if r.kind == "result"]
-            assert res.seq == 5 and res.n_emitters == 0 and res.malformed_frames == 2
-            assert rec.malformed == 1
+            assert res.seq == 5 and res.n_emitters == 0
+            assert res.malformed == {"json": 1, "parts": 1, "version": 1}
+            assert rec.malformed == {"result": 1}
     finally:
         raw.close()
         pub.close()
         rec.close()
-    assert out["malformed"] == 2 and out["frames"] == 3
+    assert out["malformed"] == 3 and out["frames"] == 4
+    assert out["malformed_json"] == out["malformed_parts"] == out["malformed_version"] == 1
 
 
 def test_worker_runs_the_newest_frame_and_counts_the_skipped():
@@ -102,8 +125,75 @@ def test_worker_runs_the_newest_frame_and_counts_the_skipped():
                 assert pub.publish(header(seq), np.full((32, 32), 100, np.uint16))
             receive_until(rec, results, lambda r: r.kind == "result" and r.seq == 5)
             seqs = [r.seq for r in results if r.kind == "result"]
+            skipped = [s for r in results for s in r.skipped_seqs]
             assert seqs[-1] == 5 and len(seqs) < 6
+            assert sorted(seqs + skipped) == list(range(6))  # every frame accounted for, by number
+            assert results[0].kind == "hello" and results[0].threads == 1 and results[0].max_batch == 1
+        receive_until(rec, results, lambda r: r.kind == "bye")  # the worker stopped: it says so
+        assert results[-1].kind == "bye" and results[-1].frames_received == 6
     finally:
         pub.close()
         rec.close()
     assert out["frames"] == 6 and out["skipped"] == 6 - len(seqs)
+
+
+def test_frame_ring_lends_each_slot_once_and_reclaims_only_abandoned_ones():
+    ring = FrameRing(slots=2, slot_bytes=32 * 32 * 2, reclaim_after_s=60)
+    reader = RingReader()
+    try:
+        frames = [np.full((32, 32), v, np.uint16) for v in (1, 2, 3)]
+        a, b = ring.put(frames[0]), ring.put(frames[1])
+        assert ring.put(frames[2]) is None and ring.full == 1  # both lent: the frame skips inference
+        np.testing.assert_array_equal(reader.view(a, (32, 32), "uint16"), frames[0])
+        ring.release(a.slot, a.gen)
+        c = ring.put(frames[2])
+        assert c.slot == a.slot and c.gen == a.gen + 1
+        assert not reader.current(a) and reader.current(c)  # a late reader of `a` would notice
+        ring.release(a.slot, a.gen)  # a release of an old generation frees nothing
+        assert ring.stale_releases == 1 and ring.lent == 2
+        ring.reclaim_after_s = 0  # both holders presumed dead
+        d = ring.put(frames[0])
+        assert ring.reclaimed == 2 and d is not None and not reader.current(b if d.slot == b.slot else c)
+        with pytest.raises(ValueError, match="does not fit"):
+            ring.put(np.zeros((64, 64), np.uint16))
+        with pytest.raises(MalformedMessage) as e:
+            reader.view(RingRef(name=ring.name, slot=5, gen=1), (32, 32), "uint16")
+        assert e.value.reason == "ring"
+    finally:
+        reader.close()
+        ring.close()
+    with pytest.raises(MalformedMessage, match="another host"):
+        RingReader().view(a, (32, 32), "uint16")  # the block is gone (as seen from another host)
+
+
+def test_worker_reads_ring_frames_in_place_and_gives_every_slot_back():
+    """Same frame inline and through the ring: identical localizations; no slot stays lent."""
+    from smartscope.simulation import SimulatedMicroscope, SimulationConfig
+
+    scope = SimulatedMicroscope(SimulationConfig.model_validate({"camera": {"width_px": 64, "height_px": 64}}), seed=3)
+    scope.activation_mw, scope.excitation_mw = 30.0, 50.0
+    frame, truth = scope.snap(exposure_ms=20)
+    assert len(truth.x_nm) >= 3
+    inline = FramePublisher("tcp://127.0.0.1:*", hwm=16)
+    ringed = FramePublisher("tcp://127.0.0.1:*", hwm=16, ring_slots=4, ring_slot_bytes=frame.nbytes)
+    rec = ResultReceiver("tcp://127.0.0.1:*")
+    found = {}
+    try:
+        for name, pub in (("inline", inline), ("ring", ringed)):
+            with worker_thread(pub, rec) as (_, results):
+                for seq in range(3):
+                    assert pub.publish(header(seq, frame.shape), frame)
+                    receive_until(rec, results, lambda r, s=seq: r.kind == "result" and r.seq == s)
+                for r in results:
+                    pub.release(r.released)
+                found[name] = [r for r in results if r.kind == "result"]
+        assert [r.header.ring is not None for r in found["ring"]] == [True] * 3
+        assert ringed.ring.written == 3 and ringed.ring.lent == 0 and inline.ring is None
+        assert len(found["ring"][0].localizations) >= 3
+        assert found["ring"][0].localizations == found["inline"][0].localizations
+        st = found["ring"][-1].stages
+        assert st.batch == 1 and st.infer_ms > 0 and st.t_received_s >= found["ring"][-1].header.t_sent_s - 1e-3
+    finally:
+        inline.close()
+        ringed.close()
+        rec.close()

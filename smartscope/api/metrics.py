@@ -8,6 +8,7 @@ Counters run since the daemon started (they never go down).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,7 +37,8 @@ class DaemonCollector:
              "(still saved)", sum(r.counts.dropped_inference for r in runs)),
             ("localizations", "localizations written", sum(r.localizations for r in runs)),
             ("decisions", "policy engine decisions logged", d.decisions.count),
-            ("malformed_results", "result messages from workers that did not decode", d.receiver.malformed),
+            ("malformed_results", "result messages from workers that did not decode",
+             sum(d.receiver.malformed.values())),
             ("acquisitions", "acquisitions started", len(runs)),
         ):
             yield CounterMetricFamily(f"smartscope_{name}", doc, value=value)
@@ -53,14 +55,21 @@ class DaemonCollector:
             moves.add_metric([actuator, source], n)
         yield moves
 
-        workers = GaugeMetricFamily("smartscope_workers", "inference workers seen, by execution provider",
-                                    labels=["provider"])
-        by_provider: dict[str, int] = {}
-        for w in list(d.workers.values()):
-            by_provider[w["provider"]] = by_provider.get(w["provider"], 0) + 1
-        for provider, n in sorted(by_provider.items()):
-            workers.add_metric([provider], n)
+        workers = GaugeMetricFamily("smartscope_workers", "inference workers, by execution provider and state "
+                                    "(active, silent, gone)", labels=["provider", "state"])
+        by_provider: Counter[tuple[str, str]] = Counter()
+        malformed: Counter[str] = Counter()
+        for w in d.worker_status().values():
+            by_provider[(w["provider"], w["state"])] += 1
+            malformed.update(w["malformed_frames"])
+        for (provider, worker_state), n in sorted(by_provider.items()):
+            workers.add_metric([provider, worker_state], n)
         yield workers
+        bad = CounterMetricFamily("smartscope_malformed_frames", "frame messages workers dropped, by reason",
+                                  labels=["reason"])
+        for reason, n in sorted(malformed.items()):
+            bad.add_metric([reason], n)
+        yield bad
 
         run = d.run
         state = run.state if run is not None else "idle"

@@ -87,15 +87,21 @@ def frame_to_photons(frame_adu: np.ndarray, camera: Any) -> np.ndarray:
 
 def localize_photons(model: LoadedModel, photons: np.ndarray, camera: Any, *, threshold: float,
                      refine: bool = True) -> tuple[np.ndarray, float]:
-    """Photons (H, W) → (localizations, background photons/px).
+    """Photons (H, W) → (localizations, background photons/px)."""
+    batch, shape = prepare_input(photons, model.card)
+    return maps_to_localizations(model.card, model.run(batch), photons, shape, camera,
+                                 threshold=threshold, refine=refine)
+
+
+def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.ndarray, shape: tuple[int, int],
+                          camera: Any, *, threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
+    """One frame's network maps (1, C, H', W') → (localizations, background photons/px).
 
     With `refine`, isolated detections get a maximum-likelihood position
     (inference/refine.py) when the model card carries its PSF calibration.
     """
     background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
-    card = model.card
-    batch, shape = prepare_input(photons, card)
-    locs = decode_maps(model.run(batch), shape, card, pixel_size_nm=camera.pixel_size_nm,
+    locs = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
                        threshold=threshold, background_photons=background)
     if refine and "astigmatism" in card and len(locs):
         locs = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,

@@ -23,15 +23,26 @@ class ModelError(ValueError):
     """A model that cannot serve this run (missing, inconsistent, wrong scale)."""
 
 
+GPU_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
 def choose_providers(preference: str = "auto") -> list[str]:
-    """CUDA when available (and wanted), CPU always as the fallback."""
+    """The wanted GPU provider (auto: CUDA when present), CPU always as the fallback.
+
+    TensorRT is used only when asked for: it builds an engine per input shape
+    at start, which takes minutes; CUDA starts in seconds.
+    """
     available = ort.get_available_providers()
-    if preference == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ModelError("inference.provider: cuda requested but onnxruntime has no "
-                         f"CUDAExecutionProvider (available: {available}); install smartscope[gpu]")
-    if preference in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    wanted = GPU_PROVIDERS.get("cuda" if preference == "auto" else preference)
+    if wanted and wanted not in available:
+        if preference == "auto":
+            return ["CPUExecutionProvider"]
+        raise ModelError(f"inference.provider: {preference} requested but onnxruntime has no "
+                         f"{wanted} (available: {available}); install smartscope[gpu]")
+    chain = [wanted] if wanted else []
+    if wanted == GPU_PROVIDERS["tensorrt"] and GPU_PROVIDERS["cuda"] in available:
+        chain.append(GPU_PROVIDERS["cuda"])
+    return [*chain, "CPUExecutionProvider"]
 
 
 @dataclass
@@ -48,8 +59,20 @@ class LoadedModel:
     def input_name(self) -> str:
         return self.session.get_inputs()[0].name
 
+    @property
+    def batches(self) -> bool:
+        """True when the graph takes several frames per call (a dynamic first axis)."""
+        return not isinstance(self.session.get_inputs()[0].shape[0], int)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+    def warm_up(self, frame_shape_px: tuple[int, int]) -> None:
+        """One call on zeros of the input shape frames of this size give (padded to the stride)."""
+        m = int(self.card.get("input_multiple_px", 1))
+        size = {"H": -(-frame_shape_px[0] // m) * m, "W": -(-frame_shape_px[1] // m) * m}
+        shape = [d if isinstance(d, int) else size.get(d, 1) for d in self.card["inputs"][0]["shape"]]
+        self.run(np.zeros(shape, np.float32))
 
 
 def read_card(model: str) -> tuple[Path, dict[str, Any]]:
@@ -64,8 +87,18 @@ def read_card(model: str) -> tuple[Path, dict[str, Any]]:
 
 
 def load_model(model: str, preference: str = "auto", *, threads: int | None = None) -> LoadedModel:
+    """An ONNX Runtime session set up for latency: one frame at a time, operators in sequence.
+
+    `threads`: intra-op threads (None: ONNX Runtime's default, one per core).
+    Threads do not spin-wait between calls: on a small machine the cores are
+    shared with the camera, storage and the other workers.
+    """
     path, card = read_card(model)
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:

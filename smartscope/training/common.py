@@ -68,14 +68,17 @@ def fit(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, ...]],
     return time.time() - t0
 
 
-def export_onnx(net: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
-    """Export with the last two axes (height, width) dynamic."""
+def export_onnx(net: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str, *,
+                batch_axis: bool = True) -> None:
+    """Export with the last two axes (height, width) dynamic, and the batch axis
+    too when `batch_axis` (a worker that falls behind runs several frames at once)."""
     nd_in, nd_out = example.dim(), net(example).dim()
     net.eval()
+    batch = {0: "N"} if batch_axis else {}
     torch.onnx.export(net, example, str(path), dynamo=False, opset_version=17,
                       input_names=[input_name], output_names=[output_name],
-                      dynamic_axes={input_name: {nd_in - 2: "H", nd_in - 1: "W"},
-                                    output_name: {nd_out - 2: "H", nd_out - 1: "W"}})
+                      dynamic_axes={input_name: {**batch, nd_in - 2: "H", nd_in - 1: "W"},
+                                    output_name: {**batch, nd_out - 2: "H", nd_out - 1: "W"}})
 
 
 def seed_everything(seed: int) -> None:

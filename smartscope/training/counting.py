@@ -133,7 +133,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "counting.onnx"
-    export_onnx(net, torch.zeros(1, 1, FRAMES, 64, 64), onnx_path, "stack", "logits")
+    export_onnx(net, torch.zeros(1, 1, FRAMES, 64, 64), onnx_path, "stack", "logits", batch_axis=False)
     card = {
         "name": "counting",
         "version": 1,

@@ -100,10 +100,10 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
         "file": onnx_path.name,
         "task": "fission-event detection in live (iSIM-like) mitochondria imaging: per-pixel event probability",
         "architecture": "2D U-Net 16-32-64, causal window of 3 frames as channels",
-        "inputs": [{"name": "window", "shape": [1, EVENT_FRAMES, "H", "W"], "dtype": "float32",
+        "inputs": [{"name": "window", "shape": ["N", EVENT_FRAMES, "H", "W"], "dtype": "float32",
                     "description": "frames t-2, t-1, t (any units), each window scaled to its 1st-99.9th "
                                    "percentile -> 0..1"}],
-        "outputs": [{"name": "event_map", "shape": [1, 1, "H", "W"],
+        "outputs": [{"name": "event_map", "shape": ["N", 1, "H", "W"],
                      "description": "probability that an event (constricting or dividing) is at this pixel in frame t"}],
         "normalisation": {"percentiles": [1, 99.9], "range": [0, 1]},
         "frames": EVENT_FRAMES,

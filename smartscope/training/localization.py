@@ -137,10 +137,10 @@ def _card_core() -> dict[str, Any]:
     return {
         "name": "localization",
         "task": "single-molecule localization (x, y, z from the astigmatic PSF, photons)",
-        "inputs": [{"name": "frames", "shape": [1, 1, "H", "W"], "dtype": "float32",
+        "inputs": [{"name": "frames", "shape": ["N", 1, "H", "W"], "dtype": "float32",
                     "description": "one frame in photons (ADU → photons by the camera model), minus its "
                                    "median if subtract_median, / input_scale_photons"}],
-        "outputs": [{"name": "maps", "shape": [1, len(CHANNELS), "H", "W"], "channels": list(CHANNELS),
+        "outputs": [{"name": "maps", "shape": ["N", len(CHANNELS), "H", "W"], "channels": list(CHANNELS),
                      "description": "p: detection probability; dx, dy: emitter offset from the pixel centre "
                                     "(px); z: z / z_scale_nm; photons: photons / photon_scale"}],
         "normalisation": NORMALISATION,

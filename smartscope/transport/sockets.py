@@ -2,38 +2,67 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+
 import zmq
 
 from smartscope.transport.protocol import FrameHeader, MalformedMessage, Result, decode_result, encode_frame
+from smartscope.transport.ring import FrameRing
 
 
 class FramePublisher:
     """PUSH frames to whichever worker is free; never blocks the caller.
 
-    When every worker's queue (bounded by `hwm`) is full, or no worker is
-    connected, the frame is not sent and `dropped` counts it.
+    The inference stream is bounded: at most `hwm` frames queue per worker.
+    When every queue is full, or no worker is connected, the frame is not sent
+    and `dropped` counts it (the newest frames keep flowing; each worker then
+    conflates what it has waiting to the newest). With `ring_slots`, pixels go
+    through a shared-memory ring (transport/ring.py) and only headers through
+    the socket; frames larger than a slot travel inline.
     """
 
-    def __init__(self, address: str, hwm: int) -> None:
+    def __init__(self, address: str, hwm: int, *, ring_slots: int = 0, ring_slot_bytes: int = 0) -> None:
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(address)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.ring = FrameRing(ring_slots, ring_slot_bytes) if ring_slots else None
         self.sent = 0
         self.dropped = 0
+        self.sent_bytes = 0
 
     def publish(self, header: FrameHeader, frame) -> bool:
+        ref = None
+        if self.ring is not None and frame.nbytes <= self.ring.slot_bytes:
+            ref = self.ring.put(frame)
+            if ref is None:  # every slot lent: the workers are behind
+                self.dropped += 1
+                return False
+        header.ring = ref
+        header.t_sent_s = time.time()
         try:
             self._socket.send_multipart(encode_frame(header, frame), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
+            if ref is not None:
+                self.ring.release(ref.slot, ref.gen)
             self.dropped += 1
             return False
         self.sent += 1
+        self.sent_bytes += frame.nbytes
         return True
+
+    def release(self, pairs) -> None:
+        """Ring slots a worker gave back."""
+        if self.ring is not None:
+            for slot, gen in pairs:
+                self.ring.release(slot, gen)
 
     def close(self) -> None:
         self._socket.close()
+        if self.ring is not None:
+            self.ring.close()
 
 
 class ResultReceiver:
@@ -46,7 +75,7 @@ class ResultReceiver:
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
-        self.malformed = 0
+        self.malformed: Counter[str] = Counter()
 
     def receive(self, timeout_ms: int) -> list[Result]:
         """Every result waiting now (after up to timeout_ms for the first)."""
@@ -60,8 +89,8 @@ class ResultReceiver:
                 return results
             try:
                 results.append(decode_result(data))
-            except MalformedMessage:
-                self.malformed += 1
+            except MalformedMessage as e:
+                self.malformed[e.reason] += 1
 
     def close(self) -> None:
         self._socket.close()
