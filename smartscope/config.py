@@ -8,6 +8,7 @@ half-configured.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,13 +143,15 @@ class TransportConfig(_Strict):
     )
     shared_memory: Literal["auto", "on", "off"] = Field(
         "auto", description="pixels through a shared-memory ring, headers through ZeroMQ (workers on this host "
-        "only); auto: on when frames_address is ipc:// or loopback tcp, where no remote worker can connect"
+        "only, Linux); auto: on when frames_address is ipc:// or loopback tcp, where no remote worker can connect"
     )
     ring_slots: int = Field(16, ge=2, description="frames the shared-memory ring lends to workers at once")
 
     def ring_enabled(self) -> bool:
         if self.shared_memory != "auto":
             return self.shared_memory == "on"
+        if sys.platform != "linux":  # workers map the ring from /dev/shm
+            return False
         address = self.frames_address
         return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]"))
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
+import struct
 import threading
 import time
 
@@ -13,7 +14,7 @@ import zmq
 
 from smartscope.inference.worker import run_worker
 from smartscope.transport import CameraParams, FrameHeader, MalformedMessage, decode_frame, encode_frame
-from smartscope.transport.protocol import RingRef
+from smartscope.transport.protocol import RingRef, pack_header
 from smartscope.transport.ring import FrameRing, RingReader
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
@@ -27,27 +28,44 @@ def header(seq=0, shape=(32, 32)) -> FrameHeader:
 
 def test_roundtrip_keeps_pixels_and_state():
     frame = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)
-    h, f = decode_frame(encode_frame(header(7), frame))
-    assert h.seq == 7 and h.z_um == 1.5
+    sent = header(7)
+    sent.t_sent_s, sent.activation_mw = 1.25, 30.0
+    h, f = decode_frame(encode_frame(sent, frame))
+    assert h == sent and h.z_um == 1.5 and h.excitation_mw is None and h.acquisition == "t"
     np.testing.assert_array_equal(f, frame)
+    assert not f.flags.owndata  # a view of the received buffer, not a copy
+    ringed = dataclasses.replace(sent, ring=RingRef("smartscope-1-ab", 3, 9), acquisition="αβ")
+    assert decode_frame(encode_frame(ringed, None)) == (ringed, None)
 
 
-def _json(**changes) -> bytes:
-    return json.dumps({**header().model_dump(mode="json"), **changes}).encode()
+def _packed(**changes) -> bytes:
+    return pack_header(dataclasses.replace(header(), **changes))
+
+
+def _corrupt(offset: int, value: bytes) -> bytes:
+    """A good header with bytes replaced at `offset` (see protocol._FIXED for the layout)."""
+    good = _packed()
+    return good[:offset] + value + good[offset + len(value):]
 
 
 @pytest.mark.parametrize(("parts", "reason"), [
-    ([b"not json", b"x"], "json"),
-    ([b"{}", b"x"], "version"),
-    ([_json(v=1), b"x"], "version"),
-    ([_json(shape=[32]), b"x"], "header"),
-    ([_json(dtype="int7"), b"x"], "header"),
-    ([_json(), b"short"], "size"),
-    ([_json(), np.zeros((32, 33), np.uint16).tobytes()], "size"),
-    ([_json()], "parts"),
-    ([_json(), b"x", b"y"], "parts"),
+    ([b"not a header", b"x"], "format"),
+    ([b"", b"x"], "format"),
+    ([b"XXXX" + _packed()[4:], b"x"], "format"),
+    ([_corrupt(4, struct.pack("<H", 1)), b"x"], "version"),
+    ([_corrupt(6, b"\x09"), b"x"], "header"),  # dtype code
+    ([_packed(shape=(0, 32)), b""], "header"),
+    ([_packed(exposure_ms=-1.0), b"x"], "header"),
+    ([_packed()[:-1], b"x"], "header"),  # the acquisition id cut short
+    ([_packed(camera=CameraParams.model_construct(pixel_size_nm=-5, offset_adu=0, e_per_adu=1, qe=0.5,
+                                                  em_gain=1.0)), b"x"], "header"),
+    ([_packed(), b"short"], "size"),
+    ([_packed(), np.zeros((32, 33), np.uint16).tobytes()], "size"),
+    ([_packed()], "parts"),
+    ([_packed(), b"x", b"y"], "parts"),
     ([], "parts"),
-    ([_json(ring={"name": "r", "slot": 0, "gen": 1}), b"x"], "parts"),
+    ([_packed(ring=RingRef("r", 0, 1)), b"x"], "parts"),
+    ([_packed(ring=RingRef("r", 0, 0))], "ring"),
 ])
 def test_malformed_frames_are_named_by_reason(parts, reason):
     with pytest.raises(MalformedMessage) as e:
@@ -99,20 +117,20 @@ def test_worker_survives_malformed_messages(tmp_path):
         with worker_thread(pub, rec) as (out, results):
             # malformed frames sent through the real publisher socket
             pub._socket.send_multipart([b"{bad header", b"123"])
-            pub._socket.send_multipart([_json()])
-            pub._socket.send_multipart([_json(v=1), np.zeros((32, 32), np.uint16)])
+            pub._socket.send_multipart([_packed()])
+            pub._socket.send_multipart([_corrupt(4, struct.pack("<H", 1)), np.zeros((32, 32), np.uint16)])
             assert pub.publish(header(5), np.full((32, 32), 100, np.uint16))
             receive_until(rec, results, lambda r: r.kind == "result")
             (res,) = [r for r in results if r.kind == "result"]
             assert res.seq == 5 and res.n_emitters == 0
-            assert res.malformed == {"json": 1, "parts": 1, "version": 1}
+            assert res.malformed == {"format": 1, "parts": 1, "version": 1}
             assert rec.malformed == {"result": 1}
     finally:
         raw.close()
         pub.close()
         rec.close()
     assert out["malformed"] == 3 and out["frames"] == 4
-    assert out["malformed_json"] == out["malformed_parts"] == out["malformed_version"] == 1
+    assert out["malformed_format"] == out["malformed_parts"] == out["malformed_version"] == 1
 
 
 def test_worker_runs_the_newest_frame_and_counts_the_skipped():

@@ -24,12 +24,14 @@ generation per slot), then page-aligned slots.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
@@ -38,7 +40,7 @@ from smartscope.transport.protocol import MalformedMessage, RingRef
 MAGIC = 0x534D5343_52494E47  # "SMSCRING"
 PAGE = 4096
 HEADER_WORDS = 3  # magic, slots, slot_bytes; generations follow
-_CREATED_HERE: set[str] = set()  # rings this process owns (a reader in the same process must not untrack them)
+SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (the ring is Linux-only)
 
 
 def _slot_offset(slots: int, slot_bytes: int, slot: int) -> int:
@@ -59,7 +61,6 @@ class FrameRing:
         self._shm = shared_memory.SharedMemory(create=True, size=size,
                                                name=f"smartscope-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.name = self._shm.name
-        _CREATED_HERE.add(self.name)
         words = np.ndarray((HEADER_WORDS + slots,), np.uint64, buffer=self._shm.buf)
         words[:HEADER_WORDS] = (MAGIC, slots, self.slot_bytes)
         self._gens = words[HEADER_WORDS:]
@@ -124,46 +125,53 @@ class FrameRing:
 
 
 class RingReader:
-    """A worker's side: maps the daemon's ring(s) by name and views frames in place."""
+    """A worker's side: maps the daemon's ring(s) read-only by name and views frames in place.
+
+    Linux keeps POSIX shared memory in /dev/shm; mapping the file read-only
+    (rather than attaching a SharedMemory) means a worker can never write a
+    frame, and Python's resource tracker never unlinks the daemon's block
+    when a worker exits.
+    """
 
     def __init__(self) -> None:
-        self._blocks: dict[str, tuple[shared_memory.SharedMemory, int, int, np.ndarray]] = {}
+        self._blocks: dict[str, tuple[mmap.mmap, int, int, np.ndarray]] = {}
 
-    def _attach(self, name: str) -> tuple[shared_memory.SharedMemory, int, int, np.ndarray]:
+    def _attach(self, name: str) -> tuple[mmap.mmap, int, int, np.ndarray]:
         if name not in self._blocks:
+            if "/" in name or name.startswith("."):
+                raise MalformedMessage("ring", f"{name!r} is not a shared-memory block name")
             try:
-                shm = shared_memory.SharedMemory(name=name)
-            except (FileNotFoundError, OSError) as e:
+                with open(SHM_DIR / name, "rb") as fh:
+                    block = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
                 raise MalformedMessage("ring", f"cannot map frame ring {name!r} ({e}): a worker on another "
                                                "host needs the daemon's transport.shared_memory off") from e
-            if name not in _CREATED_HERE:  # the daemon owns the block: do not unlink it at our exit
-                resource_tracker.unregister(shm._name, "shared_memory")  # (Python < 3.13 tracks attaches too)
-            words = np.ndarray((HEADER_WORDS,), np.uint64, buffer=shm.buf)
-            if int(words[0]) != MAGIC:
-                shm.close()
+            words = np.frombuffer(block, np.uint64, count=HEADER_WORDS)
+            if len(block) < PAGE or int(words[0]) != MAGIC:
                 raise MalformedMessage("ring", f"{name!r} is not a smartscope frame ring")
             slots, slot_bytes = int(words[1]), int(words[2])
-            gens = np.ndarray((slots,), np.uint64, buffer=shm.buf, offset=HEADER_WORDS * 8)
-            self._blocks[name] = (shm, slots, slot_bytes, gens)
+            gens = np.frombuffer(block, np.uint64, count=slots, offset=HEADER_WORDS * 8)
+            self._blocks[name] = (block, slots, slot_bytes, gens)
         return self._blocks[name]
 
     def view(self, ref: RingRef, shape: tuple[int, int], dtype: str) -> np.ndarray:
-        """The frame's pixels, in place (valid until released; check `current` after reading)."""
-        shm, slots, slot_bytes, _ = self._attach(ref.name)
+        """The frame's pixels, in place and read-only (valid until released; check `current` after reading)."""
+        block, slots, slot_bytes, _ = self._attach(ref.name)
         nbytes = shape[0] * shape[1] * np.dtype(dtype).itemsize
         if ref.slot >= slots or nbytes > slot_bytes:
             raise MalformedMessage("ring", f"slot {ref.slot} of {slots} with {nbytes} bytes does not fit the ring")
-        return np.ndarray(shape, dtype, buffer=shm.buf, offset=_slot_offset(slots, slot_bytes, ref.slot))
+        offset = _slot_offset(slots, slot_bytes, ref.slot)
+        return np.frombuffer(block, dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)
 
     def current(self, ref: RingRef) -> bool:
         """True while the slot still holds the generation the header named (not reclaimed)."""
         return int(self._attach(ref.name)[3][ref.slot]) == ref.gen
 
     def close(self) -> None:
-        shms = [shm for shm, *_ in self._blocks.values()]
+        blocks = [block for block, *_ in self._blocks.values()]
         self._blocks.clear()  # drops our generation views first
-        for shm in shms:
+        for block in blocks:
             try:
-                shm.close()
+                block.close()
             except BufferError:  # a frame view is still alive somewhere: the OS unmaps at exit
                 pass
