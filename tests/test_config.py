@@ -69,3 +69,22 @@ def test_model_must_fit_the_frames():
         check_fits_frames(card, (64, 64), 160.0)
     with pytest.raises(ModelError, match="smaller than the model's minimum"):
         check_fits_frames(card, (4, 64), 100.0)
+
+
+@pytest.mark.parametrize(("address", "mode", "ring"), [
+    ("tcp://127.0.0.1:5555", "auto", True),   # loopback: no remote worker can connect
+    ("ipc:///tmp/frames", "auto", True),
+    ("tcp://*:5555", "auto", False),          # remote workers may connect: plain ZeroMQ
+    ("tcp://10.0.0.5:5555", "auto", False),
+    ("tcp://*:5555", "on", True),
+    ("ipc:///tmp/frames", "off", False),
+])
+def test_shared_memory_ring_only_where_every_worker_is_local(address, mode, ring):
+    from smartscope.config import TransportConfig
+
+    assert TransportConfig(frames_address=address, shared_memory=mode).ring_enabled() is ring
+
+
+def test_compose_config_keeps_the_ring_off_for_workers_in_other_containers():
+    config = load_config(bundled_path("configs") / "compose.yaml")
+    assert config.transport.ring_enabled() is False and config.inference.workers == 0

@@ -8,8 +8,10 @@ For 256², 1024² and 2048² uint16 frames, measured in one run:
   receiver decoding and validating it and viewing the pixels (transport/protocol.py);
 - ring (local): the shared-memory frame ring (transport/ring.py): the frame copied into a
   slot, the header over ipc, the receiver viewing the slot and releasing it.
-Receivers run in their own process, as workers do. Each case streams for about
-a second; rates are medians over repeats, the cases interleaved within each repeat.
+Receivers run in their own process, as workers do. Each case streams about
+2 GB; the cases run in a different order in each repeat; rates are medians over
+repeats and ratios are medians of the ratios within each repeat (loopback
+throughput on a shared 2-core machine varies by ±30% from run to run).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ CAMERA = CameraParams(pixel_size_nm=100, offset_adu=100, e_per_adu=0.5, qe=0.8)
 SIZES_PX = (256, 1024, 2048)
 CAMERA_RATE_GB_S = 2048 * 2048 * 2 * 100 / 1e9  # a 2048² 16-bit sCMOS at 100 frames/s
 WARMUP_FRAMES = 20
+# bounded queues, as the daemon and the worker run them (unbounded, a receiver only slightly slower than
+# the sender piles up gigabytes of queued frames and the run measures page faults instead)
+SEND_HWM, RECEIVE_HWM = 16, 2
+RATIOS = {"ours_vs_raw_ipc": ("ours ipc", "raw ipc"), "ours_vs_raw_tcp": ("ours tcp", "raw tcp"),
+          "ring_vs_memcpy": ("ring", "memcpy")}
 
 
 def _header(seq: int, shape: tuple[int, int]) -> FrameHeader:
@@ -43,6 +50,7 @@ def _receiver(address: str, back_address: str, mode: str, n: int, ready, out) ->
     """Receive n frames, as a worker would take them; report (frames, seconds from first to last)."""
     ctx = zmq.Context()
     pull, back = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
     pull.connect(address)
     back.connect(back_address)
     ring = RingReader()
@@ -76,6 +84,7 @@ def _stream(mode: str, address: str, back_address: str, frame: np.ndarray, n: in
     ctx = zmq.Context.instance()
     push, back = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, SEND_HWM)
     push.bind(address)
     back.bind(back_address)
     ready, out = spawn.Event(), spawn.Queue()
@@ -140,8 +149,10 @@ def run(quick: bool = False) -> dict:
         frame = np.random.default_rng(0).integers(0, 4000, (size, size), dtype=np.uint16)
         n = int(np.clip(target_bytes / frame.nbytes, 300, 20000)) + WARMUP_FRAMES
         rates: dict[str, list[float]] = {c: [] for c in cases}
+        names = list(cases)
         for rep in range(repeats):
-            for case, transport in cases.items():
+            for case in names[rep % len(names):] + names[:rep % len(names)]:  # a new order each repeat
+                transport = cases[case]
                 if transport is None:
                     rates[case].append(_memcpy(frame, n))
                     continue
@@ -149,9 +160,9 @@ def run(quick: bool = False) -> dict:
                     else "tcp://127.0.0.1:*"
                 rates[case].append(_stream(case.split()[0], address, f"ipc://{tmp}/back", frame, n))
         row = {c: round(float(np.median(v)), 3) for c, v in rates.items()}
-        row["ours_vs_raw_ipc"] = round(row["ours ipc"] / row["raw ipc"], 3)
-        row["ours_vs_raw_tcp"] = round(row["ours tcp"] / row["raw tcp"], 3)
-        row["ring_vs_memcpy"] = round(row["ring"] / row["memcpy"], 3)
+        row["each_repeat"] = {c: [round(x, 2) for x in v] for c, v in rates.items()}
+        for key, (ours, base) in RATIOS.items():  # paired within each repeat, then the median
+            row[key] = round(float(np.median(np.divide(rates[ours], rates[base]))), 3)
         row["best_local_vs_camera"] = round(max(row["ours ipc"], row["ring"]) / CAMERA_RATE_GB_S, 2)
         results[f"{size}x{size}"] = row
         for case in cases:

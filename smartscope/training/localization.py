@@ -153,13 +153,21 @@ def _card_core() -> dict[str, Any]:
     }
 
 
+DEFAULT_WIDTH = 16
+
+
+def model_name(width: int) -> str:
+    """localization (the default width) or localization-w8 etc.: narrower is faster on large frames."""
+    return "localization" if width == DEFAULT_WIDTH else f"localization-w{width}"
+
+
 def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
-                     batch: int = 24, log_every: int = 100) -> dict[str, Any]:
+                     batch: int = 24, log_every: int = 100, width: int = DEFAULT_WIDTH) -> dict[str, Any]:
     steps = steps or 4000
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     optics, camera = OpticsConfig(), CameraConfig()
-    net = LocalizationNet()
+    net = LocalizationNet(width)
     tile = TRAIN["tile_px"]
 
     def next_batch() -> tuple[torch.Tensor, ...]:
@@ -172,13 +180,14 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     metrics = evaluate(_TorchModel(net), seed, optics, camera)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / "localization.onnx"
+    onnx_path = out_dir / f"{model_name(width)}.onnx"
     export_onnx(net, torch.zeros(1, 1, 64, 64), onnx_path, "frames", "maps")
     card = {
         **_card_core(),
+        "name": model_name(width),
         "version": 1,
         "file": onnx_path.name,
-        "architecture": "U-Net 16-32-64, 1 frame in, 5 maps out",
+        "architecture": f"U-Net {width}-{2 * width}-{4 * width}, 1 frame in, 5 maps out",
         "parameters": sum(p.numel() for p in net.parameters()),
         "training": {"seed": seed, "steps": steps, "batch": batch, "optimizer": "AdamW + OneCycle, max lr 2e-3",
                      "data": {**TRAIN, "camera": camera.model_dump(), "optics": optics.model_dump()},
@@ -188,7 +197,8 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
                                 "isolated: one emitter per 32x32 tile at z = 0, RMSE in x vs sqrt(CRLB_x) "
                                 "of an integrated Gaussian with Poisson noise on N·QE photoelectrons",
                     **metrics},
-        "retrain_command": f"smartscope train localization --seed {seed}" + (f" --steps {steps}" if steps != 4000 else ""),
+        "retrain_command": f"smartscope train localization --seed {seed}" + (f" --steps {steps}" if steps != 4000 else "")
+        + (f" --width {width}" if width != DEFAULT_WIDTH else ""),
     }
     onnx_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return card
