@@ -18,14 +18,16 @@ PARAMS = CameraParams(pixel_size_nm=CAM.pixel_size_nm, offset_adu=CAM.offset_adu
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model("localization.onnx", "cpu")
+def model(request):
+    """The shipped localization model (or, parametrized indirectly, another one)."""
+    return load_model(getattr(request, "param", "localization.onnx"), "cpu")
 
 
 def test_cpu_provider_without_gpu():
     assert choose_providers("auto")[-1] == "CPUExecutionProvider"
 
 
+@pytest.mark.parametrize("model", ["localization.onnx", "localization-w8.onnx"], indirect=True)
 def test_localizes_sparse_emitters_accurately(model):
     rng = np.random.default_rng(3)
     emitters = [np.column_stack([rng.uniform(800, 5600, (6, 2)), rng.uniform(-300, 300, 6), np.full(6, 2000.0)])

@@ -20,17 +20,19 @@ import numpy as np
 from smartscope.evaluation import score
 from smartscope.inference.localization import localize_frame
 from smartscope.inference.session import load_model
+from smartscope.resources import resolve_model_path
 from smartscope.simulation import CameraConfig, OpticsConfig, adu_to_photons, astigmatic_sigmas_nm
 from smartscope.simulation import integrated_gaussian_crlb_nm
 from smartscope.simulation.tiles import simulate_tiles
 from smartscope.transport.protocol import CameraParams
 
 PIXEL_NM = 100.0
+FAST_MODEL = "localization-w8.onnx"
 Method = Callable[[np.ndarray, dict], list[np.ndarray]]  # (frames ADU, settings) → per-frame (N, 3) nm
 
 
-def _ours(camera: CameraConfig) -> tuple[Method, list[dict]]:
-    model = load_model("localization.onnx", "cpu")
+def _ours(camera: CameraConfig, model_name: str = "localization.onnx") -> tuple[Method, list[dict]]:
+    model = load_model(model_name, "cpu")
     params = CameraParams(pixel_size_nm=PIXEL_NM, offset_adu=camera.offset_adu, e_per_adu=camera.e_per_adu,
                           qe=camera.qe, em_gain=camera.em_gain)
 
@@ -104,6 +106,8 @@ def run(quick: bool = False) -> dict:
     optics, camera = OpticsConfig(), CameraConfig()
     sigma0_nm = float(astigmatic_sigmas_nm(np.zeros(1), optics)[0][0])
     methods: dict[str, tuple[Method, list[dict]]] = {"smartscope": _ours(camera)}
+    if resolve_model_path(FAST_MODEL).is_file():  # the narrow variant, for large fields at high rates
+        methods["smartscope-w8"] = _ours(camera, FAST_MODEL)
     missing = {}
     for name, factory in (("smappy", lambda: _smappy(camera, sigma0_nm / PIXEL_NM)), ("trackpy", lambda: _trackpy(camera))):
         try:
@@ -122,7 +126,7 @@ def run(quick: bool = False) -> dict:
 
     results: dict = {"tuned_thresholds": best, "missing_peers": missing, "dense": {}, "isolated": {}}
     # 2. dense frames: detection quality
-    print(f"\n{'density /µm²':>12} {'method':<11} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8} {'locs/s':>8}")
+    print(f"\n{'density /µm²':>12} {'method':<13} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8} {'locs/s':>8}")
     for density in (0.5, 1.0, 2.0):
         frames, truth = _dense_set(100 + int(density * 10), n_dense, density, optics, camera)
         results["dense"][str(density)] = {}
@@ -131,16 +135,16 @@ def run(quick: bool = False) -> dict:
             s = score([t[:, :3] for t in truth], pred)
             s["localizations_per_s"] = round(sum(len(p) for p in pred) / seconds, 1)
             results["dense"][str(density)][name] = s
-            print(f"{density:>12} {name:<11} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
+            print(f"{density:>12} {name:<13} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
                   f"{s['rmse_lateral_nm']:>8.1f} {s['localizations_per_s']:>8.0f}")
     ours_ji = results["dense"]["2.0"]["smartscope"]["jaccard"]
     for name in methods:
-        if name != "smartscope":
+        if not name.startswith("smartscope"):
             peer = results["dense"]["2.0"][name]["jaccard"]
             results["dense"]["2.0"][f"ji_ratio_vs_{name}"] = round(ours_ji / peer, 3) if peer else None
 
     # 3. isolated emitters: precision against the Cramér–Rao bound
-    print(f"\n{'photons':>8} {'method':<11} {'RMSE x nm':>10} {'√CRLB nm':>9} {'ratio':>6} {'recall':>7}")
+    print(f"\n{'photons':>8} {'method':<13} {'RMSE x nm':>10} {'√CRLB nm':>9} {'ratio':>6} {'recall':>7}")
     rng = np.random.default_rng(7)
     for photons in (500, 1000, 2000, 5000):
         emitters = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]
@@ -153,7 +157,7 @@ def run(quick: bool = False) -> dict:
             entry = {"rmse_x_nm": s["rmse_x_nm"], "rmse_over_crlb": round(s["rmse_x_nm"] / crlb, 3),
                      "recall": s["recall"]}
             results["isolated"][str(photons)][name] = entry
-            print(f"{photons:>8} {name:<11} {entry['rmse_x_nm']:>10.2f} {crlb:>9.2f} {entry['rmse_over_crlb']:>6.2f} "
+            print(f"{photons:>8} {name:<13} {entry['rmse_x_nm']:>10.2f} {crlb:>9.2f} {entry['rmse_over_crlb']:>6.2f} "
                   f"{entry['recall']:>7.3f}")
     for name, why in missing.items():
         print(f"peer {name}: {why}")

@@ -138,6 +138,7 @@ class RingReader:
 
     def _attach(self, name: str) -> tuple[mmap.mmap, int, int, np.ndarray]:
         if name not in self._blocks:
+            self.close()  # a new ring: the daemon restarted, the old ring is gone
             if "/" in name or name.startswith("."):
                 raise MalformedMessage("ring", f"{name!r} is not a shared-memory block name")
             try:
