@@ -173,6 +173,16 @@ def _with_host(address: str, host: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _shape_px(text: str) -> tuple[int, int]:
     """'256x256' → (256, 256)."""
     try:
@@ -319,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counting-model", default=None, help="also count emitters with this model")
     p.add_argument("--event-model", default=None, help="also score events with this model")
     p.add_argument("--no-localization", action="store_true", help="run no localization model (live imaging)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
+    p.add_argument("--max-batch", type=_positive_int, default=None,
                    help="frames run at once when behind (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--warmup", type=_shape_px, default=None, metavar="HxW",
                    help="run the models once on a frame of this size at start")

@@ -126,6 +126,7 @@ LATENCY_WINDOW = 1_000_000  # frames whose latency the summary's percentiles cov
 #: worker (socket queues included); pre / inference / post: the worker's own; return: → the daemon has it.
 #: transfer and return compare two hosts' clocks when the worker runs elsewhere.
 LATENCY_STAGES = ("queue", "transfer", "pre", "inference", "post", "return")
+WORKER_FORGET_S = 600.0  # a worker gone or silent this long leaves the status
 STAGE_WINDOW = 100_000
 
 
@@ -361,7 +362,8 @@ class Daemon:
     def _drain(self, run: AcquisitionRun, timeout_s: float = 3.0) -> None:
         """Give in-flight inference results a moment to arrive before closing."""
         deadline = time.time() + timeout_s
-        while run.inferred + run.skipped < run.counts.published and time.time() < deadline and self.workers:
+        while (run.inferred + run.skipped < run.counts.published and time.time() < deadline
+               and any(w["state"] == "active" for w in self.worker_status().values())):
             time.sleep(0.02)
 
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
@@ -506,12 +508,22 @@ class Daemon:
                     self._notify()
 
     def _track_worker(self, r: Result, now: float) -> None:
-        """Every message updates its worker's entry: what it runs, its counters, when it was last heard."""
-        w = self.workers.setdefault(r.worker_id, {"host": r.host, "first_seen_s": now, "results": 0})
-        w.update(provider=r.provider, model=r.model, threads=r.threads, max_batch=r.max_batch, last_seen_s=now,
-                 frames_received=r.frames_received, frames_skipped=r.frames_skipped, malformed_frames=r.malformed,
-                 said_bye=r.kind == "bye")
-        w["results"] += r.kind == "result"
+        """Every message updates its worker's entry: what it runs, its counters, when it was last heard.
+
+        The entry is replaced whole (readers in other threads never see half of one); workers gone or
+        silent for WORKER_FORGET_S are forgotten.
+        """
+        old = self.workers.get(r.worker_id)
+        if old is None:
+            for worker_id, w in list(self.workers.items()):
+                if now - w["last_seen_s"] > WORKER_FORGET_S:
+                    self.workers.pop(worker_id, None)
+        self.workers[r.worker_id] = {
+            "host": r.host, "first_seen_s": old["first_seen_s"] if old else now,
+            "results": (old["results"] if old else 0) + (r.kind == "result"),
+            "provider": r.provider, "model": r.model, "threads": r.threads, "max_batch": r.max_batch,
+            "last_seen_s": now, "frames_received": r.frames_received, "frames_skipped": r.frames_skipped,
+            "malformed_frames": r.malformed, "said_bye": r.kind == "bye"}
 
     def worker_status(self) -> dict[str, dict[str, Any]]:
         """Each worker heard from, with its state: active, silent (no message for 3 heartbeats) or gone (bye)."""
@@ -528,8 +540,10 @@ class Daemon:
         if r.released:
             self.publisher.release(r.released)
         run = self.run
-        if r.skipped_seqs and run is not None and not run.files_closed:
-            run.skipped += len(r.skipped_seqs)
+        if r.skipped and run is not None:
+            with run.lock:
+                if not run.files_closed:
+                    run.skipped += sum(acquisition == run.id for acquisition, _ in r.skipped)
         if r.kind != "result" or run is None or r.header is None or r.header.acquisition != run.id:
             return
         locs = np.asarray(r.localizations, dtype=float).reshape(-1, 6)
@@ -610,7 +624,7 @@ class Daemon:
             "frames_dropped_inference": run.counts.acquired - run.inferred,
             "frames_not_sent": run.counts.dropped_inference,
             "frames_skipped_by_workers": run.skipped,
-            "frames_lost": max(0, run.counts.published - run.inferred - run.skipped),
+            "frames_lost": run.counts.published - run.inferred - run.skipped,
             "localizations": run.localizations,
             "latency_ms": run.latency_percentiles(),
             "latency_stages_ms": {name: _percentiles(v) for name, v in run.stages_ms.items()},

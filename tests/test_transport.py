@@ -119,17 +119,19 @@ def test_worker_survives_malformed_messages(tmp_path):
             pub._socket.send_multipart([b"{bad header", b"123"])
             pub._socket.send_multipart([_packed()])
             pub._socket.send_multipart([_corrupt(4, struct.pack("<H", 1)), np.zeros((32, 32), np.uint16)])
+            pub._socket.send_multipart([_packed(seq=4, ring=RingRef("smartscope-1-0badc0de", 0, 1))])  # no such ring
+            receive_until(rec, results, lambda r: ("t", 4) in r.skipped)  # reported by number
             assert pub.publish(header(5), np.full((32, 32), 100, np.uint16))
             receive_until(rec, results, lambda r: r.kind == "result")
             (res,) = [r for r in results if r.kind == "result"]
             assert res.seq == 5 and res.n_emitters == 0
-            assert res.malformed == {"format": 1, "parts": 1, "version": 1}
+            assert res.malformed == {"format": 1, "parts": 1, "version": 1, "ring": 1}
             assert rec.malformed == {"result": 1}
     finally:
         raw.close()
         pub.close()
         rec.close()
-    assert out["malformed"] == 3 and out["frames"] == 4
+    assert out["malformed"] == 4 and out["frames"] == 5
     assert out["malformed_format"] == out["malformed_parts"] == out["malformed_version"] == 1
 
 
@@ -143,7 +145,7 @@ def test_worker_runs_the_newest_frame_and_counts_the_skipped():
                 assert pub.publish(header(seq), np.full((32, 32), 100, np.uint16))
             receive_until(rec, results, lambda r: r.kind == "result" and r.seq == 5)
             seqs = [r.seq for r in results if r.kind == "result"]
-            skipped = [s for r in results for s in r.skipped_seqs]
+            skipped = [seq for r in results for acquisition, seq in r.skipped if acquisition == "t"]
             assert seqs[-1] == 5 and len(seqs) < 6
             assert sorted(seqs + skipped) == list(range(6))  # every frame accounted for, by number
             assert results[0].kind == "hello" and results[0].threads == 1 and results[0].max_batch == 1
@@ -215,3 +217,36 @@ def test_worker_reads_ring_frames_in_place_and_gives_every_slot_back():
         inline.close()
         ringed.close()
         rec.close()
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("../etc/passwd", None),                       # not a ring name: never opened
+    ("psm_1234", None),                            # another program's shared memory
+    ("smartscope-1-0badc0de", b""),                # empty block
+    ("smartscope-1-0badc0de", b"\0" * 4096),       # no magic
+])
+def test_ring_reader_refuses_blocks_that_are_not_complete_rings(name, content):
+    from smartscope.transport.ring import SHM_DIR
+
+    path = SHM_DIR / name
+    if content is not None:
+        path.write_bytes(content)
+    try:
+        with pytest.raises(MalformedMessage) as e:
+            RingReader().view(RingRef(name, 0, 1), (32, 32), "uint16")
+        assert e.value.reason == "ring"
+    finally:
+        if content is not None:
+            path.unlink()
+
+
+def test_ring_reader_refuses_a_ring_shorter_than_its_header_says():
+    ring = FrameRing(slots=2, slot_bytes=4096)
+    try:
+        fake = np.frombuffer(ring._shm.buf, np.uint64, count=3).copy()
+        fake[1] = 1000  # claims 1000 slots in a block that holds 2
+        np.ndarray(3, np.uint64, buffer=ring._shm.buf)[:] = fake
+        with pytest.raises(MalformedMessage, match="not a complete"):
+            RingReader().view(RingRef(ring.name, 999, 1), (32, 32), "uint16")
+    finally:
+        ring.close()

@@ -56,7 +56,8 @@ def run(quick: bool = False) -> dict:
         for workers in (1, 2):
             r = _run(size_px, interval_ms, model, workers, frames)
             results[f"{size_px}px@{interval_ms}ms/{model.removesuffix('.onnx')}/{workers}w"] = r
-            stages = " ".join(f"{v['p50']:>4.1f}/{v['p99']:<4.1f}" for v in r["latency_stages_ms"].values())
+            stages = " ".join(f"{v['p50']:>4.1f}/{v['p99']:<4.1f}" if v["p50"] is not None else f"{'-':>9}"
+                              for v in r["latency_stages_ms"].values())
             total = r["latency_ms"]
             print(f"{size_px:>5} {interval_ms:>3} {model.removesuffix('.onnx'):<15} {workers:>2} "
                   f"{total['p50']:>6.1f}/{total['p99']:<7.1f} {stages}  "

@@ -31,7 +31,8 @@ from smartscope.transport.ring import RingReader
 
 log = logging.getLogger("smartscope.worker")
 
-HEARTBEAT_S = 2.0  # an idle worker says it is alive this often
+HEARTBEAT_S = 2.0  # a worker that sent nothing for this long says it is alive
+MAX_FRAME_BYTES = 256 << 20  # larger frame messages are cut off by ZeroMQ (a 4096² float32 frame is 64 MiB)
 
 
 @dataclass
@@ -87,7 +88,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             m.warm_up(warmup_shape)
     window = max([m.card["frames"] for m in (counter, eventer) if m is not None], default=1)
     history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
-    # event maps of the last frames (seq, map): the score needs an event seen in the card's min_frames frames
+    # event maps of the last frames ((acquisition, seq), map): the score needs an event seen in the
+    # card's min_frames frames
     recent_maps: deque[tuple[int, np.ndarray]] = deque(maxlen=max(eventer.card.get("min_frames", 1) - 1, 0)
                                                        if eventer else 0)
     host = socket.gethostname()
@@ -100,6 +102,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, max(2, max_batch))  # enough waiting frames to fill a batch
     pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     pull.connect(frames_address)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 64)
@@ -109,23 +112,26 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     counts = {"frames": 0, "results": 0, "skipped": 0}
     malformed: Counter[str] = Counter()
     last_sent = [0.0]
+    # ring slots to give back and frames done with without a result: they ride on the next message
+    # that leaves, so a message the socket refuses loses no release
+    pending: dict[str, list] = {"released": [], "skipped": []}
 
     def send(kind: str, **fields) -> None:
         message = Result(kind=kind, worker_id=worker_id, host=host, provider=provider_used, model=name,
                          threads=threads, max_batch=max_batch, t_done_s=time.time(),
                          frames_received=counts["frames"], frames_skipped=counts["skipped"],
-                         malformed=dict(malformed), **fields)
+                         malformed=dict(malformed), **pending, **fields)
         try:
             push.send(encode_result(message), flags=zmq.NOBLOCK)
-            counts["results"] += kind == "result"
-            last_sent[0] = time.monotonic()
         except zmq.Again:
-            pass  # daemon gone or saturated: results are allowed to drop
+            return  # daemon gone or saturated: a result may drop, the releases wait for the next message
+        pending["released"], pending["skipped"] = [], []
+        counts["results"] += kind == "result"
+        last_sent[0] = time.monotonic()
 
-    def receive_waiting() -> tuple[list[tuple[FrameHeader, np.ndarray | None, float]], list[tuple[int, int]],
-                                   list[int]]:
-        """Every message waiting now, decoded: (newest max_batch frames, ring releases and seqs of the rest)."""
-        frames, releases = [], []
+    def receive_waiting() -> list[tuple[FrameHeader, np.ndarray | None, float]]:
+        """Every message waiting now, decoded: the newest max_batch frames (the rest skipped)."""
+        frames = []
         while True:
             parts = pull.recv_multipart(copy=False)
             t_received_s = time.time()
@@ -139,13 +145,19 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                 frames.append((header, pixels, t_received_s))
             if not poller.poll(0):
                 break
-        skipped = frames[:-max_batch]
-        counts["skipped"] += len(skipped)
-        releases += [(h.ring.slot, h.ring.gen) for h, _, _ in skipped if h.ring is not None]
-        return frames[-max_batch:], releases, [h.seq for h, _, _ in skipped]
+        for h, _, _ in frames[:-max_batch]:
+            skip(h)
+        return frames[-max_batch:]
+
+    def skip(header: FrameHeader) -> None:
+        """Done with this frame without a result: say so by number (and give its ring slot back)."""
+        counts["skipped"] += 1
+        pending["skipped"].append((header.acquisition, header.seq))
+        if header.ring is not None:
+            pending["released"].append((header.ring.slot, header.ring.gen))
 
     def preprocess(header: FrameHeader, pixels: np.ndarray | None, t_received_s: float) -> _Frame | None:
-        """ADU → photons (a copy: a ring slot is free again after this)."""
+        """ADU → photons (a copy: a ring slot is given back after this)."""
         t0 = time.perf_counter()
         try:
             if header.ring is not None:
@@ -156,7 +168,10 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         except MalformedMessage as e:
             malformed[e.reason] += 1
             log.warning("dropped frame %d: %s", header.seq, e)
+            skip(header)
             return None
+        if header.ring is not None:
+            pending["released"].append((header.ring.slot, header.ring.gen))
         return _Frame(header, photons, t_received_s, (time.perf_counter() - t0) * 1000)
 
     send("hello")
@@ -164,15 +179,13 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     poller.register(pull, zmq.POLLIN)
     try:
         while not stop.is_set():
+            if time.monotonic() - last_sent[0] > HEARTBEAT_S:  # also when only malformed messages come
+                send("heartbeat")
             if not poller.poll(200):
-                if time.monotonic() - last_sent[0] > HEARTBEAT_S:
-                    send("heartbeat")
                 continue
-            waiting, releases, skipped_seqs = receive_waiting()
-            batch = [f for f in (preprocess(*w) for w in waiting) if f is not None]
-            releases += [(h.ring.slot, h.ring.gen) for h, _, _ in waiting if h.ring is not None]
-            if releases or skipped_seqs:
-                send("release", released=releases, skipped_seqs=skipped_seqs)
+            batch = [f for f in (preprocess(*w) for w in receive_waiting()) if f is not None]
+            if pending["released"] or pending["skipped"]:  # before inference: the slots are free meanwhile
+                send("release")
             if batch:
                 for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, window):
                     send("result", **result)
@@ -209,12 +222,13 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
             per_frame_locs.append((np.zeros((0, 6)), float(np.nanmedian(f.photons)) if finite else 0.0))
     results = []
     for f, (locs, background) in zip(batch, per_frame_locs, strict=True):
+        locs = locs[np.isfinite(locs).all(axis=1)]  # JSON carries no NaN: such a row would lose the result
         h = f.header
         t3 = time.perf_counter()
         count = density = score = None
-        history.append((h.seq, f.photons))
-        seqs = [s for s, _ in history]
-        if len(history) == window and seqs == list(range(seqs[0], seqs[0] + window)):
+        history.append(((h.acquisition, h.seq), f.photons))
+        keys = [k for k, _ in history]
+        if len(history) == window and keys == [(h.acquisition, s) for s in range(h.seq - window + 1, h.seq + 1)]:
             frames_window = np.stack([p for _, p in history])
             if counter is not None:
                 count = int(count_frame(counter, frames_window[-counter.card["frames"]:]).sum())
@@ -222,10 +236,11 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
             if eventer is not None:
                 current = event_map(eventer, frames_window[-eventer.card["frames"]:])
                 # the maps of the immediately preceding frames this worker saw (fewer after skips)
-                recent = [m for k, m in recent_maps if h.seq - k <= recent_maps.maxlen]
+                recent = [m for (acq, k), m in recent_maps
+                          if acq == h.acquisition and 0 < h.seq - k <= recent_maps.maxlen]
                 score = persistent_score(current, recent)
                 if recent_maps.maxlen:
-                    recent_maps.append((h.seq, current))
+                    recent_maps.append(((h.acquisition, h.seq), current))
         window_ms = (time.perf_counter() - t3) * 1000  # counting/event models: pre + inference + post
         stages = StageTimes(t_received_s=f.t_received_s, pre_ms=f.pre_ms + pre_batch_ms / len(batch),
                             infer_ms=infer_ms / len(batch) + window_ms, post_ms=post_ms / len(batch),

@@ -14,7 +14,7 @@ results, hello/heartbeat/bye announcements, ring-slot releases.
 
 Anything that does not decode is a malformed message: the receiver counts it
 under a reason (MALFORMED_REASONS) and drops it; it never raises out of a
-receive loop.
+receive loop (tests/test_transport.py feeds each kind of bad message).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class StageTimes(BaseModel):
     model_config = ConfigDict(extra="forbid")
     t_received_s: float = Field(description="worker wall clock when the frame was taken off the socket")
     pre_ms: float = Field(description="ADU → photons, normalisation, temporal window")
-    infer_ms: float = Field(description="ONNX Runtime")
+    infer_ms: float = Field(description="ONNX Runtime (with the counting/event models' windows, if any)")
     post_ms: float = Field(description="maps → localizations (peak finding, refinement), scores")
     batch: int = Field(1, ge=1, description="frames run together in this inference call")
 
@@ -163,8 +163,8 @@ class Result(BaseModel):
     """A worker's message to the daemon: a frame's result, or a worker announcement.
 
     kind: result (one frame), hello (at start), heartbeat (every few seconds
-    while idle), bye (at exit), release (the frames skipped for newer ones, by
-    number, and the ring slots the worker is done with).
+    while idle), bye (at exit), release (frames done with without a result,
+    by number, and ring slots given back; any message may carry these).
     Every message carries the worker's running counters, so the daemon's view
     of each worker is never older than its last message.
     """
@@ -181,7 +181,7 @@ class Result(BaseModel):
     model: str
     threads: int | None = None
     max_batch: int = 1
-    infer_ms: float = Field(0.0, description="pre-processing + inference + post-processing (ms)")
+    infer_ms: float = Field(0.0, description="the worker's whole time on the frame: pre + inference + post (ms)")
     stages: StageTimes | None = None
     n_emitters: int = 0
     localizations: list[tuple[float, float, float, float, float, float]] = Field(
@@ -193,18 +193,29 @@ class Result(BaseModel):
     density_per_um2: float | None = Field(None, description="count_estimate per µm² of the field")
     frames_received: int = Field(0, description="frame messages this worker took off the socket so far")
     frames_skipped: int = Field(0, description="frames this worker skipped for newer ones so far")
-    skipped_seqs: list[int] = Field(default_factory=list, description="frames skipped since the last message")
+    skipped: list[tuple[str, int]] = Field(
+        default_factory=list, description="(acquisition, seq) of the frames this worker is done with without a "
+        "result since its last message: skipped for newer ones, or dropped as unreadable (counted in malformed)")
     malformed: dict[str, int] = Field(default_factory=dict, description="frame messages dropped so far, per reason")
     released: list[tuple[int, int]] = Field(default_factory=list, description="ring (slot, gen) pairs given back")
     header: FrameHeader | None = None
+
+
+def check_frame(header: FrameHeader, frame: np.ndarray) -> None:
+    """ValueError unless the header describes the frame (shape and dtype)."""
+    if frame.shape != tuple(header.shape) or header.dtype not in _NP_DTYPES \
+            or frame.dtype != _NP_DTYPES[header.dtype]:
+        raise ValueError(f"header ({header.shape}, {header.dtype}) does not describe the frame "
+                         f"({frame.shape}, {frame.dtype})")
 
 
 def encode_frame(header: FrameHeader, frame: np.ndarray | None) -> list:
     """Header, then the frame buffer itself (no copy); the header alone for ring frames."""
     if header.ring is not None:
         return [pack_header(header)]
-    if frame is None or frame.shape != tuple(header.shape) or frame.dtype != _NP_DTYPES[header.dtype]:
-        raise ValueError("header shape/dtype does not describe the frame")
+    if frame is None:
+        raise ValueError("an inline frame needs its pixels")
+    check_frame(header, frame)
     return [pack_header(header), frame if frame.flags.c_contiguous else np.ascontiguousarray(frame)]
 
 

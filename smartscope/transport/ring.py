@@ -13,10 +13,11 @@ Ownership rule (a slot is never overwritten while it is read):
   (slot, generation) in a message, once it has copied out what it needs;
 - when no slot is free the frame skips the inference stream (counted):
   acquisition and storage never wait for a worker;
-- a slot lent for longer than `reclaim_after_s` (its worker died or hung) is
-  reclaimed. Its generation counter in shared memory is bumped before any
-  pixel is rewritten and readers check the generation after reading, so a
-  late reader notices and drops the frame instead of using torn pixels.
+- when no slot is free, slots lent for longer than `reclaim_after_s` (their
+  worker died or hung) are reclaimed. A slot's generation counter in shared
+  memory is bumped before any pixel is rewritten and readers check it after
+  reading, so a late reader notices and drops the frame instead of using
+  torn pixels.
 
 Layout: a 4 KiB header (magic, slots, slot bytes, then one uint64
 generation per slot), then page-aligned slots.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import threading
 import time
 import uuid
@@ -41,6 +43,7 @@ MAGIC = 0x534D5343_52494E47  # "SMSCRING"
 PAGE = 4096
 HEADER_WORDS = 3  # magic, slots, slot_bytes; generations follow
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory (the ring is Linux-only)
+RING_NAME = re.compile(r"smartscope-[0-9]+-[0-9a-f]{8}")
 
 
 def _slot_offset(slots: int, slot_bytes: int, slot: int) -> int:
@@ -61,6 +64,13 @@ class FrameRing:
         self._shm = shared_memory.SharedMemory(create=True, size=size,
                                                name=f"smartscope-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.name = self._shm.name
+        try:  # reserve the pages now: a full /dev/shm must fail here, not as SIGBUS in a frame copy
+            os.posix_fallocate(self._shm._fd, 0, size)
+        except OSError as e:
+            self._shm.close()
+            self._shm.unlink()
+            raise OSError(f"cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} for the frame ring ({e}); "
+                          "lower transport.ring_slots or give /dev/shm more room (docker: --shm-size)") from e
         words = np.ndarray((HEADER_WORDS + slots,), np.uint64, buffer=self._shm.buf)
         words[:HEADER_WORDS] = (MAGIC, slots, self.slot_bytes)
         self._gens = words[HEADER_WORDS:]
@@ -138,19 +148,22 @@ class RingReader:
 
     def _attach(self, name: str) -> tuple[mmap.mmap, int, int, np.ndarray]:
         if name not in self._blocks:
+            if not RING_NAME.fullmatch(name):  # only our own rings: no paths, no other /dev/shm objects
+                raise MalformedMessage("ring", f"{name!r} is not a smartscope frame ring name")
             self.close()  # a new ring: the daemon restarted, the old ring is gone
-            if "/" in name or name.startswith("."):
-                raise MalformedMessage("ring", f"{name!r} is not a shared-memory block name")
             try:
                 with open(SHM_DIR / name, "rb") as fh:
                     block = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise MalformedMessage("ring", f"cannot map frame ring {name!r} ({e}): a worker on another "
                                                "host needs the daemon's transport.shared_memory off") from e
-            words = np.frombuffer(block, np.uint64, count=HEADER_WORDS)
-            if len(block) < PAGE or int(words[0]) != MAGIC:
-                raise MalformedMessage("ring", f"{name!r} is not a smartscope frame ring")
-            slots, slot_bytes = int(words[1]), int(words[2])
+            words = np.frombuffer(block, np.uint64, count=HEADER_WORDS) if len(block) >= PAGE else None
+            slots, slot_bytes = (int(words[1]), int(words[2])) if words is not None else (0, 0)
+            if words is None or int(words[0]) != MAGIC or slots < 1 \
+                    or len(block) < _slot_offset(slots, slot_bytes, slots):
+                del words
+                block.close()
+                raise MalformedMessage("ring", f"{name!r} is not a complete smartscope frame ring")
             gens = np.frombuffer(block, np.uint64, count=slots, offset=HEADER_WORDS * 8)
             self._blocks[name] = (block, slots, slot_bytes, gens)
         return self._blocks[name]

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
+import numpy as np
 import zmq
 
-from smartscope.transport.protocol import FrameHeader, MalformedMessage, Result, decode_result, encode_frame
+from smartscope.transport.protocol import (
+    FrameHeader,
+    MalformedMessage,
+    Result,
+    check_frame,
+    decode_result,
+    encode_frame,
+)
 from smartscope.transport.ring import FrameRing
+
+log = logging.getLogger("smartscope.transport")
+#: largest result message the daemon accepts (a frame with ~100k localizations); bigger ones are cut off
+MAX_RESULT_BYTES = 16 << 20
 
 
 class FramePublisher:
@@ -28,12 +41,18 @@ class FramePublisher:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(address)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.ring = FrameRing(ring_slots, ring_slot_bytes) if ring_slots else None
+        self.ring = None
+        if ring_slots:
+            try:
+                self.ring = FrameRing(ring_slots, ring_slot_bytes)
+            except OSError as e:  # e.g. /dev/shm too small: frames go inline, slower but complete
+                log.warning("shared-memory frame ring off: %s", e)
         self.sent = 0
         self.dropped = 0
-        self.sent_bytes = 0
 
-    def publish(self, header: FrameHeader, frame) -> bool:
+    def publish(self, header: FrameHeader, frame: np.ndarray) -> bool:
+        """Send the frame (True) or drop it from the inference stream (False, counted)."""
+        check_frame(header, frame)
         ref = None
         if self.ring is not None and frame.nbytes <= self.ring.slot_bytes:
             ref = self.ring.put(frame)
@@ -44,13 +63,14 @@ class FramePublisher:
         header.t_sent_s = time.time()
         try:
             self._socket.send_multipart(encode_frame(header, frame), flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            if ref is not None:
+        except BaseException as e:
+            if ref is not None:  # the slot was never lent after all
                 self.ring.release(ref.slot, ref.gen)
+            if not isinstance(e, zmq.Again):
+                raise
             self.dropped += 1
             return False
         self.sent += 1
-        self.sent_bytes += frame.nbytes
         return True
 
     def release(self, pairs) -> None:
@@ -71,6 +91,7 @@ class ResultReceiver:
     def __init__(self, address: str) -> None:
         self._socket = zmq.Context.instance().socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_RESULT_BYTES)
         self._socket.bind(address)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()
