@@ -7,7 +7,8 @@ For 256², 1024² and 2048² uint16 frames, measured in one run:
 - ours (ipc, tcp): what the daemon does per frame, a FrameHeader built and encoded, the
   receiver decoding and validating it and viewing the pixels (transport/protocol.py);
 - ring (local): the shared-memory frame ring (transport/ring.py): the frame copied into a
-  slot, the header over ipc, the receiver viewing the slot and releasing it.
+  slot, the header over ipc, the receiver viewing the slot and giving it back in a release
+  message, as a worker does (one per frame here; a worker sends one per batch of frames).
 Receivers run in their own process, as workers do. Each case streams about
 2 GB; the cases run in a different order in each repeat; rates are medians over
 repeats and ratios are medians of the ratios within each repeat (loopback
@@ -16,7 +17,6 @@ throughput on a shared 2-core machine varies by ±30% from run to run).
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import shutil
 import tempfile
@@ -25,7 +25,16 @@ import time
 import numpy as np
 import zmq
 
-from smartscope.transport.protocol import CameraParams, FrameHeader, decode_frame, encode_frame, pack_header
+from smartscope.transport.protocol import (
+    CameraParams,
+    FrameHeader,
+    Result,
+    decode_frame,
+    decode_result,
+    encode_frame,
+    encode_result,
+    pack_header,
+)
 from smartscope.transport.ring import FrameRing, RingReader
 
 CAMERA = CameraParams(pixel_size_nm=100, offset_adu=100, e_per_adu=0.5, qe=0.8)
@@ -66,7 +75,8 @@ def _receiver(address: str, back_address: str, mode: str, n: int, ready, out) ->
             if header.ring is not None:
                 pixels = ring.view(header.ring, header.shape, header.dtype)
                 checksum += int(pixels[-1, -1])
-                back.send(json.dumps(header.ring[1:]).encode())  # (slot, gen): the slot may be written again
+                back.send(encode_result(Result(kind="release", worker_id="bench", provider="-", model="-",
+                                               released=[header.ring[1:]])))  # as a worker gives it back
         checksum += int(pixels.flat[-1])
         if i == WARMUP_FRAMES - 1:
             t_first = time.perf_counter()
@@ -121,10 +131,11 @@ def _release(ring: FrameRing, back: zmq.Socket, timeout_ms: int) -> None:
     if back.poll(timeout_ms):
         while True:
             try:
-                slot, gen = json.loads(back.recv(zmq.NOBLOCK))
+                released = decode_result(back.recv(zmq.NOBLOCK)).released
             except zmq.Again:
                 return
-            ring.release(slot, gen)
+            for slot, gen in released:
+                ring.release(slot, gen)
 
 
 def _memcpy(frame: np.ndarray, n: int) -> float:

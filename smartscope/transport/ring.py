@@ -65,7 +65,8 @@ class FrameRing:
                                                name=f"smartscope-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.name = self._shm.name
         try:  # reserve the pages now: a full /dev/shm must fail here, not as SIGBUS in a frame copy
-            os.posix_fallocate(self._shm._fd, 0, size)
+            if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the ring is off unless asked for
+                os.posix_fallocate(self._shm._fd, 0, size)
         except OSError as e:
             self._shm.close()
             self._shm.unlink()
