@@ -27,13 +27,18 @@ def test_cpu_provider_without_gpu():
     assert choose_providers("auto")[-1] == "CPUExecutionProvider"
 
 
+def sparse_frames(seed: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """n 64x64 frames (ADU) with 6 emitters of 2000 photons each, and their truth."""
+    rng = np.random.default_rng(seed)
+    emitters = [np.column_stack([rng.uniform(800, 5600, (6, 2)), rng.uniform(-300, 300, 6), np.full(6, 2000.0)])
+                for _ in range(n)]
+    return simulate_tiles(rng, n, 64, OpticsConfig(), CAM, emitters=emitters, background=np.full(n, 20.0),
+                          as_adu=True)
+
+
 @pytest.mark.parametrize("model", ["localization.onnx", "localization-w8.onnx"], indirect=True)
 def test_localizes_sparse_emitters_accurately(model):
-    rng = np.random.default_rng(3)
-    emitters = [np.column_stack([rng.uniform(800, 5600, (6, 2)), rng.uniform(-300, 300, 6), np.full(6, 2000.0)])
-                for _ in range(20)]
-    frames_adu, truth = simulate_tiles(rng, 20, 64, OpticsConfig(), CAM, emitters=emitters,
-                                       background=np.full(20, 20.0), as_adu=True)
+    frames_adu, truth = sparse_frames(3, 20)
     pred = [localize_frame(model, f, PARAMS, threshold=0.5)[0] for f in frames_adu]
     s = score([t[:, :3] for t in truth], [p[:, :3] for p in pred])
     assert s["recall"] >= 0.9 and s["precision"] >= 0.9
@@ -72,11 +77,7 @@ def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
     from smartscope.inference.worker import _Frame, _infer
     from smartscope.transport import FrameHeader
 
-    rng = np.random.default_rng(5)
-    emitters = [np.column_stack([rng.uniform(800, 5600, (6, 2)), rng.uniform(-300, 300, 6), np.full(6, 2000.0)])
-                for _ in range(3)]
-    frames_adu, _ = simulate_tiles(rng, 3, 64, OpticsConfig(), CAM, emitters=emitters,
-                                   background=np.full(3, 20.0), as_adu=True)
+    frames_adu, _ = sparse_frames(5, 3)
     batch = [_Frame(FrameHeader(seq=i, t_capture_s=0.0, shape=f.shape, dtype="uint16", exposure_ms=10,
                                 camera=PARAMS), frame_to_photons(f, PARAMS), 0.0, 0.1)
              for i, f in enumerate(frames_adu)]
