@@ -9,11 +9,11 @@ import time
 
 import httpx
 import pytest
+from conftest import small_config
 from test_api import AUTH, TOKEN, _metrics, serve
 from websockets.sync.client import connect
 
 from smartscope.api import create_app
-from smartscope.config import load_config
 from smartscope.service import Daemon
 
 FRAMES = 150  # at 10 ms: 1.5 s of acquisition
@@ -21,10 +21,7 @@ FRAMES = 150  # at 10 ms: 1.5 s of acquisition
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    config = load_config()
-    config.transport.frames_address = config.transport.results_address = "tcp://127.0.0.1:0"
-    config.simulation.camera.width_px = config.simulation.camera.height_px = 64
-    config.acquisition.exposure_ms = config.acquisition.interval_ms = 10
+    config = small_config()
     config.acquisition.activation_mw = 2.0  # the illumination policy has work to do: decisions flow
     config.storage.root = str(tmp_path_factory.mktemp("stream"))
     daemon = Daemon(config)

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import small_config
 
 from smartscope.report import REPORT_COLUMNS, NotARunError, write_report
 from smartscope.service import Daemon
@@ -20,12 +21,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from smartscope.config import load_config
-
-    config = load_config()
-    config.transport.frames_address = config.transport.results_address = "tcp://127.0.0.1:0"
-    config.simulation.camera.width_px = config.simulation.camera.height_px = 64
-    config.acquisition.exposure_ms = config.acquisition.interval_ms = 10
+    config = small_config()
     config.acquisition.activation_mw = 2.0  # the illumination policy has work to do
     out = tmp_path_factory.mktemp("report") / "run"
     daemon = Daemon(config)

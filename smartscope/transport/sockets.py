@@ -52,9 +52,9 @@ class FramePublisher:
 
     def publish(self, header: FrameHeader, frame: np.ndarray) -> bool:
         """Send the frame (True) or drop it from the inference stream (False, counted)."""
-        check_frame(header, frame)
         ref = None
         if self.ring is not None and frame.nbytes <= self.ring.slot_bytes:
+            check_frame(header, frame)  # before the copy (encode_frame checks inline frames itself)
             ref = self.ring.put(frame)
             if ref is None:  # every slot lent: the workers are behind
                 self.dropped += 1
