@@ -404,25 +404,26 @@ def event_model_scorer(config: SmartscopeConfig, name: str = "events.onnx",
                        ) -> Callable[[np.ndarray, FrameTruth, np.random.Generator], float | None]:
     """The shipped event model's per-frame score, computed as the worker computes it.
 
-    Stateful: a causal window of the model's frames (photons); the score is the
-    event map's maximum, kept only where the maps of the card's `min_frames` − 1
-    previous frames also saw something nearby. None until the window is full.
+    Stateful: the model's causal window (`EventWindow`: keyframes the card's
+    `window_spacing_ms` apart, photons); the score is the event map's maximum,
+    kept only where the maps of the card's `min_frames` − 1 previous frames
+    also saw something nearby. None until the window is full.
     """
     from collections import deque
 
-    from smartscope.inference.events import event_map, persistent_score
+    from smartscope.inference.events import EventWindow, event_map, persistent_score
     from smartscope.simulation.camera import adu_to_photons
 
     model = shipped_model(name)
     camera = camera_of(config)
-    window: deque[np.ndarray] = deque(maxlen=int(model.card["frames"]))
+    window = EventWindow(int(model.card["frames"]), float(model.card.get("window_spacing_ms", 0.0)) / 1000)
     previous: deque[np.ndarray] = deque(maxlen=max(int(model.card.get("min_frames", 1)) - 1, 0))
 
     def score(frame_adu: np.ndarray, truth: FrameTruth, rng: np.random.Generator) -> float | None:
-        window.append(adu_to_photons(frame_adu, camera))
-        if len(window) < window.maxlen:
+        frames = window.push(0, truth.t_s, adu_to_photons(frame_adu, camera))
+        if frames is None:
             return None
-        current = event_map(model, np.stack(window))
+        current = event_map(model, frames)
         value = persistent_score(current, list(previous) if len(previous) == previous.maxlen else [])
         if previous.maxlen:
             previous.append(current)
@@ -455,7 +456,8 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
 
     The event score is truth-derived (`truth_event_score`, score="truth") or
     the shipped event model's (score="model", `event_model_scorer`, with the
-    card's threshold as the upper hysteresis threshold).
+    card's switch_threshold, set by a false-alarm budget, as the upper
+    hysteresis threshold).
     Fission is made rarer than the live default (`fission_rate_per_um_per_s`)
     so that events fill about a tenth of the time, the situation event-driven
     acquisition is for. The slow interval sets the reaction time: a frame
@@ -478,7 +480,8 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     n_max = int(duration_s / (max(exposure_ms, fast_interval_ms) / 1000)) + 1
     if score == "model":
         scorer = event_model_scorer(cfg)
-        upper = float(shipped_model("events.onnx").card.get("threshold", 0.5))
+        card = shipped_model("events.onnx").card
+        upper = float(card.get("switch_threshold", card.get("threshold", 0.5)))
         spec["params"].update({"upper": upper, "lower": upper / 2, **(params or {})})
         source = "the shipped event model (events.onnx)"
     else:

@@ -38,3 +38,25 @@ def test_score_counts_exact_outcomes():
     pred = [np.array([[60.0, 40.0], [1000.0, 1000.0]])]
     s = score_counts(truth, pred, tol_nm=200.0)
     assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 1) and s["f1"] == 0.5
+
+
+def test_score_counts_ignores_faint_emitters_under_min_snr():
+    # bright found, faint found, faint missed, bright missed, and one false positive
+    truth = [np.array([[50.0, 50.0, 8.0], [450.0, 50.0, 1.5], [850.0, 50.0, 1.0], [1250.0, 50.0, 3.0]])]
+    pred = [np.array([[60.0, 40.0], [440.0, 60.0], [2000.0, 2000.0]])]
+    every = score_counts(truth, pred, tol_nm=200.0)
+    assert (every["tp"], every["fp"], every["fn"]) == (2, 1, 2)
+    bright = score_counts(truth, pred, tol_nm=200.0, min_snr=2.0)
+    assert (bright["tp"], bright["fp"], bright["fn"]) == (1, 1, 1)
+    # count error: 2 counted predictions (1 hit + 1 false) for 2 bright emitters
+    assert bright["median_count_error"] == 0.0 and every["median_count_error"] == 0.25
+
+
+def test_simulated_snr_follows_photons_and_background():
+    """snr = N_peak / sqrt(N_peak + b): brighter emitters over the same background score higher."""
+    rng = np.random.default_rng(5)
+    _, _, truth = simulate_stacks(rng, 20, 3, 32, OpticsConfig(), CameraConfig(), on_density_per_um2=2.0)
+    snr = np.concatenate([t[:, 2] for t in truth])
+    assert snr.size > 50 and snr.min() > 0
+    # 150-5000 photons over 5-100 photons/px of background: from below 2 to well above 10
+    assert (snr < 2).mean() < 0.2 and np.percentile(snr, 90) > 8

@@ -7,6 +7,7 @@ import pytest
 
 from smartscope.cli import main
 from smartscope.inference.events import (
+    EventWindow,
     detect_events,
     event_map,
     link_tracks,
@@ -96,3 +97,22 @@ def test_persistent_score_needs_the_previous_frames_nearby():
     assert persistent_score(cur, [prev_far]) == 0.0
     assert persistent_score(cur, [prev_near, prev_far]) == 0.0  # seen in 3 frames: all must agree
     assert persistent_score(cur, []) == pytest.approx(0.9)
+
+
+def test_event_window_takes_keyframes_spacing_apart():
+    """Frames every 100 ms, spacing 300 ms: the window is the newest frame and keyframes ≥ 300 ms apart."""
+    window = EventWindow(3, 0.3)
+    frame = {}
+    out = {}
+    for k in range(12):
+        frame[k] = np.full((4, 4), float(k), np.float32)
+        out[k] = window.push("run-a", round(0.1 * k, 3), frame[k])
+    assert all(out[k] is None for k in range(4))  # keyframes at 0 and 0.3 s; the first window at 0.4 s
+    assert [w[0, 0] for w in out[4]] == [0.0, 3.0, 4.0]
+    assert [w[0, 0] for w in out[11]] == [6.0, 9.0, 11.0]  # keyframes 0, 3, 6, 9
+    # slower frames than the spacing: consecutive; a new acquisition or shape starts over
+    slow = EventWindow(3, 0.3)
+    windows = [slow.push("run-a", 0.5 * k, frame[k]) for k in range(4)]
+    assert windows[:2] == [None, None] and [w[0, 0] for w in windows[3]] == [1.0, 2.0, 3.0]
+    assert slow.push("run-b", 2.0, frame[5]) is None
+    assert slow.push("run-b", 2.5, np.zeros((8, 8), np.float32)) is None

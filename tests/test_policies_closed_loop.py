@@ -25,6 +25,7 @@ from smartscope.scenarios import (
     mount_tilted,
     run_closed_loop,
     settling_frame,
+    shipped_model,
     tilted_sample_config,
 )
 
@@ -152,8 +153,10 @@ def test_event_model_feeds_the_frame_rate_policy_as_the_worker_would():
         return value
 
     spec = {"name": "frame_rate", "module": "policies.frame_rate"}
-    run = run_closed_loop(cfg, [spec], 12, localize=False, event_score=score)
-    assert seen[:2] == [None, None] and all(0.0 <= v <= 1.0 for v in seen[2:])
+    run = run_closed_loop(cfg, [spec], 40, localize=False, event_score=score)
+    # the window's frames are window_spacing_ms apart: keyframes at 0 and 500 ms (frame 25), then scores
+    first = round(shipped_model("events.onnx").card["window_spacing_ms"] / 20.0) + 1
+    assert seen[:first] == [None] * first and all(0.0 <= v <= 1.0 for v in seen[first:])
     decisions = [d for d in run.decisions if d.get("policy") == "frame_rate"]
-    assert decisions and decisions[0]["frame"] == 2  # the first frame with a score
+    assert decisions and decisions[0]["frame"] == first  # the first frame with a score
     assert all(d["inputs"]["event_score"] == pytest.approx(seen[d["frame"]], abs=1e-3) for d in decisions)

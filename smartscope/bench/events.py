@@ -1,7 +1,8 @@
 """Fission-event detection, scored by event: precision, recall and F1 over a
 threshold sweep, and the detection delay in frames after an event's first
-active frame. Fresh episodes, each a new random microscope (see
-smartscope/training/episodes.py), through the shipped ONNX model."""
+active frame, and false objects per minute imaged (a 64x64 field). Fresh
+episodes, each a new random microscope (see smartscope/training/episodes.py),
+through the shipped ONNX model, with the window the worker builds."""
 
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ def run(quick: bool = False) -> dict:
         return out
 
     episodes, frames = (6, 30) if quick else (24, 40)
-    result = evaluate(timed_run, seed=1, episodes=episodes, frames=frames)
-    print(f"{'threshold':>9} {'events':>6} {'found':>5} {'objects':>7} {'recall':>7} {'precision':>9} {'F1':>6} {'delay (frames)':>14}")
+    result = evaluate(timed_run, seed=1, episodes=episodes, frames=frames,
+                      spacing_ms=float(model.card.get("window_spacing_ms", 0.0)))
+    print(f"{'threshold':>9} {'events':>6} {'found':>5} {'objects':>7} {'recall':>7} {'precision':>9} {'F1':>6} "
+          f"{'delay (frames)':>14} {'false/min':>9}")
     for threshold, s in result["threshold_sweep"].items():
         print(f"{threshold:>9} {s['events']:>6} {s['found']:>5} {s['objects']:>7} {s['recall']:>7.3f} {s['precision']:>9.3f} "
-              f"{s['f1']:>6.3f} {s['median_delay_frames'] if s['median_delay_frames'] is not None else '-':>14}")
+              f"{s['f1']:>6.3f} {s['median_delay_frames'] if s['median_delay_frames'] is not None else '-':>14} "
+              f"{s['false_per_min']:>9.2f}")
     result["card_threshold"] = model.card["threshold"]
     result["ms_per_frame_64px"] = round(1000 * float(np.median(calls)), 2)
     print(f"best F1 {result['best']['f1']:.3f} at threshold {result['best_threshold']} "

@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from smartscope.inference.counting import count_frame
-from smartscope.inference.events import event_map, persistent_score
+from smartscope.inference.events import EventWindow, event_map, persistent_score
 from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_input
 from smartscope.inference.session import LoadedModel, load_model
 from smartscope.transport.protocol import FrameHeader, MalformedMessage, Result, StageTimes, decode_frame, encode_result
@@ -62,11 +62,12 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     `max_batch` defaults to 1 on CPU (a batch costs as much per frame and delays
     the newest) and 8 on GPU (where batching is what makes it keep up).
 
-    The counting and event models look at a short causal window of frames:
-    the worker keeps the last few frames it received and runs them when the
-    window is consecutive (with several load-balanced workers, a worker sees
-    consecutive frames only now and then: the other frames carry no count and
-    no event score).
+    The counting model looks at a short causal window of frames: the worker
+    keeps the last few frames it received and runs them when the window is
+    consecutive (with several load-balanced workers, a worker sees consecutive
+    frames only now and then: the other frames carry no count). The event
+    model's window is its keyframes, `window_spacing_ms` apart by capture time
+    (`EventWindow`), so it sees change at any frame rate.
     """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -86,8 +87,10 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     if warmup_shape is not None:  # the first real frame must not pay for ORT's first-run set-up
         for m in models:
             m.warm_up(warmup_shape)
-    window = max([m.card["frames"] for m in (counter, eventer) if m is not None], default=1)
-    history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
+    window = counter.card["frames"] if counter is not None else 1
+    history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)  # the counting model's consecutive frames
+    event_window = EventWindow(eventer.card["frames"], eventer.card.get("window_spacing_ms", 0.0) / 1000) \
+        if eventer is not None else None
     # event maps of the last frames ((acquisition, seq), map): the score needs an event seen in the
     # card's min_frames frames
     recent_maps: deque[tuple[int, np.ndarray]] = deque(maxlen=max(eventer.card.get("min_frames", 1) - 1, 0)
@@ -187,7 +190,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             if pending["released"] or pending["skipped"]:  # before inference: the slots are free meanwhile
                 send("release")
             if batch:
-                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, window):
+                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, window,
+                                     event_window):
                     send("result", **result)
     finally:
         send("bye")
@@ -199,7 +203,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
 
 def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel | None,
            eventer: LoadedModel | None, threshold: float, history: deque, recent_maps: deque,
-           window: int) -> list[dict]:
+           window: int, event_window: EventWindow | None) -> list[dict]:
     """Run the models on a batch of frames (oldest first); one result's fields per frame."""
     t0 = time.perf_counter()
     per_frame_locs: list[tuple[np.ndarray, float]] = []
@@ -228,19 +232,19 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         count = density = score = None
         history.append(((h.acquisition, h.seq), f.photons))
         keys = [k for k, _ in history]
-        if len(history) == window and keys == [(h.acquisition, s) for s in range(h.seq - window + 1, h.seq + 1)]:
-            frames_window = np.stack([p for _, p in history])
-            if counter is not None:
-                count = int(count_frame(counter, frames_window[-counter.card["frames"]:]).sum())
-                density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
-            if eventer is not None:
-                current = event_map(eventer, frames_window[-eventer.card["frames"]:])
-                # the maps of the immediately preceding frames this worker saw (fewer after skips)
-                recent = [m for (acq, k), m in recent_maps
-                          if acq == h.acquisition and 0 < h.seq - k <= recent_maps.maxlen]
-                score = persistent_score(current, recent)
-                if recent_maps.maxlen:
-                    recent_maps.append(((h.acquisition, h.seq), current))
+        if counter is not None and len(history) == window \
+                and keys == [(h.acquisition, s) for s in range(h.seq - window + 1, h.seq + 1)]:
+            count = int(count_frame(counter, np.stack([p for _, p in history])).sum())
+            density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
+        frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
+        if frames_window is not None:
+            current = event_map(eventer, frames_window)
+            # the maps of the immediately preceding frames this worker saw (fewer after skips)
+            recent = [m for (acq, k), m in recent_maps
+                      if acq == h.acquisition and 0 < h.seq - k <= recent_maps.maxlen]
+            score = persistent_score(current, recent)
+            if recent_maps.maxlen:
+                recent_maps.append(((h.acquisition, h.seq), current))
         window_ms = (time.perf_counter() - t3) * 1000  # counting/event models: pre + inference + post
         stages = StageTimes(t_received_s=f.t_received_s, pre_ms=f.pre_ms + pre_batch_ms / len(batch),
                             infer_ms=infer_ms / len(batch) + window_ms, post_ms=post_ms / len(batch),

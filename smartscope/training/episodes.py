@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from smartscope.inference.events import EVENT_FRAMES, detect_events, normalise_window, score_events
+from smartscope.inference.events import EVENT_FRAMES, EventWindow, detect_events, normalise_window, score_events
 from smartscope.simulation import SimulatedMicroscope, SimulationConfig, adu_to_photons
 
 TILE_PX = 64
+MAX_DELAY_FRAMES = 2  # the detection delay goal; the card's threshold is the best F1 within it
+SWITCH_FALSE_PER_MIN = 0.5  # false objects per minute (64x64 field) allowed at the frame-rate switch
 TARGET_SIGMA_PX = 2.0
 VARIETY = {
     "pixel_size_nm": (80.0, 130.0), "tubule_width_min_nm": (150.0, 250.0), "tubule_width_span_nm": (50.0, 250.0),
@@ -73,36 +75,52 @@ def heatmap(events_px: np.ndarray, shape: tuple[int, int], sigma_px: float = TAR
     return out
 
 
-def predict_episode(model_run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray) -> list[np.ndarray]:
-    """Event maps for frames t ≥ 2 of an episode (earlier frames: no window yet)."""
-    maps = [np.zeros(frames.shape[1:], np.float32)] * (EVENT_FRAMES - 1)
-    for t in range(EVENT_FRAMES - 1, len(frames)):
-        maps.append(model_run(normalise_window(frames[t - EVENT_FRAMES + 1 : t + 1])[None])[0, 0])
+def predict_episode(model_run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray, interval_ms: float,
+                    spacing_ms: float = 0.0) -> list[np.ndarray]:
+    """Event maps of an episode's frames, with the window the worker builds
+    (`EventWindow`, keyframes `spacing_ms` apart); empty maps until it is full."""
+    window = EventWindow(EVENT_FRAMES, spacing_ms / 1000)
+    maps = []
+    for t, frame in enumerate(frames):
+        w = window.push(0, t * interval_ms / 1000, frame)
+        maps.append(np.zeros(frames.shape[1:], np.float32) if w is None else model_run(normalise_window(w)[None])[0, 0])
     return maps
 
 
 def evaluate(run: Callable[[np.ndarray], np.ndarray], seed: int, episodes: int = 24, frames: int = 40,
              thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-             min_frames_options: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
+             min_frames_options: tuple[int, ...] = (1, 2, 3), spacing_ms: float = 0.0) -> dict[str, Any]:
     """Object-level scores over a sweep of threshold × minimum object length (frames),
-    on fresh episodes (not the training ones).
+    on fresh episodes (not the training ones), and false objects per minute imaged.
 
     `run` maps a normalised (1, 3, H, W) window to a (1, 1, H, W) event map:
-    the torch net in training, an ONNX session in the benchmark.
+    the torch net in training, an ONNX session in the benchmark. `spacing_ms`:
+    the card's window_spacing_ms, as the worker uses it.
     """
     rng = np.random.default_rng(seed + 10_000)
-    episodes_data = []
+    episodes_data, intervals_ms = [], []
     for _ in range(episodes):
         scope, interval_ms = random_microscope(rng)
         episodes_data.append(simulate_episode(scope, frames, interval_ms))
-    maps = [predict_episode(run, frames_ph) for frames_ph, _ in episodes_data]
+        intervals_ms.append(interval_ms)
+    imaged_min = frames * sum(intervals_ms) / 60_000
+    maps = [predict_episode(run, frames_ph, interval_ms, spacing_ms)
+            for (frames_ph, _), interval_ms in zip(episodes_data, intervals_ms, strict=True)]
     truth = [events for _, events in episodes_data]
     sweep = {}
     for threshold in thresholds:
         detections = [[detect_events(m, threshold)[1] for m in episode] for episode in maps]
         for min_frames in min_frames_options:
-            sweep[f"{threshold}/{min_frames}"] = {"threshold": threshold,
-                                                  **score_events(detections, truth, min_frames=min_frames)}
-    best = max(sweep, key=lambda k: sweep[k]["f1"])
+            scores = score_events(detections, truth, min_frames=min_frames)
+            sweep[f"{threshold}/{min_frames}"] = {"threshold": threshold, **scores,
+                                                  "false_per_min": round(scores["false_objects"] / imaged_min, 3)}
+    # the card's setting: the best F1 among those that meet the delay goal
+    prompt = [k for k, v in sweep.items() if v["median_delay_frames"] is not None
+              and v["median_delay_frames"] <= MAX_DELAY_FRAMES] or list(sweep)
+    best = max(prompt, key=lambda k: sweep[k]["f1"])
+    min_frames = sweep[best]["min_frames"]
+    # the frame-rate switch: events are rare in a real run, so false alarms, not F1, set it
+    quiet = [t for t in thresholds if sweep[f"{t}/{min_frames}"]["false_per_min"] <= SWITCH_FALSE_PER_MIN]
     return {"threshold_sweep": sweep, "best_threshold": sweep[best]["threshold"],
-            "best_min_frames": sweep[best]["min_frames"], "best": sweep[best]}
+            "best_min_frames": min_frames, "best": sweep[best],
+            "switch_threshold": min(quiet) if quiet else max(thresholds)}

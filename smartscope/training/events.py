@@ -25,8 +25,14 @@ from torch import nn
 
 from smartscope.inference.events import EVENT_FRAMES, normalise_window
 from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
-from smartscope.training.episodes import TARGET_SIGMA_PX, TILE_PX, VARIETY, evaluate, heatmap, random_microscope
+from smartscope.training.episodes import MAX_DELAY_FRAMES, SWITCH_FALSE_PER_MIN, TARGET_SIGMA_PX, TILE_PX, VARIETY
+from smartscope.training.episodes import evaluate, heatmap, random_microscope
 from smartscope.training.episodes import simulate_episode
+
+# At run time the window's frames are at least this far apart (EventWindow): inside
+# the training intervals, where the model sees a constriction change between frames.
+WINDOW_SPACING_MS = 500.0
+
 
 class EventNet(nn.Module):
     """2D U-Net 16-32-64: (B, 3, H, W) normalised window → (B, 1, H, W) event probability."""
@@ -89,7 +95,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
         with torch.no_grad():
             return net(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
-    metrics = evaluate(run, seed)
+    metrics = evaluate(run, seed, spacing_ms=WINDOW_SPACING_MS)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "events.onnx"
@@ -107,8 +113,10 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
                      "description": "probability that an event (constricting or dividing) is at this pixel in frame t"}],
         "normalisation": {"percentiles": [1, 99.9], "range": [0, 1]},
         "frames": EVENT_FRAMES,
+        "window_spacing_ms": WINDOW_SPACING_MS,
         "threshold": metrics["best_threshold"],
         "min_frames": metrics["best_min_frames"],
+        "switch_threshold": metrics["switch_threshold"],
         "input_multiple_px": 4,
         "min_input_px": 16,
         "pixel_size_nm": None,
@@ -122,7 +130,11 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
                                 "(peaks above threshold) linked over frames into objects within 5 px, an object "
                                 "counting from its min_frames-th detection; an event is found if an object lies "
                                 "on it while it is active; precision over objects; delay = confirmation frame - "
-                                "first active frame",
+                                "first active frame; windows of keyframes window_spacing_ms apart, as the worker "
+                                "builds them; false_per_min: false objects per minute imaged; threshold and "
+                                f"min_frames: the best F1 with a median delay <= {MAX_DELAY_FRAMES} frames; "
+                                "switch_threshold (the frame-rate policy's): the lowest threshold at min_frames "
+                                f"with <= {SWITCH_FALSE_PER_MIN:g} false objects per minute",
                     **metrics},
         "retrain_command": f"smartscope train events --seed {seed}" + (f" --steps {steps}" if steps != 6000 else ""),
     }
