@@ -375,35 +375,3 @@ def test_simulate_writes_events_csv_in_live_mode(tmp_path) -> None:
     smlm = load_config()
     smlm.simulation.camera.width_px = smlm.simulation.camera.height_px = 32
     assert "events" not in simulate_to_dir(smlm, n_frames=2, out_dir=tmp_path / "smlm", progress=False)
-
-
-# ---- ageing without frames (training draws late-acquisition samples) ---------
-def test_idle_bleaches_by_the_given_dose_and_moves_the_clock() -> None:
-    """A still network (no motion, no fission): after idle, only the bleaching differs."""
-    config = _live(motion_nm_per_s=0.0, fission_rate_per_um_per_s=0.0)
-    fresh, aged = SimulatedMicroscope(config, seed=4), SimulatedMicroscope(config, seed=4)
-    for scope in (fresh, aged):
-        scope.excitation_mw = 50.0
-    dose_mj = 500.0
-    aged.idle(120.0, dose_mj=dose_mj)
-    k = config.live.bleach_per_mj
-    assert aged.t_s == 120.0 and aged.dose_mj == dose_mj
-    assert aged.bleached_fraction == pytest.approx(1 - np.exp(-k * dose_mj), rel=1e-12)
-    _, truth = aged.snap(20.0, 100.0)
-    fresh.snap(20.0, 100.0)
-    assert truth.t_s == 120.0
-    background = 50.0 * 0.02 * config.live.background_photons_per_mw_per_s_per_px
-    ratio = (aged.last_expected_photons - background).sum() / (fresh.last_expected_photons - background).sum()
-    assert ratio == pytest.approx(np.exp(-k * dose_mj), rel=0.01)  # focus drift moves a little light off the edges
-
-
-def test_idle_lets_the_network_divide_and_refuses_smlm_and_negative_time() -> None:
-    scope = SimulatedMicroscope(_live(fission_rate_per_um_per_s=0.03, constriction_s=1.0, division_s=0.5), seed=1)
-    tubules = len(np.unique(scope.network.segment))
-    scope.idle(60.0)
-    assert len(np.unique(scope.network.segment)) > tubules  # divisions happened while idle
-    assert scope.dose_mj == 0.0
-    with pytest.raises(ValueError, match="live mode"):
-        SimulatedMicroscope(SimulationConfig(), seed=0).idle(1.0)
-    with pytest.raises(ValueError, match=">= 0"):
-        scope.idle(-1.0)

@@ -162,27 +162,6 @@ class SimulatedMicroscope:
         """Current defocus of the sample's z=0 plane (nm): stage minus drifted focal plane."""
         return (self.stage_z_um - self.config.focal_plane_um) * 1000.0 + self._drift_nm
 
-    def idle(self, seconds: float, dose_mj: float = 0.0) -> None:
-        """Let a live sample age `seconds` without a frame: the network moves, divides
-        and fuses, the focus drifts, and `dose_mj` of excitation bleaches the label.
-
-        Why: an hour-long acquisition meets a fragmented, bleached network that a
-        fresh simulation does not show; training draws its episodes from that too.
-        """
-        if self.config.mode != "live":
-            raise ValueError("idle() is for the live mode; SMLM photophysics needs every frame period")
-        if seconds < 0 or dose_mj < 0:
-            raise ValueError(f"seconds and dose_mj must be >= 0, got {seconds}, {dose_mj}")
-        assert self.network is not None
-        self._advance_drift(seconds)
-        end_s = self.t_s + seconds
-        # in steps shorter than an event, so that events both start and end while idle
-        step_s = max(0.1, min(1.0, self.config.live.constriction_s + self.config.live.division_s))
-        while self.t_s < end_s:
-            self.t_s = min(end_s, self.t_s + step_s)
-            self.network.advance_to(self.t_s)
-        self._dose_mj += dose_mj
-
     # ---- the frame -------------------------------------------------------
     def snap(
         self, exposure_ms: float, interval_ms: float | None = None
