@@ -277,7 +277,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     try:
         stats = events_in_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
-                                model=args.model, threshold=args.threshold, provider=args.provider)
+                                model=args.model, threshold=args.threshold, provider=args.provider,
+                                interval_ms=args.interval_ms)
     except (StackError, ModelError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(stats))
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
     p.add_argument("--model", default="events.onnx")
     p.add_argument("--threshold", type=float, default=None, help="default: the model card's")
+    p.add_argument("--interval-ms", type=float, default=None,
+                   help="time between frames: the model then sees frames 500 ms apart, as in a live run "
+                        "(needed for stacks taken faster than that); default: consecutive frames")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     p.set_defaults(func=cmd_events)
 

@@ -80,6 +80,18 @@ def test_events_cli_writes_one_score_per_frame(tmp_path):
     assert frames == set(range(12))
 
 
+def test_events_cli_with_the_frame_interval_uses_spaced_windows(tmp_path):
+    """100 ms frames, 500 ms spacing: keyframes 0 and 5, so frames 0-5 have no window (score 0)."""
+    assert main(["simulate", "--frames", "12", "--out", str(tmp_path), "--config", str(_live_config(tmp_path))]) == 0
+    stack = str(tmp_path / "stack.ome.tif")
+    assert main(["events", stack, "--out", str(tmp_path / "ev.csv"), "--interval-ms", "100"]) == 0
+    rows = [r.split(",") for r in (tmp_path / "ev.csv").read_text().splitlines()[1:]]
+    first = {int(r[0]): float(r[3]) for r in reversed(rows)}  # a frame's first row
+    assert all(first[k] == 0.0 for k in range(6)) and all(first[k] > 0.0 for k in range(6, 12))
+    with pytest.raises(SystemExit, match="interval_ms must be > 0"):
+        main(["events", stack, "--out", str(tmp_path / "bad.csv"), "--interval-ms", "0"])
+
+
 def _live_config(tmp_path):
     path = tmp_path / "live.yaml"
     path.write_text("simulation: {mode: live, camera: {width_px: 64, height_px: 64}}\n"

@@ -110,7 +110,8 @@ EVENT_CSV_COLUMNS = ("frame", "x [nm]", "y [nm]", "score")
 
 
 def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = None, model: str = "events.onnx",
-                    threshold: float | None = None, provider: str = "auto", progress: bool = True) -> dict:
+                    threshold: float | None = None, provider: str = "auto", progress: bool = True,
+                    interval_ms: float | None = None) -> dict:
     """Score every frame of a live-imaging stack for fission events.
 
     One row per detected event (its location and peak probability); only
@@ -118,9 +119,11 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     are kept (single-frame flickers are noise). A frame without a kept
     detection gets one row with empty x/y and the frame's event score (the
     map's maximum), so every frame's score is in the file. The first frames,
-    before a full window exists, are scored 0.
+    before a full window exists, are scored 0. With `interval_ms` (the time
+    between frames) the window is built as in a live run, from frames the
+    card's window_spacing_ms apart; without it, from consecutive frames.
     """
-    from smartscope.inference.events import detect_events, event_map, persistent
+    from smartscope.inference.events import EventWindow, detect_events, event_map, persistent
 
     frames, meta_nm = open_stack(stack)
     pixel_size_nm = pixel_size_nm or meta_nm
@@ -129,12 +132,16 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     loaded = load_model(model, provider)
     check_fits_frames(loaded.card, frames.shape[1:], pixel_size_nm)
     threshold = loaded.card["threshold"] if threshold is None else threshold
-    window = loaded.card["frames"]
+    if interval_ms is not None and not interval_ms > 0:
+        raise StackError(f"interval_ms must be > 0, got {interval_ms}")
+    spacing_s = loaded.card.get("window_spacing_ms", 0.0) / 1000 if interval_ms else 0.0
+    window = EventWindow(int(loaded.card["frames"]), spacing_s)
     n, t0 = len(frames), time.perf_counter()
     scores, peaks = np.zeros(n), [np.zeros((0, 3)) for _ in range(n)]
-    for i in range(window - 1, n):
-        scores[i], peaks[i] = detect_events(event_map(loaded, np.asarray(frames[i + 1 - window : i + 1], np.float32)),
-                                            threshold)
+    for i in range(n):
+        w = window.push(stack, i * (interval_ms or 0.0) / 1000, np.asarray(frames[i], np.float32))
+        if w is not None:
+            scores[i], peaks[i] = detect_events(event_map(loaded, w), threshold)
         if progress and ((i + 1) % max(1, n // 20) == 0 or i + 1 == n):
             print(f"\r  scoring {i + 1}/{n} frames", end="", file=sys.stderr, flush=True)
     if progress:
