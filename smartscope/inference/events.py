@@ -53,9 +53,9 @@ class EventWindow:
 
     Why: the model sees a fission as change between its frames, and was
     trained at 100-1000 ms intervals. At a fast frame rate three consecutive
-    frames barely differ and the model sees nothing (in the frame-rate
-    scenario at 100 ms intervals it gave an event pixel a median of 0.05;
-    with frames 500 ms apart, 0.76). When frames come slower than the
+    frames barely differ and the model sees nothing (on the frame-rate
+    scenario's sample at 100 ms intervals an event pixel scored a median of
+    0.05-0.07; with frames 500 ms apart, 0.85). When frames come slower than the
     spacing, every frame is a keyframe and the window is consecutive. Two
     keyframes and one frame are kept, whatever the frame rate.
     """
