@@ -81,8 +81,8 @@ def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
     batch = [_Frame(FrameHeader(seq=i, t_capture_s=0.0, shape=f.shape, dtype="uint16", exposure_ms=10,
                                 camera=PARAMS), frame_to_photons(f, PARAMS), 0.0, 0.1)
              for i, f in enumerate(frames_adu)]
-    together = _infer(batch, model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), 1, None)
-    alone = [_infer([f], model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), 1, None)[0] for f in batch]
+    together = _infer(batch, model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), None)
+    alone = [_infer([f], model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), None)[0] for f in batch]
     assert model.batches and [r["stages"].batch for r in together] == [3, 3, 3]
     assert [r["seq"] for r in together] == [0, 1, 2]
     for a, b in zip(together, alone, strict=True):

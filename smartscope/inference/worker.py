@@ -87,8 +87,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     if warmup_shape is not None:  # the first real frame must not pay for ORT's first-run set-up
         for m in models:
             m.warm_up(warmup_shape)
-    window = counter.card["frames"] if counter is not None else 1
-    history: deque[tuple[int, np.ndarray]] = deque(maxlen=window)  # the counting model's consecutive frames
+    # the counting model's window: the last frames, used when they are consecutive
+    history: deque[tuple[tuple[int, int], np.ndarray]] = deque(maxlen=counter.card["frames"] if counter else 1)
     event_window = EventWindow(eventer.card["frames"], eventer.card.get("window_spacing_ms", 0.0) / 1000) \
         if eventer is not None else None
     # event maps of the last frames ((acquisition, seq), map): the score needs an event seen in the
@@ -190,8 +190,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             if pending["released"] or pending["skipped"]:  # before inference: the slots are free meanwhile
                 send("release")
             if batch:
-                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, window,
-                                     event_window):
+                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, event_window):
                     send("result", **result)
     finally:
         send("bye")
@@ -203,7 +202,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
 
 def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel | None,
            eventer: LoadedModel | None, threshold: float, history: deque, recent_maps: deque,
-           window: int, event_window: EventWindow | None) -> list[dict]:
+           event_window: EventWindow | None) -> list[dict]:
     """Run the models on a batch of frames (oldest first); one result's fields per frame."""
     t0 = time.perf_counter()
     per_frame_locs: list[tuple[np.ndarray, float]] = []
@@ -230,12 +229,12 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         h = f.header
         t3 = time.perf_counter()
         count = density = score = None
-        history.append(((h.acquisition, h.seq), f.photons))
-        keys = [k for k, _ in history]
-        if counter is not None and len(history) == window \
-                and keys == [(h.acquisition, s) for s in range(h.seq - window + 1, h.seq + 1)]:
-            count = int(count_frame(counter, np.stack([p for _, p in history])).sum())
-            density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
+        if counter is not None:
+            history.append(((h.acquisition, h.seq), f.photons))
+            n = history.maxlen
+            if [k for k, _ in history] == [(h.acquisition, s) for s in range(h.seq - n + 1, h.seq + 1)]:
+                count = int(count_frame(counter, np.stack([p for _, p in history])).sum())
+                density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
         if frames_window is not None:
             current = event_map(eventer, frames_window)
