@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from scipy.ndimage import maximum_filter
+from scipy.spatial import cKDTree
 
 from smartscope.evaluation import match_frame
 from smartscope.inference.session import LoadedModel
-from smartscope.training.stacks import normalise_stack
+from smartscope.training.stacks import N_CLASSES, normalise_stack
 
 PUBLISHED_MIN_SNR = 2.0  # the published HD-SMLM counter's ground truth left out emitters below this
 
@@ -53,20 +53,35 @@ def score_counts(truth: list[np.ndarray], pred: list[np.ndarray], tol_nm: float,
             "tp": tp, "fp": fp, "fn": fn}
 
 
-def decode_counts(logits: np.ndarray, threshold: float) -> np.ndarray:
-    """(4, H, W) class logits → (H, W) counts.
+def decode_counts(outputs: np.ndarray, threshold: float, merge_px: float) -> np.ndarray:
+    """(6, H, W) network outputs (class logits 0/1/2/3+, then dx, dy in px) → (H, W) counts.
 
-    A pixel holds emitters where its occupancy probability 1 − P(0) is a
-    local maximum (3×3) above `threshold`; how many is the likeliest of the
-    classes 1, 2, 3+. Peaks rather than a per-pixel argmax, because the
-    network spreads an emitter near a pixel border over two pixels.
+    Every pixel whose occupancy 1 − P(0) reaches `threshold` points at an
+    emitter: its own centre plus its predicted offset. Strongest first, a
+    pixel pointing within `merge_px` of an emitter already taken is the same
+    emitter (one emitter near a pixel border lights two pixels); otherwise it
+    is a new one, counted with the likeliest of the classes 1, 2, 3+ where
+    it points. Two emitters in neighbouring pixels point to two places and
+    stay two, which one peak per 3×3 window could not keep.
     """
+    logits, offsets = outputs[:N_CLASSES], outputs[N_CLASSES:N_CLASSES + 2]
     z = logits - logits.max(0, keepdims=True)
     p = np.exp(z)
     p /= p.sum(0, keepdims=True)
     occupancy = 1 - p[0]
-    peaks = (occupancy >= threshold) & (occupancy == maximum_filter(occupancy, size=3, mode="constant"))
-    return np.where(peaks, p[1:].argmax(0) + 1, 0)
+    h, w = occupancy.shape
+    iy, ix = np.nonzero(occupancy >= threshold)
+    order = np.argsort(-occupancy[iy, ix], kind="stable")
+    iy, ix = iy[order], ix[order]
+    at = np.column_stack([ix + 0.5 + offsets[0, iy, ix], iy + 0.5 + offsets[1, iy, ix]])
+    n_emitters = p[1:, iy, ix].argmax(0) + 1
+    taken = np.zeros(len(at), bool)
+    for k, neighbours in enumerate(cKDTree(at).query_ball_point(at, merge_px) if len(at) else []):
+        taken[k] = not any(taken[j] for j in neighbours if j < k)
+    counts = np.zeros((h, w), np.int64)
+    px = np.clip(np.floor(at[taken]).astype(int), 0, [w - 1, h - 1])
+    np.add.at(counts, (px[:, 1], px[:, 0]), n_emitters[taken])
+    return np.minimum(counts, N_CLASSES - 1)
 
 
 def count_frame(model: LoadedModel, window_photons: np.ndarray) -> np.ndarray:
@@ -78,5 +93,5 @@ def count_frame(model: LoadedModel, window_photons: np.ndarray) -> np.ndarray:
     stack = np.nan_to_num(np.asarray(window_photons, np.float32), nan=float(np.nanmedian(window_photons)))
     multiple = int(card.get("input_multiple_px", 1))
     stack = np.pad(stack, ((0, 0), (0, (-h) % multiple), (0, (-w) % multiple)), mode="edge")
-    logits = model.run(normalise_stack(stack)[None, None])[0, :, :h, :w]
-    return decode_counts(logits, float(card["occupancy_threshold"]))
+    outputs = model.run(normalise_stack(stack)[None, None])[0, :, :h, :w]
+    return decode_counts(outputs, float(card["occupancy_threshold"]), float(card["merge_radius_px"]))

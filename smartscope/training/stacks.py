@@ -29,6 +29,7 @@ STACK_DISTRIBUTION = {
 
 def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int, optics: OpticsConfig,
                     camera: CameraConfig, *, on_density_per_um2: float | None = None,
+                    offsets_out: np.ndarray | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(n, T, H, W) photons, (n, H, W) int count targets of the last frame, and per stack
     the emitters on in the last frame (K, 3) x_nm, y_nm, snr.
@@ -36,6 +37,9 @@ def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int,
     snr is the emitter's peak signal over its noise, N_peak / sqrt(N_peak + b), with
     N_peak = photons / (2 pi sigma_x sigma_y) (pixel units) and b the background per
     pixel: the published HD-SMLM counter was scored on emitters with snr >= 2 only.
+
+    `offsets_out`, an (n, 3, H, W) array, receives the offset targets of the last
+    frame (see `nearest_emitter_offsets`).
     """
     d = STACK_DISTRIBUTION
     px = camera.pixel_size_nm
@@ -64,12 +68,41 @@ def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int,
             img = render_gaussian_psfs((tile_px, tile_px), xy[lit, 0] / px, xy[lit, 1] / px, photons,
                                        sx[lit] / px, sy[lit] / px, out=np.full((tile_px, tile_px), bg))
             stacks[i, t] = adu_to_photons(photons_to_adu(img, camera, rng), camera)
+        if offsets_out is not None:
+            offsets_out[i] = nearest_emitter_offsets(xy[lit] / px, tile_px)
         ix, iy = (xy[lit, 0] // px).astype(int), (xy[lit, 1] // px).astype(int)
         inside = (ix >= 0) & (ix < tile_px) & (iy >= 0) & (iy < tile_px)
         np.add.at(counts[i], (iy[inside], ix[inside]), 1)
         peak = photons / (2 * np.pi * sx[lit] * sy[lit] / px**2)
         last_on.append(np.column_stack([xy[lit], peak / np.sqrt(peak + bg)])[inside])
     return stacks, np.minimum(counts, N_CLASSES - 1), last_on
+
+
+def nearest_emitter_offsets(xy_px: np.ndarray, tile_px: int, reach_px: int = 1) -> np.ndarray:
+    """(3, H, W): dx, dy from each pixel's centre to the nearest emitter (px), and a mask
+    of the pixels that have an emitter within `reach_px` pixels (their own or a neighbour's).
+
+    The counting model learns these offsets beside the counts (as DECODE learns
+    sub-pixel offsets), and not only on occupied pixels: a pixel next to an
+    emitter learns to point at it, so the decoder can tell the two pixels lit
+    by one emitter near a border (both point at one place) from two emitters
+    in neighbouring pixels (each points at its own).
+    """
+    out = np.zeros((3, tile_px, tile_px), np.float32)
+    best = np.full((tile_px, tile_px), np.inf)
+    steps = np.arange(-reach_px, reach_px + 1)
+    for ex, ey in xy_px:
+        cx, cy = int(np.floor(ex)), int(np.floor(ey))
+        for oy in steps:
+            for ox in steps:
+                x, y = cx + ox, cy + oy
+                if 0 <= x < tile_px and 0 <= y < tile_px:
+                    dx, dy = ex - (x + 0.5), ey - (y + 0.5)
+                    d2 = dx * dx + dy * dy
+                    if d2 < best[y, x]:
+                        best[y, x] = d2
+                        out[:, y, x] = dx, dy, 1.0
+    return out
 
 
 def normalise_stack(stack: np.ndarray, low_pct: float = 20.0, high_pct: float = 99.0) -> np.ndarray:
