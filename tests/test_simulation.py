@@ -437,3 +437,24 @@ def test_rotation_changes_what_the_smlm_image_shows() -> None:
     assert in_focus[0] > 0.95 and in_focus[1] < 0.4
     assert np.median(width45) > 1.5 * np.median(width0)
     assert n45 > 0.5 * n0  # the structure is still in view, seen differently
+
+
+def test_a_superseded_camera_sequence_ends_instead_of_running_on():
+    """UniMMCore forgets a sequence thread it could not join in 2 s and re-arms the stop event at the
+    next start: the simulated camera's older sequence must end by itself once a newer one starts."""
+    from smartscope.hardware.simulated import SimCamera
+
+    scope = SimulatedMicroscope(SimulationConfig(), seed=1)
+    cam = SimCamera(scope, realtime=True)
+    cam.set_exposure(10.0)
+    cam.set_interval_ms(200.0)
+
+    def buffer(shape, dtype):
+        return np.empty(shape, dtype)
+
+    old = cam.start_sequence(None, buffer)
+    next(old)  # the first frame; the next one is due in 200 ms
+    new = cam.start_sequence(3, buffer)
+    assert len(list(new)) == 3
+    with pytest.raises(StopIteration):
+        next(old)

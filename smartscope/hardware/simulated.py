@@ -35,6 +35,7 @@ class SimCamera(CameraDevice):
         self._exposure_ms = 20.0
         self._interval_ms = 0.0
         self._realtime = realtime
+        self._sequence = 0  # the newest sequence; an older one still running stops at once
 
     def get_exposure(self) -> float:
         return self._exposure_ms
@@ -67,16 +68,28 @@ class SimCamera(CameraDevice):
         n: int | None,
         get_buffer: Callable[[Sequence[int], DTypeLike], np.ndarray],
     ) -> Iterator[Mapping]:
+        """Frames every max(exposure, interval) in real time, else as fast as they render.
+
+        Why the sequence number: UniMMCore's stop waits 2 s for the acquisition
+        thread and then forgets it, and the next start re-arms the shared stop
+        event, so a thread still asleep between frames would wake up and run
+        on unseen (rendering and holding frames for ever). A sequence that a
+        newer one superseded ends at its next check instead, and the pacing
+        sleeps in short steps so that it checks often.
+        """
+        self._sequence += 1
+        me = self._sequence
         shape, dtype = self.shape(), self.dtype()
         count = 0
         next_due = time.perf_counter()
         while n is None or count < n:
             if self._realtime:
-                delay = next_due - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
+                while (delay := next_due - time.perf_counter()) > 0 and me == self._sequence:
+                    time.sleep(min(delay, 0.05))
                 period_s = max(self._exposure_ms, self._interval_ms) / 1000
                 next_due = max(next_due + period_s, time.perf_counter() - period_s)
+            if me != self._sequence:
+                return
             yield self._render_into(get_buffer(shape, dtype))
             count += 1
 
