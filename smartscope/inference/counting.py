@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from scipy.spatial import cKDTree
+from scipy.special import softmax
 
 from smartscope.evaluation import match_frame
 from smartscope.inference.session import LoadedModel
@@ -65,9 +66,7 @@ def decode_counts(outputs: np.ndarray, threshold: float, merge_px: float) -> np.
     stay two, which one peak per 3×3 window could not keep.
     """
     logits, offsets = outputs[:N_CLASSES], outputs[N_CLASSES:N_CLASSES + 2]
-    z = logits - logits.max(0, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(0, keepdims=True)
+    p = softmax(logits, axis=0)
     occupancy = 1 - p[0]
     h, w = occupancy.shape
     iy, ix = np.nonzero(occupancy >= threshold)
