@@ -18,6 +18,7 @@ exactly these.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from smartscope.control.safety import SafetyEnvelope
 from smartscope.hardware import build_core
 from smartscope.simulation.microscope import FrameTruth, SimulatedMicroscope
 from smartscope.simulation.sample import rotate_positions
-from smartscope.transport.protocol import CameraParams
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS, CameraParams
 
 # -- the loop -------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class ClosedLoopRun:
 
     truths: list[FrameTruth]
     n_localizations: np.ndarray  # (T,) int
-    localizations: list[np.ndarray]  # T arrays (N, 6), LOCALIZATION_COLUMNS
+    localizations: list[np.ndarray]  # T arrays (N, 7), LOCALIZATION_COLUMNS
     states: dict[str, np.ndarray]  # actuator -> (T,) value at capture (NaN: none)
     t_s: np.ndarray  # (T,) simulation time at the start of each exposure
     decisions: list[dict[str, Any]]
@@ -191,6 +192,7 @@ def run_closed_loop(
     from smartscope.inference.localization import localize_frame
 
     counts, model_counts, all_locs, times, holding = [], [], [], [], []
+    recent: deque[np.ndarray] = deque(maxlen=int(model.card.get("frames", 1)) if model else 1)  # its window
     states: dict[str, list[float]] = {k: [] for k in actuator.snapshot()}
     for i in range(n_frames):
         state = actuator.snapshot()
@@ -201,10 +203,11 @@ def run_closed_loop(
         truth = scope.truth_log[-1]
         now_s = truth.t_s + truth.exposure_ms / 1000 + latency_s
         actuator.clock_s = now_s
+        recent.append(frame)
         if localize:
-            locs, background = localize_frame(model, frame, camera, threshold=threshold)
+            locs, background = localize_frame(model, np.stack(recent), camera, threshold=threshold)
         else:
-            locs, background = np.empty((0, 6)), None
+            locs, background = np.empty((0, len(LOCALIZATION_COLUMNS))), None
         counts.append(len(locs))
         all_locs.append(locs)
         times.append(truth.t_s)

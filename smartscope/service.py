@@ -43,7 +43,7 @@ from smartscope.hardware import build_core
 from smartscope.inference.session import check_fits_frames, read_card
 from smartscope.inference.worker import HEARTBEAT_S
 from smartscope.storage import FrameWriter, LocalizationWriter
-from smartscope.transport.protocol import CameraParams, Result
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS, CameraParams, Result
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
 if TYPE_CHECKING:
@@ -546,7 +546,7 @@ class Daemon:
                     run.skipped += sum(acquisition == run.id for acquisition, _ in r.skipped)
         if r.kind != "result" or run is None or r.header is None or r.header.acquisition != run.id:
             return
-        locs = np.asarray(r.localizations, dtype=float).reshape(-1, 6)
+        locs = np.asarray(r.localizations, dtype=float).reshape(-1, len(LOCALIZATION_COLUMNS))
         focus_nm = float(np.median(locs[:, 2])) if len(locs) else None
         latency_ms = (now - r.t_capture_s) * 1000
         set_point = self._set_point()

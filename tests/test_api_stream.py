@@ -105,7 +105,8 @@ def test_latest_result_and_metrics_after_a_run(live):
     latest = client.get("/results/latest").json()
     assert latest["acquisition"] == run.id and latest["frames_inferred"] == run.inferred
     assert len(latest["localizations"]) == latest["n_emitters"]
-    assert set(latest["localizations"][0]) == {"x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p"}
+    assert set(latest["localizations"][0]) == {"x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p",
+                                              "background_photons"}
     m = _metrics(client)
     runs = list(daemon.runs.values())
     assert m[("smartscope_frames_inferred_total", ())] == sum(r.inferred for r in runs)

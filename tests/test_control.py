@@ -22,13 +22,14 @@ from smartscope.control import (
     build_policies,
 )
 from smartscope.control.engine import PolicySlot
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 from smartscope.hardware import build_core
 
 
 def obs(seq=0, n=10, state=None, locs=None, event=None, t_s=0.0) -> Observation:
     state = {"activation_mw": 50.0, "excitation_mw": 50.0, "z_um": 0.0, "interval_ms": 20.0,
              "angle_deg": 0.0, **(state or {})}
-    locs = np.zeros((n, 6)) if locs is None else locs
+    locs = np.zeros((n, len(LOCALIZATION_COLUMNS))) if locs is None else locs
     return Observation(seq=seq, t_capture_s=t_s, n_emitters=n, localizations=locs, background_photons=20.0,
                        state=state, field_area_um2=40.96, event_score=event)
 

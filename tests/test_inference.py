@@ -11,6 +11,7 @@ from smartscope.inference.session import choose_providers, load_model
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.simulation.tiles import simulate_tiles
 from smartscope.transport import CameraParams
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 
 CAM = CameraConfig()
 PARAMS = CameraParams(pixel_size_nm=CAM.pixel_size_nm, offset_adu=CAM.offset_adu, e_per_adu=CAM.e_per_adu,
@@ -51,7 +52,7 @@ def test_localizes_sparse_emitters_accurately(model):
 def test_sizes_off_the_stride_and_empty_frames(model, shape):
     frame = np.full(shape, 100, np.uint16)  # offset only: no light at all
     locs, bg = localize_frame(model, frame, PARAMS, threshold=0.5)
-    assert locs.shape == (0, 6) and bg == 0.0
+    assert locs.shape == (0, len(LOCALIZATION_COLUMNS)) and bg == 0.0
 
 
 @pytest.mark.parametrize("adu", [0, 100, 300, 1000, 5000, 65534])
@@ -70,7 +71,8 @@ def test_nan_and_saturated_pixels_invent_nothing(model):
 
 
 def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
-    """The worker's batched path (several frames, one ONNX call) equals one frame at a time."""
+    """The worker's batched path (several frames, one ONNX call) equals one frame at a time
+    (each with the frames before it as its window)."""
     from collections import deque
 
     from smartscope.inference.localization import frame_to_photons
@@ -81,8 +83,9 @@ def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
     batch = [_Frame(FrameHeader(seq=i, t_capture_s=0.0, shape=f.shape, dtype="uint16", exposure_ms=10,
                                 camera=PARAMS), frame_to_photons(f, PARAMS), 0.0, 0.1)
              for i, f in enumerate(frames_adu)]
-    together = _infer(batch, model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), None)
-    alone = [_infer([f], model, None, None, 0.5, deque(maxlen=1), deque(maxlen=0), None)[0] for f in batch]
+    together = _infer(batch, model, None, None, 0.5, deque(maxlen=3), deque(maxlen=0), None)
+    history = deque(maxlen=3)
+    alone = [_infer([f], model, None, None, 0.5, history, deque(maxlen=0), None)[0] for f in batch]
     assert model.batches and [r["stages"].batch for r in together] == [3, 3, 3]
     assert [r["seq"] for r in together] == [0, 1, 2]
     for a, b in zip(together, alone, strict=True):
@@ -95,3 +98,27 @@ def test_warm_up_runs_at_the_frame_size_given(model):
     counting = load_model("counting.onnx", "cpu")
     counting.warm_up((61, 47))
     assert not counting.batches and model.batches
+
+
+def test_a_window_missing_its_first_frames_repeats_the_oldest_there_is():
+    from smartscope.inference.localization import causal_window
+
+    a, b, c, d = (np.full((2, 2), v, np.float32) for v in (1, 2, 3, 4))
+    assert causal_window(a, 3)[:, 0, 0].tolist() == [1, 1, 1]
+    assert causal_window(np.stack([b, c]), 3)[:, 0, 0].tolist() == [2, 2, 3]
+    assert causal_window(np.stack([a, b, c, d]), 3)[:, 0, 0].tolist() == [2, 3, 4]
+
+
+def test_the_worker_window_stops_at_a_frame_it_did_not_see():
+    from collections import deque
+
+    from smartscope.inference.worker import _consecutive_window
+
+    history = deque(maxlen=3)
+    for acq, seq in (("a", 5), ("b", 0), ("b", 2), ("b", 3)):  # b/1 went to another worker
+        history.append(((acq, seq), np.full((2, 2), seq, np.float32)))
+    assert _consecutive_window(history)[:, 0, 0].tolist() == [2, 3]
+    history.append((("b", 4), np.full((2, 2), 4, np.float32)))
+    assert _consecutive_window(history)[:, 0, 0].tolist() == [2, 3, 4]
+    history.append((("c", 0), np.zeros((3, 3), np.float32)))  # a new acquisition starts its own window
+    assert _consecutive_window(history).shape == (1, 3, 3)

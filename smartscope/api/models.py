@@ -98,6 +98,7 @@ class Localization(BaseModel):
     photons: float
     uncertainty_nm: float
     p: float = Field(description="detection probability")
+    background_photons: float = Field(description="local background at the localization (photons/px)")
 
 
 class LatestResult(BaseModel):

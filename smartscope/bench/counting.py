@@ -40,7 +40,7 @@ def run(quick: bool = False) -> dict:
         model_pred = [counts_to_positions(count_frame(counter, s), camera.pixel_size_nm) for s in stacks]
         model_ms = (time.perf_counter() - t0) / n * 1000
         t0 = time.perf_counter()
-        loc_pred = [localize_photons(localizer, s[-1], params, threshold=0.5)[0][:, :2] for s in stacks]
+        loc_pred = [localize_photons(localizer, s, params, threshold=0.5)[0][:, :2] for s in stacks]
         loc_ms = (time.perf_counter() - t0) / n * 1000
         results[str(density)] = {}
         for name, pred, ms in (("counting model", model_pred, model_ms), ("localizations", loc_pred, loc_ms)):

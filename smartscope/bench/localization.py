@@ -1,7 +1,8 @@
 """Localization, side by side: our network vs smappy-smlm (SMAP's MLE) vs trackpy.
 
 All three see the same simulated frames (our optics and camera, exact ground
-truth). Each method's detection threshold is tuned on a separate tuning set
+truth): windows of 3 frames whose emitters blink; the peers fit the last frame,
+our network sees the window (and, as "smartscope-1frame", the last frame alone). Each method's detection threshold is tuned on a separate tuning set
 (best Jaccard), then judged on fresh frames with the SMLM-challenge protocol
 (greedy nearest-first matching within 250 nm). Isolated emitters give the
 RMSE against the Cramér–Rao bound; dense frames give the Jaccard index.
@@ -23,21 +24,24 @@ from smartscope.inference.session import load_model
 from smartscope.resources import resolve_model_path
 from smartscope.simulation import CameraConfig, OpticsConfig, adu_to_photons, astigmatic_sigmas_nm
 from smartscope.simulation import integrated_gaussian_crlb_nm
-from smartscope.simulation.tiles import simulate_tiles
+from smartscope.simulation.tiles import simulate_windows
 from smartscope.transport.protocol import CameraParams
 
 PIXEL_NM = 100.0
 FAST_MODEL = "localization-w8.onnx"
-Method = Callable[[np.ndarray, dict], list[np.ndarray]]  # (frames ADU, settings) → per-frame (N, 3) nm
+FRAMES = 3
+# (windows (n, T, H, W) ADU, settings) → per window, the last frame's localizations (N, 3) nm
+Method = Callable[[np.ndarray, dict], list[np.ndarray]]
 
 
-def _ours(camera: CameraConfig, model_name: str = "localization.onnx") -> tuple[Method, list[dict]]:
+def _ours(camera: CameraConfig, model_name: str = "localization.onnx", one_frame: bool = False,
+          ) -> tuple[Method, list[dict]]:
     model = load_model(model_name, "cpu")
     params = CameraParams(pixel_size_nm=PIXEL_NM, offset_adu=camera.offset_adu, e_per_adu=camera.e_per_adu,
                           qe=camera.qe, em_gain=camera.em_gain)
 
-    def run(frames: np.ndarray, settings: dict) -> list[np.ndarray]:
-        return [localize_frame(model, f, params, **settings)[0][:, :3] for f in frames]
+    def run(windows: np.ndarray, settings: dict) -> list[np.ndarray]:
+        return [localize_frame(model, w[-1:] if one_frame else w, params, **settings)[0][:, :3] for w in windows]
 
     return run, [{"threshold": t} for t in (0.3, 0.4, 0.5, 0.6, 0.7)]
 
@@ -48,7 +52,8 @@ def _smappy(camera: CameraConfig, sigma_px: float) -> tuple[Method, list[dict]]:
     meta = smappy.CameraMetadata(conversion=camera.e_per_adu, offset=camera.offset_adu,
                                  pixelsize_um=PIXEL_NM / 1000, em_on=False)
 
-    def run(frames: np.ndarray, settings: dict) -> list[np.ndarray]:
+    def run(windows: np.ndarray, settings: dict) -> list[np.ndarray]:
+        frames = np.ascontiguousarray(windows[:, -1])
         locs = smappy.fit(frames, camera=meta, cutoff_mode="absolute", **settings)
         if len(locs) == 0:
             return [np.zeros((0, 3)) for _ in frames]
@@ -72,9 +77,9 @@ def _trackpy(camera: CameraConfig) -> tuple[Method, list[dict]]:
     trackpy.quiet()
     logging.getLogger("trackpy").setLevel(logging.ERROR)
 
-    def run(frames: np.ndarray, settings: dict) -> list[np.ndarray]:
+    def run(windows: np.ndarray, settings: dict) -> list[np.ndarray]:
         out = []
-        for f in frames:
+        for f in windows[:, -1]:
             df = trackpy.locate(adu_to_photons(f, camera), separation=3, **settings)
             out.append(np.column_stack([(df["x"].to_numpy() + 0.5) * PIXEL_NM,
                                         (df["y"].to_numpy() + 0.5) * PIXEL_NM, np.zeros(len(df))]))
@@ -92,8 +97,9 @@ def _dense_set(seed: int, n: int, density_per_um2: float, optics, camera):
         k = rng.poisson(density_per_um2 * area)
         emitters.append(np.column_stack([rng.uniform(0, tile * PIXEL_NM, (k, 2)), rng.uniform(-400, 400, k),
                                          np.exp(rng.uniform(np.log(500), np.log(5000), k))]))
-    return simulate_tiles(rng, n, tile, optics, camera, emitters=emitters, background=np.full(n, 20.0),
-                          as_adu=True)
+    windows, truth, _ = simulate_windows(rng, n, FRAMES, tile, optics, camera, emitters=emitters,
+                                         background=np.full(n, 20.0), as_adu=True)
+    return windows, truth
 
 
 def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.ndarray], float]:
@@ -105,7 +111,8 @@ def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.nda
 def run(quick: bool = False) -> dict:
     optics, camera = OpticsConfig(), CameraConfig()
     sigma0_nm = float(astigmatic_sigmas_nm(np.zeros(1), optics)[0][0])
-    methods: dict[str, tuple[Method, list[dict]]] = {"smartscope": _ours(camera)}
+    methods: dict[str, tuple[Method, list[dict]]] = {"smartscope": _ours(camera),
+                                                     "smartscope-1frame": _ours(camera, one_frame=True)}
     if resolve_model_path(FAST_MODEL).is_file():  # the narrow variant, for large fields at high rates
         methods["smartscope-w8"] = _ours(camera, FAST_MODEL)
     missing = {}
@@ -126,7 +133,7 @@ def run(quick: bool = False) -> dict:
 
     results: dict = {"tuned_thresholds": best, "missing_peers": missing, "dense": {}, "isolated": {}}
     # 2. dense frames: detection quality
-    print(f"\n{'density /µm²':>12} {'method':<13} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8} {'locs/s':>8}")
+    print(f"\n{'density /µm²':>12} {'method':<17} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8} {'locs/s':>8}")
     for density in (0.5, 1.0, 2.0):
         frames, truth = _dense_set(100 + int(density * 10), n_dense, density, optics, camera)
         results["dense"][str(density)] = {}
@@ -135,7 +142,7 @@ def run(quick: bool = False) -> dict:
             s = score([t[:, :3] for t in truth], pred)
             s["localizations_per_s"] = round(sum(len(p) for p in pred) / seconds, 1)
             results["dense"][str(density)][name] = s
-            print(f"{density:>12} {name:<13} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
+            print(f"{density:>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
                   f"{s['rmse_lateral_nm']:>8.1f} {s['localizations_per_s']:>8.0f}")
     ours_ji = results["dense"]["2.0"]["smartscope"]["jaccard"]
     for name in methods:
@@ -144,12 +151,12 @@ def run(quick: bool = False) -> dict:
             results["dense"]["2.0"][f"ji_ratio_vs_{name}"] = round(ours_ji / peer, 3) if peer else None
 
     # 3. isolated emitters: precision against the Cramér–Rao bound
-    print(f"\n{'photons':>8} {'method':<13} {'RMSE x nm':>10} {'√CRLB nm':>9} {'ratio':>6} {'recall':>7}")
+    print(f"\n{'photons':>8} {'method':<17} {'RMSE x nm':>10} {'√CRLB nm':>9} {'ratio':>6} {'recall':>7}")
     rng = np.random.default_rng(7)
     for photons in (500, 1000, 2000, 5000):
         emitters = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]
-        frames, truth = simulate_tiles(rng, n_iso, 32, optics, camera, emitters=emitters,
-                                       background=np.full(n_iso, 10.0), as_adu=True)
+        frames, truth, _ = simulate_windows(rng, n_iso, FRAMES, 32, optics, camera, emitters=emitters,
+                                            background=np.full(n_iso, 10.0), as_adu=True)
         crlb = float(integrated_gaussian_crlb_nm(photons * camera.qe, 10.0 * camera.qe, sigma0_nm, PIXEL_NM))
         results["isolated"][str(photons)] = {"crlb_x_nm": round(crlb, 2)}
         for name, (method, _) in methods.items():
@@ -157,7 +164,7 @@ def run(quick: bool = False) -> dict:
             entry = {"rmse_x_nm": s["rmse_x_nm"], "rmse_over_crlb": round(s["rmse_x_nm"] / crlb, 3),
                      "recall": s["recall"]}
             results["isolated"][str(photons)][name] = entry
-            print(f"{photons:>8} {name:<13} {entry['rmse_x_nm']:>10.2f} {crlb:>9.2f} {entry['rmse_over_crlb']:>6.2f} "
+            print(f"{photons:>8} {name:<17} {entry['rmse_x_nm']:>10.2f} {crlb:>9.2f} {entry['rmse_over_crlb']:>6.2f} "
                   f"{entry['recall']:>7.3f}")
     for name, why in missing.items():
         print(f"peer {name}: {why}")

@@ -68,7 +68,7 @@ class Observation:
     seq: int
     t_capture_s: float
     n_emitters: int
-    localizations: np.ndarray  # (N, 6) float, columns LOCALIZATION_COLUMNS
+    localizations: np.ndarray  # (N, 7) float, columns LOCALIZATION_COLUMNS
     background_photons: float | None
     state: dict[str, float | None]  # actuator values at capture, keys in ACTUATORS
     field_area_um2: float

@@ -1,9 +1,11 @@
 """Localization: frames in photons → network maps → a table of emitters in nm.
 
-The network (see models/localization.json) predicts per pixel: detection
-probability p, the emitter's sub-pixel offset (dx, dy, in pixels from the pixel
-centre), its z relative to the focal plane, and its photon count. Peaks of p
-above the threshold that are local maxima in 3×3 become localizations.
+The network (see models/localization.json) sees a causal window of frames
+(t-2, t-1, t) and predicts per pixel of frame t: detection probability p, the
+emitter's sub-pixel offset (dx, dy, in pixels from the pixel centre), its z
+relative to the focal plane, its photon count, the local background, and the
+standard error of each estimate. Peaks of p above the threshold that are
+local maxima in 3×3 become localizations.
 """
 
 from __future__ import annotations
@@ -31,27 +33,45 @@ def normalise(photons: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
     return x / np.float32(norm["input_scale_photons"])
 
 
-def prepare_input(photons: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W) photons → (1, 1, H', W') float32 padded to the network stride.
+def causal_window(photons: np.ndarray, frames: int) -> np.ndarray:
+    """(H, W) or (T, H, W) photons, oldest first → (frames, H, W) ending at the last frame.
 
-    Non-finite pixels (NaN in float stacks) are replaced by the frame median so
-    they cannot create detections; padding repeats the edge.
+    Missing earlier frames (the start of a run, or frames another worker took)
+    are copies of the oldest one there is: the model was trained on such windows.
     """
-    img = np.asarray(photons, dtype=np.float32)
-    if not np.isfinite(img).all():
-        finite = img[np.isfinite(img)]
-        img = np.where(np.isfinite(img), img, np.median(finite) if finite.size else 0.0)
+    stack = np.asarray(photons, dtype=np.float32)
+    stack = stack[None] if stack.ndim == 2 else stack[-frames:]
+    return np.concatenate([np.repeat(stack[:1], frames - len(stack), axis=0), stack])
+
+
+def prepare_input(photons: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
+    """(H, W) photons, or a (T, H, W) window ending at the frame to localize →
+    (1, frames, H', W') float32 padded to the network stride.
+
+    Non-finite pixels (NaN in float stacks) are replaced by their frame's median
+    so they cannot create detections; padding repeats the edge.
+    """
+    img = causal_window(photons, int(card.get("frames", 1)))
+    for frame in img:
+        if not np.isfinite(frame).all():
+            finite = frame[np.isfinite(frame)]
+            frame[~np.isfinite(frame)] = np.median(finite) if finite.size else 0.0
     multiple = int(card.get("input_multiple_px", 1))
-    h, w = img.shape
+    h, w = img.shape[-2:]
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
     if pad_h or pad_w:
-        img = np.pad(img, ((0, pad_h), (0, pad_w)), mode="edge")
-    return normalise(img, card["normalisation"])[None, None], (h, w)
+        img = np.pad(img, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+    return normalise(img, card["normalisation"])[None], (h, w)
 
 
 def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], *,
                 pixel_size_nm: float, threshold: float, background_photons: float) -> np.ndarray:
-    """(1, C, H', W') network output → (N, 6) rows of x_nm, y_nm, z_nm, photons, uncertainty_nm, p."""
+    """(1, C, H', W') network output → (N, 7) rows of LOCALIZATION_COLUMNS.
+
+    `background_photons` is the frame's median: the local background is that
+    plus the network's bg map where it has one. The uncertainty is the network's
+    own (sigma_x, sigma_y) where it predicts it, else Mortensen's formula.
+    """
     norm = card["normalisation"]
     channels = card["outputs"][0]["channels"]
     h, w = shape
@@ -63,16 +83,21 @@ def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], 
     y_nm = (iy + 0.5 + m["dy"][iy, ix]) * pixel_size_nm
     z_nm = m["z"][iy, ix] * norm["z_scale_nm"]
     photons = np.maximum(m["photons"][iy, ix] * norm["photon_scale"], 1.0)
-    sigma_nm = float(card["psf_sigma_nm"])
-    unc = mortensen_uncertainty_nm(photons, background_photons, sigma_nm, pixel_size_nm)
-    return np.column_stack([x_nm, y_nm, z_nm, photons, unc, p[iy, ix]]).astype(np.float64)
+    background = background_photons + (m["bg"][iy, ix] * norm["input_scale_photons"] if "bg" in m else 0.0)
+    background = np.maximum(background, 0.0) * np.ones_like(photons)
+    if "sigma_x" in m:
+        unc = np.sqrt((m["sigma_x"][iy, ix] ** 2 + m["sigma_y"][iy, ix] ** 2) / 2) * pixel_size_nm
+    else:
+        unc = mortensen_uncertainty_nm(photons, background, float(card["psf_sigma_nm"]), pixel_size_nm)
+    return np.column_stack([x_nm, y_nm, z_nm, photons, unc, p[iy, ix], background]).astype(np.float64)
 
 
-def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: float, sigma_nm: float,
+def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: np.ndarray | float, sigma_nm: float,
                              pixel_size_nm: float) -> np.ndarray:
     """Lateral precision of an MLE fit (Mortensen et al. 2010, eq. 6)."""
     sa2 = sigma_nm**2 + pixel_size_nm**2 / 12
-    var = sa2 / photons * (16 / 9 + 8 * np.pi * sa2 * max(background_per_px, 0.0) / (photons * pixel_size_nm**2))
+    b = np.maximum(background_per_px, 0.0)
+    var = sa2 / photons * (16 / 9 + 8 * np.pi * sa2 * b / (photons * pixel_size_nm**2))
     return np.sqrt(var)
 
 
@@ -87,10 +112,10 @@ def frame_to_photons(frame_adu: np.ndarray, camera: Any) -> np.ndarray:
 
 def localize_photons(model: LoadedModel, photons: np.ndarray, camera: Any, *, threshold: float,
                      refine: bool = True) -> tuple[np.ndarray, float]:
-    """Photons (H, W) → (localizations, background photons/px)."""
+    """Photons (H, W), or a (T, H, W) window ending at it → (localizations, background photons/px)."""
     batch, shape = prepare_input(photons, model.card)
-    return maps_to_localizations(model.card, model.run(batch), photons, shape, camera,
-                                 threshold=threshold, refine=refine)
+    return maps_to_localizations(model.card, model.run(batch), photons[-1] if np.ndim(photons) == 3 else photons,
+                                 shape, camera, threshold=threshold, refine=refine)
 
 
 def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.ndarray, shape: tuple[int, int],
@@ -98,21 +123,22 @@ def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.nd
     """One frame's network maps (1, C, H', W') → (localizations, background photons/px).
 
     With `refine`, isolated detections get a maximum-likelihood position
-    (inference/refine.py) when the model card carries its PSF calibration.
+    (inference/refine.py) when the model card carries its PSF calibration, and
+    the precision of such a fit (Mortensen) as their uncertainty.
     """
     background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
     locs = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
                        threshold=threshold, background_photons=background)
     if refine and "astigmatism" in card and len(locs):
-        locs = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
-                                astig=card["astigmatism"], background=background)
-        locs[:, 4] = mortensen_uncertainty_nm(locs[:, 3], background, float(card["psf_sigma_nm"]),
-                                              camera.pixel_size_nm)
+        locs, refined = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
+                                         astig=card["astigmatism"], background=locs[:, 6])
+        locs[refined, 4] = mortensen_uncertainty_nm(locs[refined, 3], locs[refined, 6],
+                                                    float(card["psf_sigma_nm"]), camera.pixel_size_nm)
     return locs, background
 
 
 def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,
                    threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
-    """One raw frame (ADU) → (localizations, background photons/px)."""
+    """One raw frame (ADU), or a (T, H, W) window ending at it → (localizations, background photons/px)."""
     return localize_photons(model, frame_to_photons(frame_adu, camera), camera, threshold=threshold,
                             refine=refine)

@@ -87,11 +87,13 @@ def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = 
     check_fits_frames(loaded.card, frames.shape[1:], pixel_size_nm)
     writer = LocalizationWriter(Path(out_csv))
     n = len(frames)
+    window = int(loaded.card.get("frames", 1))  # frame i is localized with the frames just before it
     t0 = time.perf_counter()
     every = max(1, n // 20)
     try:
         for i in range(n):
-            locs, background = localize_frame(loaded, np.asarray(frames[i]), camera, threshold=threshold)
+            locs, background = localize_frame(loaded, np.asarray(frames[max(0, i - window + 1):i + 1]), camera,
+                                              threshold=threshold)
             writer.write(i, locs, background)
             if progress and ((i + 1) % every == 0 or i + 1 == n):
                 rate = (i + 1) / (time.perf_counter() - t0)

@@ -40,14 +40,18 @@ def _axis(u: np.ndarray, centre: np.ndarray, sigma: np.ndarray):
 
 
 def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pixel_size_nm: float, astig: dict,
-                     background: float, window_px: int = 7, iterations: int = 10) -> np.ndarray:
-    """locs (N, ≥4: x_nm, y_nm, z_nm, photons, ...) → a copy with refined x, y, photons.
+                     background: np.ndarray | float, window_px: int = 7, iterations: int = 10,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """locs (N, ≥4: x_nm, y_nm, z_nm, photons, ...) → (a copy with refined x, y, photons,
+    the mask of the rows refined).
 
-    photons_img: (H, W) photons (ADU converted), as the network saw it.
+    photons_img: (H, W) photons (ADU converted), as the network saw it;
+    background: photons/px, per localization or one for all (the fit's start).
     """
     out = np.array(locs, dtype=np.float64, copy=True)
+    refined = np.zeros(len(out), bool)
     if len(out) == 0:
-        return out
+        return out, refined
     half = window_px // 2
     x0, y0 = out[:, 0] / pixel_size_nm, out[:, 1] / pixel_size_nm
     if len(out) > 1:
@@ -60,7 +64,7 @@ def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pi
     inside = isolated & (cx - half >= 0) & (cy - half >= 0) & (cx + half < w) & (cy + half < h)
     idx = np.flatnonzero(inside)
     if idx.size == 0:
-        return out
+        return out, refined
     # ROIs (n, win, win) in photoelectrons: the Poisson variable
     offs = np.arange(-half, half + 1)
     rows = cy[idx, None, None] + offs[None, :, None]
@@ -72,7 +76,7 @@ def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pi
     sx, sy = sx[:, None, None], sy[:, None, None]
     x, y = x0[idx, None, None].copy(), y0[idx, None, None].copy()
     n = np.maximum(out[idx, 3] * qe, 1.0)[:, None, None]
-    b = np.full_like(n, max(background * qe, 0.1))
+    b = np.maximum(np.broadcast_to(np.asarray(background, np.float64), len(out))[idx] * qe, 0.1)[:, None, None]
     for _ in range(iterations):
         ex, dex, d2ex = _axis(u, x, sx)
         ey, dey, d2ey = _axis(v, y, sy)
@@ -94,4 +98,5 @@ def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pi
     out[keep, 0] = x[ok] * pixel_size_nm
     out[keep, 1] = y[ok] * pixel_size_nm
     out[keep, 3] = n[ok] / qe
-    return out
+    refined[keep] = True
+    return out, refined

@@ -26,7 +26,15 @@ from smartscope.inference.counting import count_frame
 from smartscope.inference.events import EventWindow, event_map, persistent_score
 from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_input
 from smartscope.inference.session import LoadedModel, load_model
-from smartscope.transport.protocol import FrameHeader, MalformedMessage, Result, StageTimes, decode_frame, encode_result
+from smartscope.transport.protocol import (
+    LOCALIZATION_COLUMNS,
+    FrameHeader,
+    MalformedMessage,
+    Result,
+    StageTimes,
+    decode_frame,
+    encode_result,
+)
 from smartscope.transport.ring import RingReader
 
 log = logging.getLogger("smartscope.worker")
@@ -62,10 +70,13 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     `max_batch` defaults to 1 on CPU (a batch costs as much per frame and delays
     the newest) and 8 on GPU (where batching is what makes it keep up).
 
-    The counting model looks at a short causal window of frames: the worker
-    keeps the last few frames it received and runs them when the window is
-    consecutive (with several load-balanced workers, a worker sees consecutive
-    frames only now and then: the other frames carry no count). The event
+    The localization and counting models look at a short causal window of
+    frames: the worker keeps the last few frames it received. The counting
+    model runs only when its window is consecutive (with several load-balanced
+    workers, a worker sees consecutive frames only now and then: the other
+    frames carry no count); the localization model runs on every frame, with
+    copies standing in for the earlier frames it did not see (it was trained
+    so, and localizes one frame alone nearly as well). The event
     model's window is its keyframes, `window_spacing_ms` apart by capture time
     (`EventWindow`), so it sees change at any frame rate.
     """
@@ -87,8 +98,9 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     if warmup_shape is not None:  # the first real frame must not pay for ORT's first-run set-up
         for m in models:
             m.warm_up(warmup_shape)
-    # the counting model's window: the last frames, used when they are consecutive
-    history: deque[tuple[tuple[int, int], np.ndarray]] = deque(maxlen=counter.card["frames"] if counter else 1)
+    # the windows of the localization and counting models: the last frames this worker saw
+    history: deque[tuple[tuple[int, int], np.ndarray]] = deque(
+        maxlen=max([int(m.card.get("frames", 1)) for m in (loaded, counter) if m is not None], default=1))
     event_window = EventWindow(eventer.card["frames"], eventer.card.get("window_spacing_ms", 0.0) / 1000) \
         if eventer is not None else None
     # event maps of the last frames ((acquisition, seq), map): the score needs an event seen in the
@@ -205,10 +217,14 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
            event_window: EventWindow | None) -> list[dict]:
     """Run the models on a batch of frames (oldest first); one result's fields per frame."""
     t0 = time.perf_counter()
+    windows = []
+    for f in batch:
+        history.append(((f.header.acquisition, f.header.seq), f.photons))
+        windows.append(_consecutive_window(history))
     per_frame_locs: list[tuple[np.ndarray, float]] = []
     infer_ms = post_ms = 0.0
     if loaded is not None:
-        inputs = [prepare_input(f.photons, loaded.card) for f in batch]
+        inputs = [prepare_input(w, loaded.card) for w in windows]
         t1 = time.perf_counter()
         maps = loaded.run(np.concatenate([x for x, _ in inputs]))
         t2 = time.perf_counter()
@@ -222,19 +238,16 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         pre_batch_ms = 0.0
         for f in batch:
             finite = np.isfinite(f.photons).any()
-            per_frame_locs.append((np.zeros((0, 6)), float(np.nanmedian(f.photons)) if finite else 0.0))
+            per_frame_locs.append((np.zeros((0, len(LOCALIZATION_COLUMNS))), float(np.nanmedian(f.photons)) if finite else 0.0))
     results = []
-    for f, (locs, background) in zip(batch, per_frame_locs, strict=True):
+    for f, window, (locs, background) in zip(batch, windows, per_frame_locs, strict=True):
         locs = locs[np.isfinite(locs).all(axis=1)]  # JSON carries no NaN: such a row would lose the result
         h = f.header
         t3 = time.perf_counter()
         count = density = score = None
-        if counter is not None:
-            history.append(((h.acquisition, h.seq), f.photons))
-            n = history.maxlen
-            if [k for k, _ in history] == [(h.acquisition, s) for s in range(h.seq - n + 1, h.seq + 1)]:
-                count = int(count_frame(counter, np.stack([p for _, p in history])).sum())
-                density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
+        if counter is not None and len(window) >= counter.card["frames"]:
+            count = int(count_frame(counter, window[-counter.card["frames"]:]).sum())
+            density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
         if frames_window is not None:
             current = event_map(eventer, frames_window)
@@ -254,3 +267,15 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
                         "background_photons": background, "count_estimate": count, "density_per_um2": density,
                         "event_score": score})
     return results
+
+
+def _consecutive_window(history: deque) -> np.ndarray:
+    """(T, H, W): the newest frame in `history` and the frames just before it in the same
+    acquisition (and shape), oldest first, up to the first one missing."""
+    (acquisition, seq), newest = history[-1]
+    frames = []
+    for (acq, k), photons in reversed(history):
+        if acq != acquisition or k != seq - len(frames) or photons.shape != newest.shape:
+            break
+        frames.append(photons)
+    return np.stack(frames[::-1])

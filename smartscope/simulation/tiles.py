@@ -20,6 +20,8 @@ TILE_DISTRIBUTION = {
     "z_nm": (-600.0, 600.0),
     "background_photons_per_px": (2.0, 200.0),  # log-uniform
 }
+#: per frame: the simulated microscope's k_off = 30/s gives exp(-30 x 0.02) = 0.55 at 20 ms frames
+P_STAY_ON = 0.5
 
 
 def random_emitters(rng: np.random.Generator, tile_px: int, pixel_size_nm: float) -> np.ndarray:
@@ -37,18 +39,58 @@ def simulate_tiles(rng: np.random.Generator, n: int, tile_px: int, optics: Optic
                    as_adu: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """n noisy tiles (n, H, W), in photons (float32) or raw ADU (uint16), and the
     emitters inside each tile (K, 4): x_nm, y_nm, z_nm, photons."""
+    frames, truth, _ = simulate_windows(rng, n, 1, tile_px, optics, camera, emitters=emitters,
+                                        background=background, as_adu=as_adu)
+    return frames[:, 0], truth
+
+
+def simulate_windows(rng: np.random.Generator, n: int, frames: int, tile_px: int, optics: OpticsConfig,
+                     camera: CameraConfig, *, emitters: list[np.ndarray] | None = None,
+                     background: np.ndarray | None = None, as_adu: bool = False,
+                     structured_background: bool = False,
+                     ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """n causal windows of `frames` frames (n, T, H, W), the emitters inside the LAST
+    frame (K, 4: x_nm, y_nm, z_nm, photons) and its background (n, H, W) photons/px.
+
+    The emitters of the last frame (drawn, or given) blink back in time: a
+    molecule on in frame t was on in t-1 with probability P_STAY_ON (a two-state
+    chain at steady state is reversible), with a partial on-time there; and
+    others, off by frame t, were on before (as many as turned off: like the frame's
+    emitters, elsewhere).
+    With `structured_background`, half the tiles get a smooth out-of-focus glow
+    (a broad Gaussian up to 3x the flat level) that the network must not take
+    for emitters and learns to estimate. frames=1 draws exactly the old tiles.
+    """
     px = camera.pixel_size_nm
-    frames = np.empty((n, tile_px, tile_px), np.uint16 if as_adu else np.float32)
+    out = np.empty((n, frames, tile_px, tile_px), np.uint16 if as_adu else np.float32)
+    backgrounds = np.empty((n, tile_px, tile_px), np.float32)
     truth = []
+    yy, xx = np.mgrid[0:tile_px, 0:tile_px] + 0.5
     for i in range(n):
         em = random_emitters(rng, tile_px, px) if emitters is None else emitters[i]
         bg = (np.exp(rng.uniform(*np.log(TILE_DISTRIBUTION["background_photons_per_px"])))
               if background is None else background[i])
-        sx, sy = astigmatic_sigmas_nm(em[:, 2], optics)
-        img = render_gaussian_psfs((tile_px, tile_px), em[:, 0] / px, em[:, 1] / px, em[:, 3], sx / px, sy / px,
-                                   out=np.full((tile_px, tile_px), bg, np.float64))
-        adu = photons_to_adu(img, camera, rng)
-        frames[i] = adu if as_adu else adu_to_photons(adu, camera)
+        bg_map = np.full((tile_px, tile_px), bg, np.float64)
+        if structured_background and rng.random() < 0.5:
+            cx, cy = rng.uniform(0, tile_px, 2)
+            width_px = rng.uniform(4.0, 16.0)
+            bg_map *= 1 + rng.uniform(0.0, 3.0) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width_px**2))
+        # back in time: the last frame's emitters, and those that went off since
+        lit = [em]
+        for _ in range(frames - 1):
+            stayed = lit[-1][rng.random(len(lit[-1])) < P_STAY_ON]
+            stayed = stayed * [1, 1, 1, 0] + [0, 0, 0, 1] * stayed[:, 3:] * rng.uniform(0.3, 1.0, (len(stayed), 1))
+            # as many went off as stayed off: like the frame's emitters, elsewhere
+            gone = em[rng.integers(0, len(em), rng.poisson(len(em) * (1 - P_STAY_ON)))] if len(em) else em
+            gone = np.column_stack([rng.uniform(-1.0, tile_px + 1.0, (len(gone), 2)) * px, gone[:, 2:]])
+            lit.append(np.concatenate([stayed, gone]))
+        for t, e in enumerate(reversed(lit)):
+            sx, sy = astigmatic_sigmas_nm(e[:, 2], optics)
+            img = render_gaussian_psfs((tile_px, tile_px), e[:, 0] / px, e[:, 1] / px, e[:, 3], sx / px, sy / px,
+                                       out=bg_map.copy())
+            adu = photons_to_adu(img, camera, rng)
+            out[i, t] = adu if as_adu else adu_to_photons(adu, camera)
+        backgrounds[i] = bg_map
         inside = (em[:, 0] >= 0) & (em[:, 0] < tile_px * px) & (em[:, 1] >= 0) & (em[:, 1] < tile_px * px)
         truth.append(em[inside])
-    return frames, truth
+    return out, truth, backgrounds

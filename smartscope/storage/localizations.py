@@ -24,9 +24,11 @@ class LocalizationWriter:
         self.rows = 0
 
     def write(self, frame: int, locs: np.ndarray, background_photons: float | None) -> None:
-        """locs: (N, ≥5) rows of x_nm, y_nm, z_nm, photons, uncertainty_nm[, ...]."""
-        bg = float(background_photons or 0.0)
-        for x, y, z, ph, unc, *_ in np.asarray(locs, dtype=float):
+        """locs: (N, ≥5) rows of LOCALIZATION_COLUMNS; the offset column is each row's local
+        background where it has one (a 7th column), else the frame's `background_photons`."""
+        frame_bg = float(background_photons or 0.0)
+        for x, y, z, ph, unc, *rest in np.asarray(locs, dtype=float):
+            bg = rest[1] if len(rest) > 1 else frame_bg
             self._csv.writerow([frame, f"{x:.2f}", f"{y:.2f}", f"{z:.2f}", f"{ph:.1f}", f"{bg:.2f}", f"{unc:.2f}"])
             self.rows += 1
 

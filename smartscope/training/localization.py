@@ -5,7 +5,12 @@ truth is free. Each training tile (`simulation.tiles`) is rendered with the proj
 and camera model (astigmatic integrated-Gaussian PSF, Poisson + read noise, ADU),
 converted back to photons the way the worker does, and paired with per-pixel
 targets: p = 1 in the pixel holding an emitter's centre, with its sub-pixel
-offset, z and photon count there (Deep-STORM/DECODE-style, one frame in).
+offset, z and photon count there, and the background everywhere
+(Deep-STORM/DECODE-style). The input is a causal window of 3 frames: a
+molecule blinks over several frames, so the frames before say where a dim one
+is. The network also predicts the uncertainty of each estimate (a Gaussian
+negative log-likelihood on its own errors, as DECODE does), which the worker
+reports for the detections the ML refinement does not reach.
 
 `smartscope train localization --seed 0` reproduces models/localization.onnx
 and its card (metrics measured on held-out simulated frames).
@@ -21,26 +26,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from smartscope.evaluation import score
+from smartscope.evaluation import match_frame, score
 from smartscope.inference.localization import localize_photons, normalise
 from smartscope.simulation import CameraConfig, OpticsConfig, astigmatic_sigmas_nm, integrated_gaussian_crlb_nm
-from smartscope.simulation.tiles import TILE_DISTRIBUTION, simulate_tiles
+from smartscope.simulation.tiles import P_STAY_ON, TILE_DISTRIBUTION, simulate_windows
 from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
 from smartscope.transport.protocol import CameraParams
 
-CHANNELS = ("p", "dx", "dy", "z", "photons")
+CHANNELS = ("p", "dx", "dy", "z", "photons", "bg", "sigma_x", "sigma_y", "sigma_z", "sigma_photons")
+FRAMES = 3  # t-2, t-1, t
+#: training windows whose earlier frames are replaced by copies (all, or the oldest), as the worker
+#: fills a window whose frames another worker took, so one frame alone still localizes well
+CONTEXT_DROPOUT = {"all": 0.15, "oldest": 0.1}
 NORMALISATION = {"subtract_median": True, "input_scale_photons": 50.0, "z_scale_nm": 500.0,
                  "photon_scale": 1000.0}
 INPUT_MULTIPLE_PX = 4
-TRAIN = {"tile_px": 40, "pixel_size_nm": 100.0, **TILE_DISTRIBUTION}  # recorded in the model card
+TRAIN = {"tile_px": 40, "pixel_size_nm": 100.0, **TILE_DISTRIBUTION, "p_stay_on": P_STAY_ON,
+         "structured_background": "half the tiles: a Gaussian glow, 4-16 px wide, up to 3x the flat level",
+         "context_dropout": CONTEXT_DROPOUT}  # recorded in the model card
 
 
 class LocalizationNet(nn.Module):
-    """A small U-Net (16-32-64 channels): ~0.3 GMAC for a 96x96 frame."""
+    """A small U-Net (16-32-64 channels): ~0.3 GMAC for a 96x96 frame; the frames are its input channels."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.backbone = UNet2d(1, width)
+        self.backbone = UNet2d(FRAMES, width)
         self.head = nn.Conv2d(width, len(CHANNELS), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,41 +60,51 @@ class LocalizationNet(nn.Module):
         dxy = 0.6 * torch.tanh(h[:, 1:3])
         z = 1.5 * torch.tanh(h[:, 3:4])
         photons = nn.functional.softplus(h[:, 4:5])
-        return torch.cat([p, dxy, z, photons], 1)
+        sigmas = nn.functional.softplus(h[:, 6:10]) + 1e-3
+        return torch.cat([p, dxy, z, photons, h[:, 5:6], sigmas], 1)
 
 
-def targets(truth: list[np.ndarray], tile_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel targets (n, 5, H, W) and the mask of pixels that hold an emitter."""
+def targets(truth: list[np.ndarray], background_residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel targets (n, 6, H, W: p, dx, dy, z, photons, bg) and the mask of pixels that hold
+    an emitter; `background_residual` (n, H, W) is the background minus the frame median, in input units."""
     px = TRAIN["pixel_size_nm"]
-    t = np.zeros((len(truth), len(CHANNELS), tile_px, tile_px), np.float32)
+    tile_px = background_residual.shape[-1]
+    t = np.zeros((len(truth), 6, tile_px, tile_px), np.float32)
+    t[:, 5] = background_residual
     for i, em in enumerate(truth):
         for x, y, z, ph in em[np.argsort(em[:, 3])]:  # brightest written last wins a shared pixel
             ix, iy = int(x // px), int(y // px)
-            t[i, :, iy, ix] = (1.0, x / px - ix - 0.5, y / px - iy - 0.5, z / NORMALISATION["z_scale_nm"],
+            t[i, :5, iy, ix] = (1.0, x / px - ix - 0.5, y / px - iy - 0.5, z / NORMALISATION["z_scale_nm"],
                                ph / NORMALISATION["photon_scale"])
     return t, t[:, 0] > 0
 
 
 def loss_fn(out: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     bce = nn.functional.binary_cross_entropy(out[:, 0], tgt[:, 0], weight=1 + 9 * tgt[:, 0])
+    bg = nn.functional.smooth_l1_loss(out[:, 5], tgt[:, 5], beta=0.1) * 0.5
     if not mask.any():
-        return bce
+        return bce + bg
     o, t = out.permute(0, 2, 3, 1)[mask], tgt.permute(0, 2, 3, 1)[mask]
     xy = nn.functional.smooth_l1_loss(o[:, 1:3], t[:, 1:3], beta=0.05) * 10
     z = nn.functional.smooth_l1_loss(o[:, 3], t[:, 3], beta=0.05) * 2
     ph = (torch.abs(o[:, 4] - t[:, 4]) / t[:, 4].clamp(min=0.1)).mean()
-    return bce + xy + z + ph
+    # the uncertainties learn the size of the network's own errors (the estimates are detached)
+    err = (o[:, 1:5] - t[:, 1:5]).detach()
+    sigma = o[:, 6:10]
+    nll = (torch.log(sigma) + 0.5 * (err / sigma) ** 2).mean()
+    return bce + xy + z + ph + bg + 0.2 * nll
 
 
-def _predict(model: Any, frames: np.ndarray, camera: CameraConfig, threshold: float = 0.5) -> list[np.ndarray]:
-    """Localize tiles (photons) exactly as the worker does: network, decoding, ML refinement.
+def _predict(model: Any, windows: np.ndarray, camera: CameraConfig, threshold: float = 0.5) -> list[np.ndarray]:
+    """Localize the last frame of each window (photons) exactly as the worker does: network,
+    decoding, ML refinement. Rows: LOCALIZATION_COLUMNS.
 
     `model` is anything with `.card` and `.run(batch) -> maps`: the torch net in
     training (`_TorchModel`), or the exported ONNX session (`load_model`).
     """
     params = CameraParams(pixel_size_nm=TRAIN["pixel_size_nm"], offset_adu=camera.offset_adu,
                           e_per_adu=camera.e_per_adu, qe=camera.qe, em_gain=camera.em_gain)
-    return [localize_photons(model, f, params, threshold=threshold)[0] for f in frames]
+    return [localize_photons(model, w, params, threshold=threshold)[0] for w in windows]
 
 
 class _TorchModel:
@@ -97,36 +118,73 @@ class _TorchModel:
             return self.net(torch.from_numpy(batch)).numpy()
 
 
+def _dense_emitters(rng: np.random.Generator, n: int, tile_px: int, density_per_um2: float) -> list[np.ndarray]:
+    area = (tile_px * TRAIN["pixel_size_nm"] / 1000) ** 2
+    em = []
+    for _ in range(n):
+        k = rng.poisson(density_per_um2 * area)
+        em.append(np.column_stack([rng.uniform(0, tile_px * 100, (k, 2)), rng.uniform(-500, 500, k),
+                                   np.exp(rng.uniform(np.log(500), np.log(5000), k))]))
+    return em
+
+
+def uncertainty_calibration(truth: list[np.ndarray], pred: list[np.ndarray]) -> dict[str, float]:
+    """How well the reported uncertainty (per axis, nm) matches the real error of matched
+    localizations: RMS of error / uncertainty (1 is right) and the share within one sigma (0.683)."""
+    ratios = []
+    for t, p in zip(truth, pred, strict=True):
+        ti, pi = match_frame(t[:, :2], p[:, :2])
+        if len(ti):
+            ratios.append(((p[pi, :2] - t[ti, :2]) / p[pi, 4:5]).ravel())
+    r = np.concatenate(ratios) if ratios else np.zeros(0)
+    return {"rms_error_over_uncertainty": round(float(np.sqrt(np.mean(r**2))), 3) if r.size else float("nan"),
+            "within_1_sigma": round(float(np.mean(np.abs(r) < 1)), 3) if r.size else float("nan")}
+
+
 def evaluate(model: Any, seed: int, optics: OpticsConfig, camera: CameraConfig) -> dict[str, Any]:
-    """Held-out metrics: dense frames (Jaccard etc.) and isolated emitters vs the CRLB.
+    """Held-out metrics: dense windows (Jaccard etc.), the same windows with one frame alone
+    (the worker's fallback), a structured background, and isolated emitters vs the CRLB.
 
     `smartscope.training.localization.evaluate(load_model("localization.onnx"), 0, ...)`
-    re-measures a shipped model without retraining it.
+    re-measures a shipped model without retraining it (a one-frame model sees the last frame).
     """
     rng = np.random.default_rng(seed + 10_000)
     metrics: dict[str, Any] = {}
+    tile, n = 64, 60
     for name, density in (("density_0.5_per_um2", 0.5), ("density_2_per_um2", 2.0)):
-        tile = 64
-        area = (tile * TRAIN["pixel_size_nm"] / 1000) ** 2
-        em = []
-        for _ in range(60):
-            k = rng.poisson(density * area)
-            em.append(np.column_stack([rng.uniform(0, tile * 100, (k, 2)), rng.uniform(-500, 500, k),
-                                       np.exp(rng.uniform(np.log(500), np.log(5000), k))]))
-        frames, truth = simulate_tiles(rng, 60, tile, optics, camera, emitters=em, background=np.full(60, 20.0))
-        metrics[name] = score([t[:, :3] for t in truth], [p[:, :3] for p in _predict(model, frames, camera)])
+        windows, truth, _ = simulate_windows(rng, n, FRAMES, tile, optics, camera,
+                                             emitters=_dense_emitters(rng, n, tile, density),
+                                             background=np.full(n, 20.0))
+        pred = _predict(model, windows, camera)
+        metrics[name] = {**score([t[:, :3] for t in truth], [p[:, :3] for p in pred]),
+                         "uncertainty": uncertainty_calibration(truth, pred)}
+        if density == 2.0:
+            alone = _predict(model, windows[:, -1:], camera)
+            metrics[name + "_one_frame"] = score([t[:, :3] for t in truth], [p[:, :3] for p in alone])
+    windows, truth, bg_maps = simulate_windows(rng, n, FRAMES, tile, optics, camera,
+                                               emitters=_dense_emitters(rng, n, tile, 0.5),
+                                               background=np.full(n, 20.0), structured_background=True)
+    pred = _predict(model, windows, camera)
+    bg_error = [p[:, 6] - bg[np.clip((p[:, 1] // 100).astype(int), 0, tile - 1),
+                             np.clip((p[:, 0] // 100).astype(int), 0, tile - 1)] for p, bg in zip(pred, bg_maps, strict=True)]
+    metrics["density_0.5_structured_background"] = {
+        **score([t[:, :3] for t in truth], [p[:, :3] for p in pred]),
+        "background_median_abs_error_photons": round(float(np.median(np.abs(np.concatenate(bg_error)))), 2)}
     isolated = {}
     for photons in (500, 1000, 2000, 5000):
-        n = 200
-        em = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n)]
-        frames, truth = simulate_tiles(rng, n, 32, optics, camera, emitters=em, background=np.full(n, 10.0))
-        s = score([t[:, :3] for t in truth], [p[:, :3] for p in _predict(model, frames, camera)])
+        n_iso = 200
+        em = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]
+        windows, truth, _ = simulate_windows(rng, n_iso, FRAMES, 32, optics, camera, emitters=em,
+                                             background=np.full(n_iso, 10.0))
+        pred = _predict(model, windows, camera)
+        s = score([t[:, :3] for t in truth], [p[:, :3] for p in pred])
         sx, _ = astigmatic_sigmas_nm(np.zeros(1), optics)
         crlb = integrated_gaussian_crlb_nm(photons * camera.qe, 10.0 * camera.qe, float(sx[0]), 100.0)
         # shot noise is on detected photoelectrons: the bound uses N·QE and b·QE
         isolated[str(photons)] = {"rmse_x_nm": s["rmse_x_nm"], "crlb_x_nm": round(crlb, 2),
                                   "rmse_over_crlb": round(s["rmse_x_nm"] / crlb, 3), "recall": s["recall"],
-                                  "rmse_axial_nm": s["rmse_axial_nm"]}
+                                  "rmse_axial_nm": s["rmse_axial_nm"],
+                                  "uncertainty": uncertainty_calibration(truth, pred)}
     metrics["isolated_background_10"] = isolated
     return metrics
 
@@ -137,12 +195,16 @@ def _card_core() -> dict[str, Any]:
     return {
         "name": "localization",
         "task": "single-molecule localization (x, y, z from the astigmatic PSF, photons)",
-        "inputs": [{"name": "frames", "shape": ["N", 1, "H", "W"], "dtype": "float32",
-                    "description": "one frame in photons (ADU → photons by the camera model), minus its "
-                                   "median if subtract_median, / input_scale_photons"}],
+        "inputs": [{"name": "frames", "shape": ["N", FRAMES, "H", "W"], "dtype": "float32",
+                    "description": f"frames t-{FRAMES - 1}..t (oldest first; a missing one is a copy of the next) "
+                                   "in photons (ADU → photons by the camera model), each minus its median if "
+                                   "subtract_median, / input_scale_photons; frame t is localized"}],
         "outputs": [{"name": "maps", "shape": ["N", len(CHANNELS), "H", "W"], "channels": list(CHANNELS),
                      "description": "p: detection probability; dx, dy: emitter offset from the pixel centre "
-                                    "(px); z: z / z_scale_nm; photons: photons / photon_scale"}],
+                                    "(px); z: z / z_scale_nm; photons: photons / photon_scale; bg: background "
+                                    "minus the frame median, / input_scale_photons; sigma_*: the predicted "
+                                    "standard error of dx, dy (px), z, photons (their units)"}],
+        "frames": FRAMES,
         "normalisation": NORMALISATION,
         "input_multiple_px": INPUT_MULTIPLE_PX,
         "min_input_px": 8,
@@ -171,9 +233,14 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     tile = TRAIN["tile_px"]
 
     def next_batch() -> tuple[torch.Tensor, ...]:
-        frames, truth = simulate_tiles(rng, batch, tile, optics, camera)
-        tgt, mask = targets(truth, tile)
-        x = torch.from_numpy(normalise(frames, NORMALISATION)[:, None])
+        windows, truth, bg = simulate_windows(rng, batch, FRAMES, tile, optics, camera, structured_background=True)
+        u = rng.random(batch)
+        windows[u < CONTEXT_DROPOUT["all"], :-1] = windows[u < CONTEXT_DROPOUT["all"], -1:]
+        oldest = (u >= CONTEXT_DROPOUT["all"]) & (u < CONTEXT_DROPOUT["all"] + CONTEXT_DROPOUT["oldest"])
+        windows[oldest, 0] = windows[oldest, 1]
+        median = np.median(windows[:, -1], axis=(-2, -1), keepdims=True)
+        tgt, mask = targets(truth, (bg - median) / NORMALISATION["input_scale_photons"])
+        x = torch.from_numpy(normalise(windows, NORMALISATION))
         return x, torch.from_numpy(tgt), torch.from_numpy(mask)
 
     seconds = fit(net, next_batch, loss_fn, steps, log_every=log_every)
@@ -181,19 +248,22 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / f"{model_name(width)}.onnx"
-    export_onnx(net, torch.zeros(1, 1, 64, 64), onnx_path, "frames", "maps")
+    export_onnx(net, torch.zeros(1, FRAMES, 64, 64), onnx_path, "frames", "maps")
     card = {
         **_card_core(),
         "name": model_name(width),
-        "version": 1,
+        "version": 2,
         "file": onnx_path.name,
-        "architecture": f"U-Net {width}-{2 * width}-{4 * width}, 1 frame in, 5 maps out",
+        "architecture": f"U-Net {width}-{2 * width}-{4 * width}, {FRAMES} frames in, {len(CHANNELS)} maps out",
         "parameters": sum(p.numel() for p in net.parameters()),
         "training": {"seed": seed, "steps": steps, "batch": batch, "optimizer": "AdamW + OneCycle, max lr 2e-3",
                      "data": {**TRAIN, "camera": camera.model_dump(), "optics": optics.model_dump()},
                      "seconds": round(seconds, 1), "torch": torch.__version__},
-        "metrics": {"protocol": "the full pipeline (network, decoding, ML refinement of isolated detections); "
+        "metrics": {"protocol": "the full pipeline (network, decoding, ML refinement of isolated detections) on "
+                                f"windows of {FRAMES} frames whose emitters blink (p_stay_on {P_STAY_ON}); "
+                                "_one_frame: the same windows, last frame alone; "
                                 "greedy nearest-first matching per frame within 250 nm lateral; "
+                                "uncertainty: error / reported uncertainty per axis over matches; "
                                 "isolated: one emitter per 32x32 tile at z = 0, RMSE in x vs sqrt(CRLB_x) "
                                 "of an integrated Gaussian with Poisson noise on N·QE photoelectrons",
                     **metrics},

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 2
 MAGIC = b"SSFH"  # smartscope frame header
-LOCALIZATION_COLUMNS = ("x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p")
+LOCALIZATION_COLUMNS = ("x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p", "background_photons")
 #: why a message was dropped: counted per reason by every receiver
 MALFORMED_REASONS = ("parts", "format", "version", "header", "size", "ring", "result")
 DTYPES = ("uint8", "uint16", "uint32", "float32")
@@ -184,7 +184,7 @@ class Result(BaseModel):
     infer_ms: float = Field(0.0, description="the worker's whole time on the frame: pre + inference + post (ms)")
     stages: StageTimes | None = None
     n_emitters: int = 0
-    localizations: list[tuple[float, float, float, float, float, float]] = Field(
+    localizations: list[tuple[float, float, float, float, float, float, float]] = Field(
         default_factory=list, description=f"rows of {LOCALIZATION_COLUMNS}"
     )
     background_photons: float | None = None
