@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import maximum_filter
 
-from smartscope.inference.refine import refine_positions
+from smartscope.inference.refine import astigmatic_sigmas_px, refine_positions
 from smartscope.inference.session import LoadedModel
 from smartscope.simulation.camera import adu_to_photons
 
@@ -44,24 +44,31 @@ def causal_window(photons: np.ndarray, frames: int) -> np.ndarray:
     return np.concatenate([np.repeat(stack[:1], frames - len(stack), axis=0), stack])
 
 
+def prepare_frame(photons: np.ndarray, card: dict[str, Any]) -> np.ndarray:
+    """(H, W) photons → (H', W') network input, padded to the network stride.
+
+    Non-finite pixels (NaN in float stacks) are replaced by the frame's median
+    so they cannot create detections; padding repeats the edge. The worker
+    prepares each frame once and keeps it for the windows of the next frames.
+    """
+    img = np.array(photons, dtype=np.float32)
+    if not np.isfinite(img).all():
+        finite = img[np.isfinite(img)]
+        img[~np.isfinite(img)] = np.median(finite) if finite.size else 0.0
+    multiple = int(card.get("input_multiple_px", 1))
+    pad_h, pad_w = (-img.shape[0]) % multiple, (-img.shape[1]) % multiple
+    if pad_h or pad_w:
+        img = np.pad(img, ((0, pad_h), (0, pad_w)), mode="edge")
+    return normalise(img, card["normalisation"])
+
+
 def prepare_input(photons: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
     """(H, W) photons, or a (T, H, W) window ending at the frame to localize →
-    (1, frames, H', W') float32 padded to the network stride.
-
-    Non-finite pixels (NaN in float stacks) are replaced by their frame's median
-    so they cannot create detections; padding repeats the edge.
-    """
-    img = causal_window(photons, int(card.get("frames", 1)))
-    for frame in img:
-        if not np.isfinite(frame).all():
-            finite = frame[np.isfinite(frame)]
-            frame[~np.isfinite(frame)] = np.median(finite) if finite.size else 0.0
-    multiple = int(card.get("input_multiple_px", 1))
-    h, w = img.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h or pad_w:
-        img = np.pad(img, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    return normalise(img, card["normalisation"])[None], (h, w)
+    (1, frames, H', W') float32 (see `prepare_frame`) and the frame's own (H, W)."""
+    frames = int(card.get("frames", 1))
+    stack = np.asarray(photons)
+    stack = stack[None] if stack.ndim == 2 else stack[-frames:]
+    return causal_window(np.stack([prepare_frame(f, card) for f in stack]), frames)[None], stack.shape[-2:]
 
 
 def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], *,
@@ -92,8 +99,8 @@ def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], 
     return np.column_stack([x_nm, y_nm, z_nm, photons, unc, p[iy, ix], background]).astype(np.float64)
 
 
-def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: np.ndarray | float, sigma_nm: float,
-                             pixel_size_nm: float) -> np.ndarray:
+def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: np.ndarray | float,
+                             sigma_nm: np.ndarray | float, pixel_size_nm: float) -> np.ndarray:
     """Lateral precision of an MLE fit (Mortensen et al. 2010, eq. 6)."""
     sa2 = sigma_nm**2 + pixel_size_nm**2 / 12
     b = np.maximum(background_per_px, 0.0)
@@ -123,8 +130,9 @@ def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.nd
     """One frame's network maps (1, C, H', W') → (localizations, background photons/px).
 
     With `refine`, isolated detections get a maximum-likelihood position
-    (inference/refine.py) when the model card carries its PSF calibration, and
-    the precision of such a fit (Mortensen) as their uncertainty.
+    (inference/refine.py) when the model card carries its PSF calibration, the
+    fit's local background, and the precision of such a fit (Mortensen) as
+    their uncertainty.
     """
     background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
     locs = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
@@ -132,8 +140,10 @@ def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.nd
     if refine and "astigmatism" in card and len(locs):
         locs, refined = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
                                          astig=card["astigmatism"], background=locs[:, 6])
+        # the PSF's width at the emitter's z: out of focus, the same photons localize worse
+        sx, sy = astigmatic_sigmas_px(locs[refined, 2], card["astigmatism"], camera.pixel_size_nm)
         locs[refined, 4] = mortensen_uncertainty_nm(locs[refined, 3], locs[refined, 6],
-                                                    float(card["psf_sigma_nm"]), camera.pixel_size_nm)
+                                                    np.sqrt(sx * sy) * camera.pixel_size_nm, camera.pixel_size_nm)
     return locs, background
 
 

@@ -42,8 +42,8 @@ def _axis(u: np.ndarray, centre: np.ndarray, sigma: np.ndarray):
 def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pixel_size_nm: float, astig: dict,
                      background: np.ndarray | float, window_px: int = 7, iterations: int = 10,
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """locs (N, ≥4: x_nm, y_nm, z_nm, photons, ...) → (a copy with refined x, y, photons,
-    the mask of the rows refined).
+    """locs (N, ≥4: x_nm, y_nm, z_nm, photons, ...) → (a copy with refined x, y, photons
+    and, where locs has the 7th column, background; the mask of the rows refined).
 
     photons_img: (H, W) photons (ADU converted), as the network saw it;
     background: photons/px, per localization or one for all (the fit's start).
@@ -92,11 +92,13 @@ def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pi
         y = y + np.clip(updates[1], -0.5, 0.5)
         n = np.maximum(n + updates[2], 1.0)
         b = np.maximum(b + updates[3], 0.01)
-    x, y, n = x[:, 0, 0], y[:, 0, 0], n[:, 0, 0]
+    x, y, n, b = x[:, 0, 0], y[:, 0, 0], n[:, 0, 0], b[:, 0, 0]
     ok = np.isfinite(x) & np.isfinite(y) & (np.hypot(x - x0[idx], y - y0[idx]) < 1.0)
     keep = idx[ok]
     out[keep, 0] = x[ok] * pixel_size_nm
     out[keep, 1] = y[ok] * pixel_size_nm
     out[keep, 3] = n[ok] / qe
+    if out.shape[1] > 6:
+        out[keep, 6] = b[ok] / qe
     refined[keep] = True
     return out, refined

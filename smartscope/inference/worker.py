@@ -24,7 +24,7 @@ import zmq
 
 from smartscope.inference.counting import count_frame
 from smartscope.inference.events import EventWindow, event_map, persistent_score
-from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_input
+from smartscope.inference.localization import causal_window, frame_to_photons, maps_to_localizations, prepare_frame
 from smartscope.inference.session import LoadedModel, load_model
 from smartscope.transport.protocol import (
     LOCALIZATION_COLUMNS,
@@ -51,6 +51,7 @@ class _Frame:
     photons: np.ndarray
     t_received_s: float
     pre_ms: float
+    prepared: np.ndarray | None = None  # the localization model's input for it (prepare_frame)
 
 
 def run_worker(frames_address: str, results_address: str, *, model: str | None, provider: str = "auto",
@@ -99,7 +100,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         for m in models:
             m.warm_up(warmup_shape)
     # the windows of the localization and counting models: the last frames this worker saw
-    history: deque[tuple[tuple[int, int], np.ndarray]] = deque(
+    history: deque[tuple[tuple, _Frame]] = deque(
         maxlen=max([int(m.card.get("frames", 1)) for m in (loaded, counter) if m is not None], default=1))
     event_window = EventWindow(eventer.card["frames"], eventer.card.get("window_spacing_ms", 0.0) / 1000) \
         if eventer is not None else None
@@ -219,17 +220,21 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
     t0 = time.perf_counter()
     windows = []
     for f in batch:
-        history.append(((f.header.acquisition, f.header.seq), f.photons))
+        if loaded is not None:
+            f.prepared = prepare_frame(f.photons, loaded.card)
+        history.append(((f.header.acquisition, f.header.seq, f.photons.shape), f))
         windows.append(_consecutive_window(history))
     per_frame_locs: list[tuple[np.ndarray, float]] = []
     infer_ms = post_ms = 0.0
     if loaded is not None:
-        inputs = [prepare_input(w, loaded.card) for w in windows]
+        frames = int(loaded.card.get("frames", 1))
+        inputs = np.stack([causal_window(np.stack([w.prepared for w in window[-frames:]]), frames)
+                           for window in windows])
         t1 = time.perf_counter()
-        maps = loaded.run(np.concatenate([x for x, _ in inputs]))
+        maps = loaded.run(inputs)
         t2 = time.perf_counter()
-        for i, (f, (_, shape)) in enumerate(zip(batch, inputs, strict=True)):
-            per_frame_locs.append(maps_to_localizations(loaded.card, maps[i:i + 1], f.photons, shape,
+        for i, f in enumerate(batch):
+            per_frame_locs.append(maps_to_localizations(loaded.card, maps[i:i + 1], f.photons, f.photons.shape,
                                                         f.header.camera, threshold=threshold))
         post_ms = (time.perf_counter() - t2) * 1000
         infer_ms = (t2 - t1) * 1000
@@ -246,7 +251,7 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         t3 = time.perf_counter()
         count = density = score = None
         if counter is not None and len(window) >= counter.card["frames"]:
-            count = int(count_frame(counter, window[-counter.card["frames"]:]).sum())
+            count = int(count_frame(counter, np.stack([w.photons for w in window[-counter.card["frames"]:]])).sum())
             density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
         if frames_window is not None:
@@ -269,13 +274,13 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
     return results
 
 
-def _consecutive_window(history: deque) -> np.ndarray:
-    """(T, H, W): the newest frame in `history` and the frames just before it in the same
-    acquisition (and shape), oldest first, up to the first one missing."""
-    (acquisition, seq), newest = history[-1]
+def _consecutive_window(history: deque) -> list:
+    """The newest frame in `history` and the frames just before it in the same acquisition
+    (and of its shape), oldest first, up to the first one missing. Keys: (acquisition, seq, shape)."""
+    (acquisition, seq, shape), _ = history[-1]
     frames = []
-    for (acq, k), photons in reversed(history):
-        if acq != acquisition or k != seq - len(frames) or photons.shape != newest.shape:
+    for (acq, k, sh), frame in reversed(history):
+        if acq != acquisition or k != seq - len(frames) or sh != shape:
             break
-        frames.append(photons)
-    return np.stack(frames[::-1])
+        frames.append(frame)
+    return frames[::-1]
