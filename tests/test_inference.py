@@ -170,3 +170,14 @@ def test_reported_uncertainty_follows_the_real_error(model):
     assert 0.45 < np.median(err / unc) < 0.95
     least_certain = unc > np.median(unc)
     assert np.median(err[least_certain]) > 1.2 * np.median(err[~least_certain])
+
+
+def test_emitters_of_the_earlier_frames_are_not_reported_in_a_dark_frame(model):
+    """The window is context, not content: molecules that were on in t-2 and t-1 but are
+    off in t give no localizations in t."""
+    frames_adu, _ = sparse_frames(6, 20)
+    dark = simulate_tiles(np.random.default_rng(7), 1, 64, OpticsConfig(), CAM, emitters=[np.zeros((0, 4))],
+                          background=np.full(1, 20.0), as_adu=True)[0][0]  # the same background, no emitter
+    reported = [len(localize_frame(model, np.stack([frames_adu[i], frames_adu[i + 1], dark]), PARAMS,
+                                   threshold=0.5)[0]) for i in range(0, 20, 2)]
+    assert sum(reported) == 0

@@ -77,7 +77,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     workers, a worker sees consecutive frames only now and then: the other
     frames carry no count); the localization model runs on every frame, with
     copies standing in for the earlier frames it did not see (it was trained
-    so, and localizes one frame alone nearly as well). The event
+    so, and localizes one frame alone as well: see its card). The event
     model's window is its keyframes, `window_spacing_ms` apart by capture time
     (`EventWindow`), so it sees change at any frame rate.
     """
