@@ -165,8 +165,10 @@ def evaluate(model: Any, seed: int, optics: OpticsConfig, camera: CameraConfig) 
                                                emitters=_dense_emitters(rng, n, tile, 0.5),
                                                background=np.full(n, 20.0), structured_background=True)
     pred = _predict(model, windows, camera)
-    bg_error = [p[:, 6] - bg[np.clip((p[:, 1] // 100).astype(int), 0, tile - 1),
-                             np.clip((p[:, 0] // 100).astype(int), 0, tile - 1)] for p, bg in zip(pred, bg_maps, strict=True)]
+    bg_error = []  # each localization's background against the true one at its pixel
+    for p, bg in zip(pred, bg_maps, strict=True):
+        ix, iy = (np.clip(p[:, :2] // TRAIN["pixel_size_nm"], 0, tile - 1).astype(int)).T
+        bg_error.append(p[:, 6] - bg[iy, ix])
     metrics["density_0.5_structured_background"] = {
         **score([t[:, :3] for t in truth], [p[:, :3] for p in pred]),
         "background_median_abs_error_photons": round(float(np.median(np.abs(np.concatenate(bg_error)))), 2)}
