@@ -2,7 +2,8 @@
 
 All three see the same simulated frames (our optics and camera, exact ground
 truth): windows of 3 frames whose emitters blink; the peers fit the last frame,
-our network sees the window (and, as "smartscope-1frame", the last frame alone). Each method's detection threshold is tuned on a separate tuning set
+our network sees the window (and, as "smartscope-1frame", the last frame
+alone). Each method's detection threshold is tuned on a separate tuning set
 (best Jaccard), then judged on fresh frames with the SMLM-challenge protocol
 (greedy nearest-first matching within 250 nm). Isolated emitters give the
 RMSE against the Cramér–Rao bound; dense frames give the Jaccard index.
@@ -24,7 +25,7 @@ from smartscope.inference.session import load_model
 from smartscope.resources import resolve_model_path
 from smartscope.simulation import CameraConfig, OpticsConfig, adu_to_photons, astigmatic_sigmas_nm
 from smartscope.simulation import integrated_gaussian_crlb_nm
-from smartscope.simulation.tiles import simulate_windows
+from smartscope.simulation.tiles import dense_emitters, simulate_windows
 from smartscope.transport.protocol import CameraParams
 
 PIXEL_NM = 100.0
@@ -91,12 +92,7 @@ def _trackpy(camera: CameraConfig) -> tuple[Method, list[dict]]:
 def _dense_set(seed: int, n: int, density_per_um2: float, optics, camera):
     rng = np.random.default_rng(seed)
     tile = 64
-    area = (tile * PIXEL_NM / 1000) ** 2
-    emitters = []
-    for _ in range(n):
-        k = rng.poisson(density_per_um2 * area)
-        emitters.append(np.column_stack([rng.uniform(0, tile * PIXEL_NM, (k, 2)), rng.uniform(-400, 400, k),
-                                         np.exp(rng.uniform(np.log(500), np.log(5000), k))]))
+    emitters = dense_emitters(rng, n, tile, PIXEL_NM, density_per_um2, z_half_range_nm=400.0)
     windows, truth, _ = simulate_windows(rng, n, FRAMES, tile, optics, camera, emitters=emitters,
                                          background=np.full(n, 20.0), as_adu=True)
     return windows, truth

@@ -62,13 +62,19 @@ def prepare_frame(photons: np.ndarray, card: dict[str, Any]) -> np.ndarray:
     return normalise(img, card["normalisation"])
 
 
+def window_input(prepared: list[np.ndarray], card: dict[str, Any]) -> np.ndarray:
+    """Prepared frames (`prepare_frame`), oldest first, ending at the frame to localize →
+    the model's (frames, H', W') input: the last `frames` of them, copies for the missing."""
+    frames = int(card.get("frames", 1))
+    return causal_window(np.stack(prepared[-frames:]), frames)
+
+
 def prepare_input(photons: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
     """(H, W) photons, or a (T, H, W) window ending at the frame to localize →
     (1, frames, H', W') float32 (see `prepare_frame`) and the frame's own (H, W)."""
-    frames = int(card.get("frames", 1))
     stack = np.asarray(photons)
-    stack = stack[None] if stack.ndim == 2 else stack[-frames:]
-    return causal_window(np.stack([prepare_frame(f, card) for f in stack]), frames)[None], stack.shape[-2:]
+    stack = stack[None] if stack.ndim == 2 else stack[-int(card.get("frames", 1)):]
+    return window_input([prepare_frame(f, card) for f in stack], card)[None], stack.shape[-2:]
 
 
 def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], *,

@@ -24,7 +24,7 @@ import zmq
 
 from smartscope.inference.counting import count_frame
 from smartscope.inference.events import EventWindow, event_map, persistent_score
-from smartscope.inference.localization import causal_window, frame_to_photons, maps_to_localizations, prepare_frame
+from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_frame, window_input
 from smartscope.inference.session import LoadedModel, load_model
 from smartscope.transport.protocol import (
     LOCALIZATION_COLUMNS,
@@ -227,9 +227,7 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
     per_frame_locs: list[tuple[np.ndarray, float]] = []
     infer_ms = post_ms = 0.0
     if loaded is not None:
-        frames = int(loaded.card.get("frames", 1))
-        inputs = np.stack([causal_window(np.stack([w.prepared for w in window[-frames:]]), frames)
-                           for window in windows])
+        inputs = np.stack([window_input([w.prepared for w in window], loaded.card) for window in windows])
         t1 = time.perf_counter()
         maps = loaded.run(inputs)
         t2 = time.perf_counter()
@@ -243,7 +241,8 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         pre_batch_ms = 0.0
         for f in batch:
             finite = np.isfinite(f.photons).any()
-            per_frame_locs.append((np.zeros((0, len(LOCALIZATION_COLUMNS))), float(np.nanmedian(f.photons)) if finite else 0.0))
+            per_frame_locs.append((np.zeros((0, len(LOCALIZATION_COLUMNS))),
+                                   float(np.nanmedian(f.photons)) if finite else 0.0))
     results = []
     for f, window, (locs, background) in zip(batch, windows, per_frame_locs, strict=True):
         locs = locs[np.isfinite(locs).all(axis=1)]  # JSON carries no NaN: such a row would lose the result
@@ -251,7 +250,8 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         t3 = time.perf_counter()
         count = density = score = None
         if counter is not None and len(window) >= counter.card["frames"]:
-            count = int(count_frame(counter, np.stack([w.photons for w in window[-counter.card["frames"]:]])).sum())
+            counted = window[-counter.card["frames"]:]
+            count = int(count_frame(counter, np.stack([w.photons for w in counted])).sum())
             density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
         if frames_window is not None:

@@ -34,6 +34,20 @@ def random_emitters(rng: np.random.Generator, tile_px: int, pixel_size_nm: float
     return np.column_stack([xy, rng.uniform(*d["z_nm"], size=k), photons])
 
 
+def dense_emitters(rng: np.random.Generator, n: int, tile_px: int, pixel_size_nm: float, density_per_um2: float,
+                   z_half_range_nm: float) -> list[np.ndarray]:
+    """n tiles of emitters (K, 4: x_nm, y_nm, z_nm, photons) at a fixed mean density, z uniform in
+    ±z_half_range_nm and 500-5000 photons (log-uniform): the test sets of the localizer."""
+    area_um2 = (tile_px * pixel_size_nm / 1000) ** 2
+    em = []
+    for _ in range(n):
+        k = rng.poisson(density_per_um2 * area_um2)
+        em.append(np.column_stack([rng.uniform(0, tile_px * pixel_size_nm, (k, 2)),
+                                   rng.uniform(-z_half_range_nm, z_half_range_nm, k),
+                                   np.exp(rng.uniform(np.log(500), np.log(5000), k))]))
+    return em
+
+
 def simulate_tiles(rng: np.random.Generator, n: int, tile_px: int, optics: OpticsConfig, camera: CameraConfig,
                    *, emitters: list[np.ndarray] | None = None, background: np.ndarray | None = None,
                    as_adu: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:

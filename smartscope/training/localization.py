@@ -29,7 +29,7 @@ from torch import nn
 from smartscope.evaluation import match_frame, score
 from smartscope.inference.localization import localize_photons, normalise
 from smartscope.simulation import CameraConfig, OpticsConfig, astigmatic_sigmas_nm, integrated_gaussian_crlb_nm
-from smartscope.simulation.tiles import P_STAY_ON, TILE_DISTRIBUTION, simulate_windows
+from smartscope.simulation.tiles import P_STAY_ON, TILE_DISTRIBUTION, dense_emitters, simulate_windows
 from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
 from smartscope.transport.protocol import CameraParams
 
@@ -118,16 +118,6 @@ class _TorchModel:
             return self.net(torch.from_numpy(batch)).numpy()
 
 
-def _dense_emitters(rng: np.random.Generator, n: int, tile_px: int, density_per_um2: float) -> list[np.ndarray]:
-    area = (tile_px * TRAIN["pixel_size_nm"] / 1000) ** 2
-    em = []
-    for _ in range(n):
-        k = rng.poisson(density_per_um2 * area)
-        em.append(np.column_stack([rng.uniform(0, tile_px * 100, (k, 2)), rng.uniform(-500, 500, k),
-                                   np.exp(rng.uniform(np.log(500), np.log(5000), k))]))
-    return em
-
-
 def uncertainty_calibration(truth: list[np.ndarray], pred: list[np.ndarray]) -> dict[str, float]:
     """How well the reported uncertainty (per axis, nm) matches the real error of matched
     localizations: RMS of error / uncertainty (1 is right) and the share within one sigma (0.683)."""
@@ -152,8 +142,8 @@ def evaluate(model: Any, seed: int, optics: OpticsConfig, camera: CameraConfig) 
     metrics: dict[str, Any] = {}
     tile, n = 64, 60
     for name, density in (("density_0.5_per_um2", 0.5), ("density_2_per_um2", 2.0)):
-        windows, truth, _ = simulate_windows(rng, n, FRAMES, tile, optics, camera,
-                                             emitters=_dense_emitters(rng, n, tile, density),
+        em = dense_emitters(rng, n, tile, TRAIN["pixel_size_nm"], density, z_half_range_nm=500.0)
+        windows, truth, _ = simulate_windows(rng, n, FRAMES, tile, optics, camera, emitters=em,
                                              background=np.full(n, 20.0))
         pred = _predict(model, windows, camera)
         metrics[name] = {**score([t[:, :3] for t in truth], [p[:, :3] for p in pred]),
@@ -161,8 +151,8 @@ def evaluate(model: Any, seed: int, optics: OpticsConfig, camera: CameraConfig) 
         if density == 2.0:
             alone = _predict(model, windows[:, -1:], camera)
             metrics[name + "_one_frame"] = score([t[:, :3] for t in truth], [p[:, :3] for p in alone])
-    windows, truth, bg_maps = simulate_windows(rng, n, FRAMES, tile, optics, camera,
-                                               emitters=_dense_emitters(rng, n, tile, 0.5),
+    em = dense_emitters(rng, n, tile, TRAIN["pixel_size_nm"], 0.5, z_half_range_nm=500.0)
+    windows, truth, bg_maps = simulate_windows(rng, n, FRAMES, tile, optics, camera, emitters=em,
                                                background=np.full(n, 20.0), structured_background=True)
     pred = _predict(model, windows, camera)
     bg_error = []  # each localization's background against the true one at its pixel
