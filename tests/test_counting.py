@@ -57,6 +57,13 @@ def test_decoder_merges_pixels_that_point_at_one_emitter_and_keeps_neighbours_ap
     assert decode_counts(_outputs({}), 0.5, 0.6).sum() == 0
 
 
+def test_decoder_drops_an_emitter_its_offsets_put_outside_the_frame():
+    # edge pixels lit by emitters just outside (x = -0.3 px, y = 8.2 px) and one just inside (x = 0.2 px)
+    out = _outputs({(3, 0): (1, -0.8, 0.0), (7, 4): (1, 0.0, 0.7), (5, 0): (1, -0.3, 0.0)})
+    counts = decode_counts(out, 0.5, 0.6)
+    assert counts.sum() == 1 and counts[5, 0] == 1
+
+
 def test_offset_targets_point_each_pixel_near_an_emitter_at_the_nearest_one():
     t = nearest_emitter_offsets(np.array([[2.25, 2.5], [5.5, 5.5]]), 8)
     dx, dy, mask = t

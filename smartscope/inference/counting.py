@@ -63,7 +63,9 @@ def decode_counts(outputs: np.ndarray, threshold: float, merge_px: float) -> np.
     emitter (one emitter near a pixel border lights two pixels); otherwise it
     is a new one, counted with the likeliest of the classes 1, 2, 3+ where
     it points. Two emitters in neighbouring pixels point to two places and
-    stay two, which one peak per 3×3 window could not keep.
+    stay two, which one peak per 3×3 window could not keep. An emitter the
+    offsets put outside the frame is dropped: the truth counts only emitters
+    inside, and one just outside lights the edge pixels.
     """
     logits, offsets = outputs[:N_CLASSES], outputs[N_CLASSES:N_CLASSES + 2]
     p = softmax(logits, axis=0)
@@ -77,9 +79,11 @@ def decode_counts(outputs: np.ndarray, threshold: float, merge_px: float) -> np.
     taken = np.zeros(len(at), bool)
     for k, neighbours in enumerate(cKDTree(at).query_ball_point(at, merge_px) if len(at) else []):
         taken[k] = not any(taken[j] for j in neighbours if j < k)
+    inside = (at[:, 0] >= 0) & (at[:, 0] < w) & (at[:, 1] >= 0) & (at[:, 1] < h)
+    keep = taken & inside  # an emitter just outside the frame lights its edge pixels: not one of this frame's
     counts = np.zeros((h, w), np.int64)
-    px = np.clip(np.floor(at[taken]).astype(int), 0, [w - 1, h - 1])
-    np.add.at(counts, (px[:, 1], px[:, 0]), n_emitters[taken])
+    px = np.floor(at[keep]).astype(int)
+    np.add.at(counts, (px[:, 1], px[:, 0]), n_emitters[keep])
     return np.minimum(counts, N_CLASSES - 1)
 
 
