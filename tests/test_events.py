@@ -8,9 +8,11 @@ import pytest
 from smartscope.cli import main
 from smartscope.inference.events import (
     EventWindow,
+    card_run,
     detect_events,
     event_map,
     link_tracks,
+    mirror_views,
     normalise_window,
     persistent,
     persistent_score,
@@ -59,7 +61,7 @@ def model():
 
 
 def test_model_finds_fission_events(model):
-    result = evaluate(model.run, seed=3, episodes=4, frames=30, thresholds=(model.card["threshold"],))
+    result = evaluate(card_run(model), seed=3, episodes=4, frames=30, thresholds=(model.card["threshold"],))
     best = result["best"]
     assert best["events"] >= 5
     assert best["recall"] >= 0.6 and best["precision"] >= 0.5
@@ -128,3 +130,24 @@ def test_event_window_takes_keyframes_spacing_apart():
     assert windows[:2] == [None, None] and [w[0, 0] for w in windows[3]] == [1.0, 2.0, 3.0]
     assert slow.push("run-b", 2.0, frame[5]) is None
     assert slow.push("run-b", 2.5, np.zeros((8, 8), np.float32)) is None
+
+
+def test_mirror_views_average_the_four_mirror_images_and_keep_the_shape():
+    # a "model" that weights each pixel by its column: its mirror images see the columns reversed
+    def ramp(x):
+        return x[:, :1] * np.arange(x.shape[-1], dtype=np.float32)
+
+    x = np.ones((2, 3, 5, 7), np.float32)
+    out = mirror_views(ramp)(x)
+    assert out.shape == (2, 1, 5, 7)
+    np.testing.assert_allclose(out, 3.0)  # (c + (6 - c)) / 2 for every column c
+    x[1] *= 2
+    np.testing.assert_allclose(mirror_views(ramp)(x)[1], 6.0)  # each window is averaged on its own views
+
+
+def test_the_shipped_model_runs_as_its_card_was_measured(model):
+    assert model.card["mirror_views"] is True
+    rng = np.random.default_rng(0)
+    window = rng.normal(100, 10, (3, 24, 32)).astype(np.float32)
+    x = normalise_window(window)[None]
+    np.testing.assert_allclose(event_map(model, window), mirror_views(model.run)(x)[0, 0], atol=1e-6)
