@@ -19,7 +19,7 @@ from smartscope.inference.events import (
     score_events,
 )
 from smartscope.inference.session import load_model
-from smartscope.training.episodes import evaluate
+from smartscope.training.episodes import evaluate, held_out_episodes
 
 
 def test_score_events_exact_outcomes():
@@ -61,7 +61,8 @@ def model():
 
 
 def test_model_finds_fission_events(model):
-    result = evaluate(card_run(model), seed=3, episodes=4, frames=30, thresholds=(model.card["threshold"],))
+    result = evaluate(card_run(model), held_out_episodes(seed=3, episodes=4, frames=30),
+                      thresholds=(model.card["threshold"],), min_frames_options=(model.card["min_frames"],))
     best = result["best"]
     assert best["events"] >= 5
     assert best["recall"] >= 0.6 and best["precision"] >= 0.5

@@ -87,40 +87,63 @@ def predict_episode(model_run: Callable[[np.ndarray], np.ndarray], frames: np.nd
     return maps
 
 
-def evaluate(run: Callable[[np.ndarray], np.ndarray], seed: int, episodes: int = 24, frames: int = 40,
-             thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-             min_frames_options: tuple[int, ...] = (1, 2, 3), spacing_ms: float = 0.0) -> dict[str, Any]:
-    """Object-level scores over a sweep of threshold × minimum object length (frames),
-    on fresh episodes (not the training ones), and false objects per minute imaged.
+Episode = tuple[np.ndarray, list[np.ndarray], float]  # photons (T, H, W), active events per frame, interval ms
 
-    `run` maps a normalised (1, 3, H, W) window to a (1, 1, H, W) event map:
-    the torch net in training, an ONNX session in the benchmark. `spacing_ms`:
-    the card's window_spacing_ms, as the worker uses it.
-    """
-    rng = np.random.default_rng(seed + 10_000)
-    episodes_data, intervals_ms = [], []
-    for _ in range(episodes):
-        scope, interval_ms = random_microscope(rng)
-        episodes_data.append(simulate_episode(scope, frames, interval_ms))
-        intervals_ms.append(interval_ms)
-    imaged_min = frames * sum(intervals_ms) / 60_000
-    maps = [predict_episode(run, frames_ph, interval_ms, spacing_ms)
-            for (frames_ph, _), interval_ms in zip(episodes_data, intervals_ms, strict=True)]
-    truth = [events for _, events in episodes_data]
-    sweep = {}
+
+def held_out_episodes(seed: int, episodes: int = 24, frames: int = 40) -> dict[str, list[Episode]]:
+    """Fresh episodes, each a new random microscope, none of them a training one:
+    "validation" chooses the detection setting, "test" scores it (so the
+    reported score is not the best of a sweep over the same episodes)."""
+    out = {}
+    for name, offset in (("validation", 20_000), ("test", 10_000)):
+        rng = np.random.default_rng(seed + offset)
+        out[name] = []
+        for _ in range(episodes):
+            scope, interval_ms = random_microscope(rng)
+            out[name].append((*simulate_episode(scope, frames, interval_ms), interval_ms))
+    return out
+
+
+def sweep(run: Callable[[np.ndarray], np.ndarray], episodes: list[Episode], spacing_ms: float,
+          thresholds: tuple[float, ...], min_frames_options: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+    """Object-level scores of `run` on `episodes` for every threshold × minimum
+    object length (frames), keyed "threshold/min_frames", with false objects per
+    minute imaged."""
+    imaged_min = sum(len(frames) * interval_ms for frames, _, interval_ms in episodes) / 60_000
+    maps = [predict_episode(run, frames, interval_ms, spacing_ms) for frames, _, interval_ms in episodes]
+    truth = [events for _, events, _ in episodes]
+    out = {}
     for threshold in thresholds:
         detections = [[detect_events(m, threshold)[1] for m in episode] for episode in maps]
         for min_frames in min_frames_options:
             scores = score_events(detections, truth, min_frames=min_frames)
-            sweep[f"{threshold}/{min_frames}"] = {"threshold": threshold, **scores,
-                                                  "false_per_min": round(scores["false_objects"] / imaged_min, 3)}
-    # the card's setting: the best F1 among those that meet the delay goal
-    prompt = [k for k, v in sweep.items() if v["median_delay_frames"] is not None
-              and v["median_delay_frames"] <= MAX_DELAY_FRAMES] or list(sweep)
-    best = max(prompt, key=lambda k: sweep[k]["f1"])
-    min_frames = sweep[best]["min_frames"]
-    # the frame-rate switch: events are rare in a real run, so false alarms, not F1, set it
-    quiet = [t for t in thresholds if sweep[f"{t}/{min_frames}"]["false_per_min"] <= SWITCH_FALSE_PER_MIN]
-    return {"threshold_sweep": sweep, "best_threshold": sweep[best]["threshold"],
-            "best_min_frames": min_frames, "best": sweep[best],
-            "switch_threshold": min(quiet) if quiet else max(thresholds)}
+            out[f"{threshold}/{min_frames}"] = {"threshold": threshold, **scores,
+                                                "false_per_min": round(scores["false_objects"] / imaged_min, 3)}
+    return out
+
+
+def evaluate(run: Callable[[np.ndarray], np.ndarray], held_out: dict[str, list[Episode]],
+             thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+             min_frames_options: tuple[int, ...] = (1, 2, 3), spacing_ms: float = 0.0) -> dict[str, Any]:
+    """The detection setting chosen on the validation episodes, scored on the test
+    episodes (`held_out_episodes`).
+
+    `run` maps a normalised (N, 3, H, W) window to an (N, 1, H, W) event map:
+    the torch net in training, an ONNX session in the benchmark. `spacing_ms`:
+    the card's window_spacing_ms, as the worker uses it. The setting: the best
+    validation F1 among those that meet the delay goal; the frame-rate switch
+    (`switch_threshold`): the lowest threshold at that min_frames whose
+    validation false alarms stay within SWITCH_FALSE_PER_MIN, since events are
+    rare in a real run.
+    """
+    validation = sweep(run, held_out["validation"], spacing_ms, thresholds, min_frames_options)
+    test = sweep(run, held_out["test"], spacing_ms, thresholds, min_frames_options)
+    prompt = [k for k, v in validation.items() if v["median_delay_frames"] is not None
+              and v["median_delay_frames"] <= MAX_DELAY_FRAMES] or list(validation)
+    best = max(prompt, key=lambda k: validation[k]["f1"])
+    min_frames = validation[best]["min_frames"]
+    quiet = [t for t in thresholds if validation[f"{t}/{min_frames}"]["false_per_min"] <= SWITCH_FALSE_PER_MIN]
+    switch = min(quiet) if quiet else max(thresholds)
+    return {"threshold_sweep": test, "best_threshold": validation[best]["threshold"],
+            "best_min_frames": min_frames, "best": test[best], "validation_best": validation[best],
+            "switch_threshold": switch, "switch": test[f"{switch}/{min_frames}"]}
