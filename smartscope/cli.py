@@ -210,6 +210,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             threshold=args.threshold or inf.detection_threshold,
                             counting_model=args.counting_model or inf.counting_model,
                             event_model=args.event_model or inf.event_model,
+                            event_one_view=args.event_one_view or inf.event_views == "one",
                             threads=args.threads or inf.threads_per_worker,
                             max_batch=args.max_batch or inf.max_batch, warmup_shape=args.warmup)
     except (ModelError, ValueError) as e:
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--counting-model", default=None, help="also count emitters with this model")
     p.add_argument("--event-model", default=None, help="also score events with this model")
+    p.add_argument("--event-one-view", action="store_true",
+                   help="run the event model on the window alone, not with its mirror images (a quarter of the compute)")
     p.add_argument("--no-localization", action="store_true", help="run no localization model (live imaging)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
     p.add_argument("--max-batch", type=_positive_int, default=None,

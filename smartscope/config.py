@@ -170,6 +170,10 @@ class InferenceConfig(_Strict):
     event_model: str | None = Field(
         None, description="event-detection model (e.g. events.onnx): per-frame event score for the frame-rate policy"
     )
+    event_views: Literal["card", "one"] = Field(
+        "card", description="card: as the event model's card measured it (the window and its 3 mirror images, "
+        "4.4-5.6x the compute); one: the window alone, for machines that cannot keep up (the card's metrics.one_view)"
+    )
     workers: int = Field(1, ge=0, description="worker processes the daemon starts")
     threads_per_worker: int | None = Field(
         None, ge=1, description="ONNX Runtime threads in each worker the daemon starts (default: cores / workers)"

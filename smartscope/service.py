@@ -263,6 +263,8 @@ class Daemon:
                    "--provider", inf.provider, "--threshold", str(inf.detection_threshold)]
             if inf.max_batch:
                 cmd += ["--max-batch", str(inf.max_batch)]
+            if inf.event_views == "one":
+                cmd.append("--event-one-view")
             for flag, path in self.models.items():
                 cmd += [flag, str(path)]
             if "--model" not in self.models:

@@ -90,9 +90,12 @@ def test_worker_runs_the_counting_model_on_consecutive_frames(config, tmp_path):
         assert len(rows) >= 30 and len(counted) >= 0.5 * len(rows) and max(counted) > 0
 
 
-def test_live_mode_scores_events_without_localizing(tmp_path):
-    """The live demo config: no localization model, the event model scores every frame."""
+@pytest.mark.parametrize("event_views", ["card", "one"])
+def test_live_mode_scores_events_without_localizing(tmp_path, event_views):
+    """The live demo config: no localization model, the event model scores every frame,
+    with its mirror views or (event_views: one) without."""
     config = load_config(bundled_path("configs") / "live-demo.yaml")
+    config.inference.event_views = event_views
     config.simulation.camera.width_px = config.simulation.camera.height_px = 64
     config.acquisition.interval_ms = 40
     with running_daemon(config) as daemon:

@@ -152,3 +152,10 @@ def test_the_shipped_model_runs_as_its_card_was_measured(model):
     window = rng.normal(100, 10, (3, 24, 32)).astype(np.float32)
     x = normalise_window(window)[None]
     np.testing.assert_allclose(event_map(model, window), mirror_views(model.run)(x)[0, 0], atol=1e-6)
+
+
+def test_one_view_runs_the_window_alone(model):
+    window = np.random.default_rng(1).normal(100, 10, (3, 24, 32)).astype(np.float32)
+    one = event_map(model, window, one_view=True)
+    np.testing.assert_allclose(one, model.run(normalise_window(window)[None])[0, 0], atol=1e-6)
+    assert np.abs(one - event_map(model, window)).max() > 1e-3  # the mirror views do change the map

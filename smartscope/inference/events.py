@@ -101,19 +101,21 @@ def mirror_views(run: Run) -> Run:
     return run_views
 
 
-def card_run(model: LoadedModel) -> Run:
-    """The model's run as its card measured it: with mirror views where the card says so."""
-    return mirror_views(model.run) if model.card.get("mirror_views") else model.run
+def card_run(model: LoadedModel, one_view: bool = False) -> Run:
+    """The model's run as its card measured it: with mirror views where the card
+    says so, unless `one_view` (a quarter of the compute, for slow machines: the
+    card's metrics.one_view)."""
+    return mirror_views(model.run) if model.card.get("mirror_views") and not one_view else model.run
 
 
-def event_map(model: LoadedModel, window: np.ndarray) -> np.ndarray:
+def event_map(model: LoadedModel, window: np.ndarray, one_view: bool = False) -> np.ndarray:
     """(3, H, W) frames, oldest first → (H, W) event probability of the last frame."""
     t, h, w = window.shape
     if t != model.card["frames"]:
         raise ValueError(f"event model needs {model.card['frames']} frames, got {t}")
     m = int(model.card.get("input_multiple_px", 1))
     x = np.pad(normalise_window(window), ((0, 0), (0, (-h) % m), (0, (-w) % m)), mode="edge")
-    return card_run(model)(x[None])[0, 0, :h, :w]
+    return card_run(model, one_view)(x[None])[0, 0, :h, :w]
 
 
 def link_tracks(detections: list[np.ndarray], tol_px: float = MATCH_TOLERANCE_PX, max_gap: int = 2

@@ -57,7 +57,7 @@ class _Frame:
 def run_worker(frames_address: str, results_address: str, *, model: str | None, provider: str = "auto",
                threshold: float = 0.5, stop: threading.Event | None = None,
                threads: int | None = None, counting_model: str | None = None,
-               event_model: str | None = None, max_batch: int | None = None,
+               event_model: str | None = None, event_one_view: bool = False, max_batch: int | None = None,
                warmup_shape: tuple[int, int] | None = None) -> dict[str, int]:
     """Serve until stopped; returns counts (frames, results, skipped, malformed).
 
@@ -79,7 +79,9 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     copies standing in for the earlier frames it did not see (it was trained
     so, and localizes one frame alone as well: see its card). The event
     model's window is its keyframes, `window_spacing_ms` apart by capture time
-    (`EventWindow`), so it sees change at any frame rate.
+    (`EventWindow`), so it sees change at any frame rate; it runs as its card
+    measured it (with mirror views), or on the window alone with
+    `event_one_view`.
     """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -203,7 +205,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             if pending["released"] or pending["skipped"]:  # before inference: the slots are free meanwhile
                 send("release")
             if batch:
-                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, event_window):
+                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, event_window,
+                                     event_one_view):
                     send("result", **result)
     finally:
         send("bye")
@@ -215,7 +218,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
 
 def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel | None,
            eventer: LoadedModel | None, threshold: float, history: deque, recent_maps: deque,
-           event_window: EventWindow | None) -> list[dict]:
+           event_window: EventWindow | None, event_one_view: bool) -> list[dict]:
     """Run the models on a batch of frames (oldest first); one result's fields per frame."""
     t0 = time.perf_counter()
     windows = []
@@ -255,7 +258,7 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
             density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
         if frames_window is not None:
-            current = event_map(eventer, frames_window)
+            current = event_map(eventer, frames_window, event_one_view)
             # the maps of the immediately preceding frames this worker saw (fewer after skips)
             recent = [m for (acq, k), m in recent_maps
                       if acq == h.acquisition and 0 < h.seq - k <= recent_maps.maxlen]
