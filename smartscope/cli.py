@@ -183,6 +183,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _training_steps(text: str) -> int:
+    """At least 20: the learning rate warms up over the first 10 % of the steps (OneCycleLR)."""
+    value = _positive_int(text)
+    if value < 20:
+        raise argparse.ArgumentTypeError(f"must be at least 20 (the learning rate warms up over the first 10 %), "
+                                         f"got {value}")
+    return value
+
+
 def _shape_px(text: str) -> tuple[int, int]:
     """'256x256' → (256, 256)."""
     try:
@@ -350,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on the simulation and export it to ONNX")
     p.add_argument("model", help="localization | counting | events")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--steps", type=_training_steps, default=None, help="training steps (default: the model's)")
     p.add_argument("--width", type=int, default=None,
                    help="localization only: U-Net width (default 16; 8 gives the faster localization-w8)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")

@@ -40,3 +40,10 @@ def test_wrong_inputs_get_one_clear_error(tmp_path, make, message):
     with pytest.raises(SystemExit) as err:
         main(["localize", str(path), "--out", str(tmp_path / "o.csv")])
     assert message in str(err.value)
+
+
+def test_train_refuses_too_few_steps_before_loading_torch(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["train", "events", "--steps", "10"])
+    assert err.value.code == 2
+    assert "must be at least 20" in capsys.readouterr().err
