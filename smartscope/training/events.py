@@ -37,7 +37,7 @@ from smartscope.training.episodes import simulate_episode
 # the training intervals, where the model sees a constriction change between frames.
 WINDOW_SPACING_MS = 500.0
 EPISODES = 2000  # simulated microscopes to train on (0.07 s each; 2000 x 30 frames of 64² is 1 GB)
-EVAL_EPISODES = 96  # about 740 events: F1 to about ±0.015
+EVAL_EPISODES = 96  # per set, about 740 events; sets of 96 differ by about ±0.02 in F1
 KEYFRAME_WINDOWS = 0.5  # share of training windows spaced as at run time (the rest: consecutive frames)
 
 METRICS_PROTOCOL = (f"{EVAL_EPISODES} fresh test episodes x 40 frames, each a new random microscope; maps "
