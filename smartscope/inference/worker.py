@@ -218,7 +218,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
 
 def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel | None,
            eventer: LoadedModel | None, threshold: float, history: deque, recent_maps: deque,
-           event_window: EventWindow | None, event_one_view: bool) -> list[dict]:
+           event_window: EventWindow | None, event_one_view: bool = False) -> list[dict]:
     """Run the models on a batch of frames (oldest first); one result's fields per frame."""
     t0 = time.perf_counter()
     windows = []
