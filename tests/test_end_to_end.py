@@ -99,6 +99,7 @@ def test_live_mode_scores_events_without_localizing(tmp_path, event_views):
     config.simulation.camera.width_px = config.simulation.camera.height_px = 64
     config.acquisition.interval_ms = 40
     with running_daemon(config) as daemon:
+        assert ("--event-one-view" in daemon._procs[0].args) == (event_views == "one")  # the setting reaches the worker
         run = daemon.start_acquisition(tmp_path / "live", 40)
         assert run.done.wait(60)
         assert run.summary["localizations"] == 0 and run.summary["frames_saved"] == 40
