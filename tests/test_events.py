@@ -32,6 +32,19 @@ def test_score_events_exact_outcomes():
     assert s["recall"] == 0.5 and s["precision"] == 0.5 and s["median_delay_frames"] == 1.0
 
 
+def test_score_events_censors_events_that_begin_at_the_end():
+    # event 7 in frames 0-2, found at frame 1; event 9 begins in the last frame, unfound;
+    # event 8 begins in the last frame and an object lies on it
+    truth = [[np.array([[7, 10.0, 10.0]]), np.array([[7, 10.0, 10.0]]),
+              np.array([[7, 10.0, 10.0], [8, 40.0, 40.0], [9, 50.0, 10.0]])]]
+    detections = [[np.zeros((0, 3)), np.array([[10.0, 11.0, 0.9]]), np.array([[41.0, 40.0, 0.9]])]]
+    plain = score_events(detections, truth, tol_px=5.0)
+    assert (plain["events"], plain["found"], plain["objects"], plain["false_objects"]) == (3, 2, 2, 0)
+    censored = score_events(detections, truth, tol_px=5.0, censor_last_frames=1)
+    assert (censored["events"], censored["found"], censored["objects"], censored["false_objects"]) == (1, 1, 2, 0)
+    assert censored["recall"] == 1.0 and censored["precision"] == 1.0 and censored["median_delay_frames"] == 1.0
+
+
 def test_detections_over_frames_are_one_object():
     det = [np.array([[10.0, 10.0, 0.9]]), np.array([[11.0, 10.5, 0.9]]), np.zeros((0, 3)),
            np.array([[12.0, 11.0, 0.8]]), np.array([[40.0, 40.0, 0.8]])]
@@ -69,9 +82,9 @@ def test_model_finds_fission_events(model):
 
 
 def test_event_map_checks_its_window(model):
-    with pytest.raises(ValueError, match="needs 3 frames"):
-        event_map(model, np.zeros((2, 32, 32), np.float32))
-    assert event_map(model, np.full((3, 30, 22), 50.0, np.float32)).shape == (30, 22)
+    with pytest.raises(ValueError, match="needs 5 frames"):
+        event_map(model, np.zeros((3, 32, 32), np.float32))
+    assert event_map(model, np.full((5, 30, 22), 50.0, np.float32)).shape == (30, 22)
 
 
 def test_events_cli_writes_one_score_per_frame(tmp_path):
@@ -84,13 +97,13 @@ def test_events_cli_writes_one_score_per_frame(tmp_path):
 
 
 def test_events_cli_with_the_frame_interval_uses_spaced_windows(tmp_path):
-    """100 ms frames, 500 ms spacing: keyframes 0 and 5, so frames 0-5 have no window (score 0)."""
-    assert main(["simulate", "--frames", "12", "--out", str(tmp_path), "--config", str(_live_config(tmp_path))]) == 0
+    """100 ms frames, 500 ms spacing: keyframes 0, 5, 10 and 15, so frames 0-15 have no window (score 0)."""
+    assert main(["simulate", "--frames", "20", "--out", str(tmp_path), "--config", str(_live_config(tmp_path))]) == 0
     stack = str(tmp_path / "stack.ome.tif")
     assert main(["events", stack, "--out", str(tmp_path / "ev.csv"), "--interval-ms", "100"]) == 0
     rows = [r.split(",") for r in (tmp_path / "ev.csv").read_text().splitlines()[1:]]
     first = {int(r[0]): float(r[3]) for r in reversed(rows)}  # a frame's first row
-    assert all(first[k] == 0.0 for k in range(6)) and all(first[k] > 0.0 for k in range(6, 12))
+    assert all(first[k] == 0.0 for k in range(16)) and all(first[k] > 0.0 for k in range(16, 20))
     with pytest.raises(SystemExit, match="interval_ms must be > 0"):
         main(["events", stack, "--out", str(tmp_path / "bad.csv"), "--interval-ms", "0"])
 
@@ -149,13 +162,13 @@ def test_mirror_views_average_the_four_mirror_images_and_keep_the_shape():
 def test_the_shipped_model_runs_as_its_card_was_measured(model):
     assert model.card["mirror_views"] is True
     rng = np.random.default_rng(0)
-    window = rng.normal(100, 10, (3, 24, 32)).astype(np.float32)
+    window = rng.normal(100, 10, (model.card["frames"], 24, 32)).astype(np.float32)
     x = normalise_window(window)[None]
     np.testing.assert_allclose(event_map(model, window), mirror_views(model.run)(x)[0, 0], atol=1e-6)
 
 
 def test_one_view_runs_the_window_alone(model):
-    window = np.random.default_rng(1).normal(100, 10, (3, 24, 32)).astype(np.float32)
+    window = np.random.default_rng(1).normal(100, 10, (model.card["frames"], 24, 32)).astype(np.float32)
     one = event_map(model, window, one_view=True)
     np.testing.assert_allclose(one, model.run(normalise_window(window)[None])[0, 0], atol=1e-6)
     assert np.abs(one - event_map(model, window)).max() > 1e-3  # the mirror views do change the map

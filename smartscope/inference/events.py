@@ -1,4 +1,4 @@
-"""Event detection (event-driven acquisition class): a 3-frame window → event map → score.
+"""Event detection (event-driven acquisition class): a window of keyframes → event map → score.
 
 The per-frame event score (the map's maximum) drives the frame-rate policy;
 the map's peaks are the event locations. Object-level scoring: an event is
@@ -17,7 +17,7 @@ from scipy.ndimage import maximum_filter
 
 from smartscope.inference.session import LoadedModel
 
-EVENT_FRAMES = 3
+EVENT_FRAMES = 5  # the newest frame and 4 keyframes before it: 2 s of history at 500 ms spacing
 MATCH_TOLERANCE_PX = 5.0
 
 
@@ -57,8 +57,8 @@ class EventWindow:
     frames barely differ and the model sees nothing (on the frame-rate
     scenario's sample at 100 ms intervals an event pixel scored a median of
     0.05-0.07; with frames 500 ms apart, 0.85). When frames come slower than the
-    spacing, every frame is a keyframe and the window is consecutive. Two
-    keyframes and one frame are kept, whatever the frame rate.
+    spacing, every frame is a keyframe and the window is consecutive. frames − 1
+    keyframes and the newest frame are kept, whatever the frame rate.
     """
 
     def __init__(self, frames: int, spacing_s: float) -> None:
@@ -81,7 +81,7 @@ class EventWindow:
         return window
 
 
-Run = Callable[[np.ndarray], np.ndarray]  # normalised (N, 3, H, W) windows → (N, 1, H, W) event maps
+Run = Callable[[np.ndarray], np.ndarray]  # normalised (N, frames, H, W) windows → (N, 1, H, W) event maps
 
 
 def mirror_views(run: Run) -> Run:
@@ -109,7 +109,7 @@ def card_run(model: LoadedModel, one_view: bool = False) -> Run:
 
 
 def event_map(model: LoadedModel, window: np.ndarray, one_view: bool = False) -> np.ndarray:
-    """(3, H, W) frames, oldest first → (H, W) event probability of the last frame."""
+    """(frames, H, W) window, oldest first → (H, W) event probability of the last frame."""
     t, h, w = window.shape
     if t != model.card["frames"]:
         raise ValueError(f"event model needs {model.card['frames']} frames, got {t}")
@@ -152,7 +152,8 @@ def persistent(detections: list[np.ndarray], min_frames: int, tol_px: float = MA
 
 
 def score_events(detections: list[list[np.ndarray]], truth: list[list[np.ndarray]],
-                 tol_px: float = MATCH_TOLERANCE_PX, min_frames: int = 1) -> dict[str, Any]:
+                 tol_px: float = MATCH_TOLERANCE_PX, min_frames: int = 1, censor_last_frames: int = 0
+                 ) -> dict[str, Any]:
     """Object-level scores. Per episode, per frame: detections (K, ≥2) x_px, y_px and
     active events (M, 3) id, x_px, y_px.
 
@@ -162,14 +163,20 @@ def score_events(detections: list[list[np.ndarray]], truth: list[list[np.ndarray
     objects. Recall: events that some object lies on. Delay: the first
     confirmation frame of an object on the event (or the frame it reaches the
     event, if later) minus the event's first active frame.
+    `censor_last_frames`: events that begin in an episode's last frames are left
+    out of recall and delay (objects on them still count as true), since the
+    recording stops before any detector could confirm them, where a continuous
+    run would go on.
     """
     found: dict[tuple[int, int], int] = {}
     first_active: dict[tuple[int, int], int] = {}
     true_objects = n_objects = 0
     for e, (det_ep, truth_ep) in enumerate(zip(detections, truth, strict=True)):
+        onsets: dict[int, int] = {}
         for t, active in enumerate(truth_ep):
             for ev_id in active[:, 0].astype(int):
-                first_active.setdefault((e, ev_id), t)
+                onsets.setdefault(ev_id, t)
+        first_active.update({(e, ev_id): t for ev_id, t in onsets.items() if t < len(truth_ep) - censor_last_frames})
         for track in link_tracks(det_ep, tol_px):
             if len(track) < min_frames:
                 continue
@@ -184,7 +191,8 @@ def score_events(detections: list[list[np.ndarray]], truth: list[list[np.ndarray
                         hits.setdefault(ev_id, max(t, confirmed_t))
             true_objects += bool(hits)
             for ev_id, t in hits.items():
-                found[(e, ev_id)] = min(found.get((e, ev_id), t), t)
+                if (e, ev_id) in first_active:
+                    found[(e, ev_id)] = min(found.get((e, ev_id), t), t)
     n_events = len(first_active)
     recall = len(found) / n_events if n_events else 0.0
     precision = true_objects / n_objects if n_objects else 0.0

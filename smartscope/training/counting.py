@@ -27,6 +27,7 @@ from torch import nn
 
 from smartscope.inference.counting import PUBLISHED_MIN_SNR, counts_to_positions, decode_counts, score_counts
 from smartscope.simulation import CameraConfig, OpticsConfig
+from smartscope.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET
 from smartscope.training.common import export_onnx, fit, seed_everything
 from smartscope.training.stacks import N_CLASSES, STACK_DISTRIBUTION, normalise_stack, simulate_stacks
 
@@ -119,7 +120,7 @@ def _score(outputs: np.ndarray, truth: list[np.ndarray], threshold: float, merge
 
 def tune_decoder(run: Run, seed: int, optics: OpticsConfig, camera: CameraConfig) -> tuple[float, float]:
     """The occupancy threshold and merge radius (px) with the best F1 on validation stacks (not the test stacks)."""
-    rng = np.random.default_rng(seed + 20_000)
+    rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
     stacks, _, truth = simulate_stacks(rng, 40, FRAMES, 64, optics, camera)
     outputs = _outputs(run, stacks)
     grid = [(t, r) for t in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5) for r in (0.8, 1.0, 1.25, 1.5, 1.75, 2.0)]
@@ -130,7 +131,7 @@ def tune_decoder(run: Run, seed: int, optics: OpticsConfig, camera: CameraConfig
 def evaluate(run: Run, seed: int, optics: OpticsConfig, camera: CameraConfig,
              threshold: float, merge_px: float) -> dict[str, Any]:
     """Scores on held-out stacks at 1, 3 and 6 emitters/µm² (not the training or validation stacks)."""
-    rng = np.random.default_rng(seed + 10_000)
+    rng = np.random.default_rng(seed + TEST_SEED_OFFSET)
     out = {}
     for density in (1.0, 3.0, 6.0):
         stacks, _, truth = simulate_stacks(rng, 60, FRAMES, 64, optics, camera, on_density_per_um2=density)

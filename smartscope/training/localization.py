@@ -30,6 +30,7 @@ from smartscope.evaluation import match_frame, score
 from smartscope.inference.localization import localize_photons, normalise
 from smartscope.simulation import CameraConfig, OpticsConfig, astigmatic_sigmas_nm, integrated_gaussian_crlb_nm
 from smartscope.simulation.tiles import P_STAY_ON, TILE_DISTRIBUTION, dense_emitters, simulate_windows
+from smartscope.training import TEST_SEED_OFFSET
 from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
 from smartscope.transport.protocol import CameraParams
 
@@ -138,7 +139,7 @@ def evaluate(model: Any, seed: int, optics: OpticsConfig, camera: CameraConfig) 
     `smartscope.training.localization.evaluate(load_model("localization.onnx"), 0, ...)`
     re-measures a shipped model without retraining it (a one-frame model sees the last frame).
     """
-    rng = np.random.default_rng(seed + 10_000)
+    rng = np.random.default_rng(seed + TEST_SEED_OFFSET)
     metrics: dict[str, Any] = {}
     tile, n = 64, 60
     for name, density in (("density_0.5_per_um2", 0.5), ("density_2_per_um2", 2.0)):
