@@ -24,8 +24,8 @@ SWITCH_FALSE_PER_MIN = 0.5  # false objects per minute (64x64 field) allowed at 
 # Held-out episodes run this many frames past the scored ones, and events that begin
 # in them are left out of recall: a recording that stops just after an onset would
 # score the detector on events no causal detector can confirm yet (with 40-frame
-# episodes, the shipped model missed 48 of the 63 events that began in the last 4
-# frames, and 13 % of the rest), where a continuous run goes on.
+# episodes, the 3-frame event model v1 missed 48 of the 63 events that began in the
+# last 4 frames, and 13 % of the rest), where a continuous run goes on.
 TAIL_FRAMES = 10
 TARGET_SIGMA_PX = 2.0
 VARIETY = {
