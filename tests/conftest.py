@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from smartscope.config import SmartscopeConfig, load_config
@@ -13,6 +15,14 @@ def small_config() -> SmartscopeConfig:
     cfg.simulation.camera.width_px = cfg.simulation.camera.height_px = 64
     cfg.acquisition.exposure_ms = cfg.acquisition.interval_ms = 10
     return cfg
+
+
+def first_event_window_frame(card: dict, interval_ms: float) -> int:
+    """The index of the first frame the event model scores, frames coming every interval_ms
+    from 0: the worker's EventWindow takes a keyframe at 0 and then at the first frame
+    window_spacing_ms after the last, and scores from the frame after its frames − 1 keyframes."""
+    frames_per_keyframe = math.ceil(card["window_spacing_ms"] / interval_ms - 1e-9)
+    return (card["frames"] - 2) * frames_per_keyframe + 1
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from conftest import first_event_window_frame
 
 from smartscope.config import load_config
 from smartscope.inference.session import read_card
@@ -106,8 +107,7 @@ def test_live_mode_scores_events_without_localizing(tmp_path, event_views):
         scores = [float(r["event_score"]) for r in _inference_rows(tmp_path / "live") if r["event_score"] != ""]
         # every frame once the window holds its keyframes, window_spacing_ms apart (from frame 40 here)
         card = read_card("events.onnx")[1]
-        first_scored = (card["frames"] - 2) * card["window_spacing_ms"] / 40 + 1
-        assert len(scores) >= 72 - first_scored - 3 and all(0.0 <= s <= 1.0 for s in scores)
+        assert len(scores) >= 72 - first_event_window_frame(card, 40) - 3 and all(0.0 <= s <= 1.0 for s in scores)
 
 
 def test_real_micromanager_demo_adapters_through_the_same_loop(tmp_path):

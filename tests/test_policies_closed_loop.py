@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import first_event_window_frame
 
 from smartscope.config import SafetyConfig
 from smartscope.scenarios import (
@@ -156,7 +157,7 @@ def test_event_model_feeds_the_frame_rate_policy_as_the_worker_would():
     run = run_closed_loop(cfg, [spec], 90, localize=False, event_score=score)
     # the window's frames are window_spacing_ms apart: keyframes at 0, 500, 1000, 1500 ms (frame 75), then scores
     card = shipped_model("events.onnx").card
-    first = (card["frames"] - 2) * round(card["window_spacing_ms"] / 20.0) + 1
+    first = first_event_window_frame(card, 20.0)
     assert seen[:first] == [None] * first and all(0.0 <= v <= 1.0 for v in seen[first:])
     decisions = [d for d in run.decisions if d.get("policy") == "frame_rate"]
     assert decisions and decisions[0]["frame"] == first  # the first frame with a score
