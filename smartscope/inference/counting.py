@@ -136,6 +136,7 @@ def count_frame(model: LoadedModel, window_photons: np.ndarray) -> np.ndarray:
     stack = np.nan_to_num(np.asarray(window_photons, np.float32), nan=float(np.nanmedian(window_photons)))
     multiple = int(card.get("input_multiple_px", 1))
     stack = np.pad(stack, ((0, 0), (0, (-h) % multiple), (0, (-w) % multiple)), mode="edge")
-    outputs = model.run(normalise_stack(stack)[None, None])[0, :, :h, :w]
+    low_pct, high_pct = card["normalisation"]["percentile_clip"]
+    outputs = model.run(normalise_stack(stack, low_pct, high_pct)[None, None])[0, :, :h, :w]
     return decode_counts(outputs, float(card["occupancy_threshold"]), float(card["merge_radius_px"]),
                          float(card["min_count"]))

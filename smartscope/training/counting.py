@@ -33,7 +33,8 @@ from smartscope.inference.counting import PUBLISHED_MIN_SNR, counts_to_positions
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET
 from smartscope.training.common import export_onnx, fit, seed_everything
-from smartscope.training.stacks import N_CLASSES, STACK_DISTRIBUTION, normalise_stack, simulate_stacks
+from smartscope.training.stacks import (N_CLASSES, PERCENTILE_CLIP, STACK_DISTRIBUTION, normalise_stack,
+                                       simulate_stacks)
 
 OFFSET_RANGE_PX = 1.5  # a pixel may point at an emitter in a neighbouring pixel
 
@@ -173,7 +174,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
                                    "and scaled to -1..1"}],
         "outputs": [{"name": "outputs", "shape": [1, N_CLASSES + 2, "H", "W"],
                      "channels": ["logit 0", "logit 1", "logit 2", "logit 3+", "dx [px]", "dy [px]"]}],
-        "normalisation": {"percentile_clip": [20, 99], "range": [-1, 1]},
+        "normalisation": {"percentile_clip": list(PERCENTILE_CLIP), "range": [-1, 1]},
         "frames": FRAMES,
         "occupancy_threshold": threshold,
         "merge_radius_px": merge_px,

@@ -105,8 +105,12 @@ def nearest_emitter_offsets(xy_px: np.ndarray, tile_px: int, reach_px: int = 1) 
     return out
 
 
-def normalise_stack(stack: np.ndarray, low_pct: float = 20.0, high_pct: float = 99.0) -> np.ndarray:
-    """HD-SMLM normalisation: clip each (T, H, W) stack to its 20th–99th percentile, scale to −1…1."""
+PERCENTILE_CLIP = (20.0, 99.0)  # the published HD-SMLM normalisation; the counting card records it
+
+
+def normalise_stack(stack: np.ndarray, low_pct: float = PERCENTILE_CLIP[0],
+                    high_pct: float = PERCENTILE_CLIP[1]) -> np.ndarray:
+    """HD-SMLM normalisation: clip each (T, H, W) stack to its low–high percentile, scale to −1…1."""
     lo, hi = np.percentile(stack, [low_pct, high_pct], axis=(-3, -2, -1), keepdims=True)
     hi = np.maximum(hi, lo + 1e-3)
     return (2 * (np.clip(stack, lo, hi) - lo) / (hi - lo) - 1).astype(np.float32)
