@@ -19,9 +19,12 @@ from smartscope.inference.session import LoadedModel
 
 EVENT_FRAMES = 5  # the newest frame and 4 keyframes before it: 2 s of history at 500 ms spacing
 MATCH_TOLERANCE_PX = 5.0
+#: each window is scaled to its own low..high percentiles: training uses these and writes them into the card
+WINDOW_PERCENTILES = (1.0, 99.9)
 
 
-def normalise_window(window: np.ndarray, low_pct: float = 1.0, high_pct: float = 99.9) -> np.ndarray:
+def normalise_window(window: np.ndarray, low_pct: float = WINDOW_PERCENTILES[0],
+                     high_pct: float = WINDOW_PERCENTILES[1]) -> np.ndarray:
     """(T, H, W) frames in any linear unit → float32 scaled to the window's percentiles, 0…1."""
     w = np.nan_to_num(np.asarray(window, np.float32), nan=float(np.nanmedian(window)))
     lo, hi = np.percentile(w, [low_pct, high_pct])
@@ -114,7 +117,8 @@ def event_map(model: LoadedModel, window: np.ndarray, one_view: bool = False) ->
     if t != model.card["frames"]:
         raise ValueError(f"event model needs {model.card['frames']} frames, got {t}")
     m = int(model.card.get("input_multiple_px", 1))
-    x = np.pad(normalise_window(window), ((0, 0), (0, (-h) % m), (0, (-w) % m)), mode="edge")
+    low_pct, high_pct = model.card["normalisation"]["percentiles"]
+    x = np.pad(normalise_window(window, low_pct, high_pct), ((0, 0), (0, (-h) % m), (0, (-w) % m)), mode="edge")
     return card_run(model, one_view)(x[None])[0, 0, :h, :w]
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smartscope.inference.events import EVENT_FRAMES, mirror_views, normalise_window
+from smartscope.inference.events import EVENT_FRAMES, WINDOW_PERCENTILES, mirror_views, normalise_window
 from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
 from smartscope.training.episodes import MAX_DELAY_FRAMES, SWITCH_FALSE_PER_MIN, TAIL_FRAMES, TARGET_SIGMA_PX, TILE_PX
 from smartscope.training.episodes import VARIETY, evaluate, heatmap, held_out_episodes, random_microscope
@@ -149,11 +149,11 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
         "architecture": f"2D U-Net 16-32-64, causal window of {EVENT_FRAMES} frames as channels",
         "inputs": [{"name": "window", "shape": ["N", EVENT_FRAMES, "H", "W"], "dtype": "float32",
                     "description": f"frame t and {EVENT_FRAMES - 1} keyframes before it, window_spacing_ms apart, "
-                                   "oldest first (any units), each window scaled to its 1st-99.9th "
-                                   "percentile -> 0..1"}],
+                                   "oldest first (any units), each window scaled from its "
+                                   f"{WINDOW_PERCENTILES[0]:g}th to {WINDOW_PERCENTILES[1]:g}th percentile -> 0..1"}],
         "outputs": [{"name": "event_map", "shape": ["N", 1, "H", "W"],
                      "description": "probability that an event (constricting or dividing) is at this pixel in frame t"}],
-        "normalisation": {"percentiles": [1, 99.9], "range": [0, 1]},
+        "normalisation": {"percentiles": list(WINDOW_PERCENTILES), "range": [0, 1]},
         "frames": EVENT_FRAMES,
         "window_spacing_ms": WINDOW_SPACING_MS,
         "mirror_views": True,  # run on the window and its 3 mirror images, maps averaged (card_run)
