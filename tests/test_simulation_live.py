@@ -232,20 +232,39 @@ def test_fission_events_occur_at_the_configured_rate(fission_run) -> None:
     expected = scope.config.live.fission_rate_per_um_per_s * net.fissionable_um_s
     assert expected > 8
     assert abs(len(net.events) - expected) < 3.5 * np.sqrt(expected)
-    # the process alone on a larger network, three seeds
-    counts, lam = 0, 0.0
-    for seed in range(3):
-        config = _live(256, fission_rate_per_um_per_s=0.05, constriction_s=1.0, division_s=0.5)
-        net = SimulatedMicroscope(config, seed=seed).network
-        for t in np.arange(0.5, 40.01, 0.5):
+    # the process alone on a larger network, three seeds, onsets drawn on the time grid and per interval
+    for fission_step_s in (0.1, None):
+        counts, lam = 0, 0.0
+        for seed in range(3):
+            config = _live(256, fission_rate_per_um_per_s=0.05, constriction_s=1.0, division_s=0.5,
+                           fission_step_s=fission_step_s)
+            net = SimulatedMicroscope(config, seed=seed).network
+            for t in np.arange(0.5, 40.01, 0.5):
+                net.advance_to(float(t))
+            counts += len(net.events)
+            lam += 0.05 * net.fissionable_um_s
+        assert lam > 550
+        assert abs(counts - lam) < 3.5 * np.sqrt(lam)  # Poisson: within 3.5 sd (about 15 %)
+        # onsets are uniform in time, not bunched at the 0.5 s steps
+        onsets = np.array([ev.onset_s for ev in net.events])
+        assert 0.4 < np.mean(np.mod(onsets, 0.5) / 0.5) < 0.6
+
+
+def test_fission_events_do_not_depend_on_the_frame_times() -> None:
+    """Two runs of one seed, one advanced every 0.5 s and one at irregular times (as a
+    policy that changes the frame rate would): the same events, at the same places."""
+    def events(times_s: np.ndarray) -> list[tuple[float, int]]:
+        config = _live(96, fission_rate_per_um_per_s=0.05, constriction_s=1.0, division_s=0.5, fusion_s=3.0)
+        net = SimulatedMicroscope(config, seed=4).network
+        for t in times_s:
             net.advance_to(float(t))
-        counts += len(net.events)
-        lam += 0.05 * net.fissionable_um_s
-    assert lam > 600
-    assert abs(counts - lam) < 3.5 * np.sqrt(lam)  # Poisson: within 3.5 sd (12 %)
-    # onsets are uniform in time, not bunched at the 0.5 s steps
-    onsets = np.array([ev.onset_s for ev in net.events])
-    assert 0.4 < np.mean(np.mod(onsets, 0.5) / 0.5) < 0.6
+        return [(ev.onset_s, ev.point) for ev in net.events]
+
+    regular = events(np.arange(0.5, 40.01, 0.5))
+    times_s = np.cumsum(np.random.default_rng(1).uniform(0.005, 0.7, 200))
+    irregular = events(np.append(times_s[times_s < 40.0], 40.0))
+    assert len(regular) > 30
+    assert irregular == regular
 
 
 def test_fusion_keeps_the_network_from_fragmenting() -> None:

@@ -236,6 +236,13 @@ class LiveConfig(_Strict):
     fission_rate_per_um_per_s: float = Field(
         0.005, ge=0, description="fission onsets per um of tubule per s (Poisson, anywhere that can divide)"
     )
+    fission_step_s: float | None = Field(
+        0.1,
+        gt=0,
+        description="onsets are drawn on a fixed time grid of this step (s), whatever the frame times, so "
+        "two runs of one seed see the same events however their policies time the frames; null: drawn over "
+        "each frame's interval (the event model's training episodes were drawn so)",
+    )
     constriction_s: float = Field(
         4.0, gt=0, description="duration (s) of the constriction from onset to division"
     )

@@ -121,6 +121,8 @@ class TubularNetwork:
         self.active: list[FissionEvent] = []  # onset <= t < end
         self._fusions: list[_Fusion] = []  # scheduled or closing gaps
         self.t_s = 0.0  # the fission process has run up to here
+        self._next_draw_s = 0.0  # with fission_step_s: when the next grid step draws its onsets
+        self._pending_onsets_s: list[float] = []  # drawn onsets still to come
         # Integral of (length that can divide) dt over the run so far (um*s): the
         # expected number of onsets is fission_rate_per_um_per_s times this.
         self.fissionable_um_s = 0.0
@@ -273,39 +275,60 @@ class TubularNetwork:
         return ok
 
     def advance_to(self, t_s: float) -> None:
-        """Run the fission process from self.t_s to t_s: finish events, start new ones."""
+        """Run the fission process from self.t_s to t_s: finish events, start new ones.
+
+        Everything happens in time order: events end, gaps close, and (with
+        `fission_step_s`) each grid step draws its onsets when it begins and
+        each onset picks its place when it comes. So the events do not depend
+        on how the calls split the time.
+        """
         if t_s <= self.t_s:
             return
-        # Gaps close and events end in time order (one may start a fusion that ends before t_s).
+        step_s = self.config.fission_step_s
         while True:
             due = [(e.end_s, 0, e) for e in self.active if e.end_s <= t_s]
             due += [(f.start_s, 1, f) for f in self._fusions if f.segment < 0 and f.start_s <= t_s]
             due += [(f.end_s, 2, f) for f in self._fusions if f.segment >= 0 and f.end_s <= t_s]
+            if step_s is not None:
+                due += [(o, 3, o) for o in self._pending_onsets_s if o <= t_s]
+                if self._next_draw_s <= t_s:
+                    due.append((self._next_draw_s, 4, None))
             if not due:
                 break
-            _, kind, item = min(due, key=lambda d: (d[0], d[1]))
+            time_s, kind, item = min(due, key=lambda d: (d[0], d[1]))
             if kind == 0:
                 self._divide(item)
                 self.active.remove(item)
             elif kind == 1:
                 self._join(item)
-            else:
+            elif kind == 2:
                 self._fusions.remove(item)
-        cfg = self.config
-        dt = t_s - self.t_s
-        if cfg.fission_rate_per_um_per_s > 0:
-            candidates = np.flatnonzero(self._fissionable())
-            length_um = candidates.size * STEP_NM / 1000.0
-            self.fissionable_um_s += length_um * dt
-            n_new = self._event_rng.poisson(cfg.fission_rate_per_um_per_s * length_um * dt)
-            onsets = np.sort(self._event_rng.uniform(self.t_s, t_s, n_new))
-            for onset in onsets:
-                if candidates.size == 0:
-                    break
-                i = int(candidates[self._event_rng.integers(candidates.size)])
-                self._start(i, float(onset))
-                candidates = np.flatnonzero(self._fissionable())
+            elif kind == 3:
+                self._pending_onsets_s.remove(item)
+                self._start_somewhere(item)
+            else:
+                self._pending_onsets_s += self._draw_onsets(time_s, time_s + step_s)
+                self._next_draw_s = time_s + step_s
+        if step_s is None:
+            for onset in self._draw_onsets(self.t_s, t_s):
+                self._start_somewhere(onset)
         self.t_s = t_s
+
+    def _draw_onsets(self, t0_s: float, t1_s: float) -> list[float]:
+        """Poisson onsets in [t0, t1) for the length that can divide at t0, sorted."""
+        rate = self.config.fission_rate_per_um_per_s
+        if rate <= 0:
+            return []
+        length_um = np.count_nonzero(self._fissionable()) * STEP_NM / 1000.0
+        self.fissionable_um_s += length_um * (t1_s - t0_s)
+        n_new = self._event_rng.poisson(rate * length_um * (t1_s - t0_s))
+        return sorted(float(t) for t in self._event_rng.uniform(t0_s, t1_s, n_new))
+
+    def _start_somewhere(self, onset_s: float) -> None:
+        """Start an event at a random place that can divide now (none: no event)."""
+        candidates = np.flatnonzero(self._fissionable())
+        if candidates.size:
+            self._start(int(candidates[self._event_rng.integers(candidates.size)]), onset_s)
 
     def _start(self, point: int, onset_s: float) -> None:
         cfg = self.config

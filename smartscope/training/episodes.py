@@ -54,6 +54,7 @@ def random_microscope(rng: np.random.Generator, tile_px: int = TILE_PX) -> tuple
     live.fission_rate_per_um_per_s = rng.uniform(*v["fission_rate_per_um_per_s"])
     live.length_density_um_per_um2 = rng.uniform(*v["length_density_um_per_um2"])
     cfg.focal_plane_um = rng.uniform(*v["focal_plane_um"])
+    live.fission_step_s = None  # onsets drawn per frame interval, as for the shipped event model's card
     cfg = SimulationConfig.model_validate(cfg.model_dump())  # re-check the drawn values
     scope = SimulatedMicroscope(cfg, seed=int(rng.integers(2**31)), keep_truth=False)
     scope.excitation_mw = rng.uniform(*v["excitation_mw"])
