@@ -123,7 +123,8 @@ class TubularNetwork:
         self.t_s = 0.0  # the fission process has run up to here
         self._next_draw_s = 0.0  # with fission_step_s: when the next grid step draws its onsets
         self._pending_onsets_s: list[float] = []  # drawn onsets still to come
-        # Integral of (length that can divide) dt over the run so far (um*s): the
+        # Integral of (length that can divide) dt over the run so far, or with
+        # fission_step_s to the end of the current grid step (um*s): the
         # expected number of onsets is fission_rate_per_um_per_s times this.
         self.fissionable_um_s = 0.0
 
