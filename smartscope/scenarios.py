@@ -467,7 +467,8 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     that shows an event was taken at the slow rate, so the switch costs the
     detection delay plus up to two slow periods of each event. Scores: the
     fraction of event time during which frames came at the fast
-    interval, and the excitation dose relative to imaging the whole run fast.
+    interval, and the excitation dose relative to imaging the whole run fast;
+    per event, the time from its onset to the first fast frame (switch_delay_s).
     The fixed settings are computed, not simulated: always fast (all event
     time fast, dose 1) and the fastest fixed interval within the dose budget
     (no event time at the fast rate).
@@ -502,6 +503,12 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     for a, b in spans:
         in_event[int((a - t0) * 1000):int(np.ceil((b - t0) * 1000))] = True
     event_s = in_event.sum() / 1000
+    # per event: time from its onset (or the run's start) to the first frame taken fast, None if never
+    switch_delays_s: list[float | None] = []
+    for a, b in spans:
+        fast_ms = np.flatnonzero(fast[int((a - t0) * 1000):int(np.ceil((b - t0) * 1000))])
+        switch_delays_s.append(float(fast_ms[0]) / 1000 if fast_ms.size else None)
+    caught = [d for d in switch_delays_s if d is not None]
     dose = float(sum(t.excitation_mw * t.exposure_ms for t in run.truths))  # mW·ms = µJ
     fast_period_ms = max(exposure_ms, fast_interval_ms)
     dose_always_fast = (t_end - t0) * 1000 / fast_period_ms * exposure_ms * run.truths[0].excitation_mw
@@ -512,6 +519,9 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
         "event_time_fraction": float(event_s / (t_end - t0)),
         "fast_fraction_of_event_time": float((fast & in_event).sum() / in_event.sum()) if in_event.any() else None,
         "fast_fraction_outside_events": float((fast & ~in_event).sum() / max(1, (~in_event).sum())),
+        "switch_delay_s": switch_delays_s,
+        "events_imaged_fast": len(caught),
+        "median_switch_delay_s": float(np.median(caught)) if caught else None,
         "dose_vs_always_fast": float(dose / dose_always_fast),
         "fixed_within_budget_interval_ms": fixed_within_budget_ms,
         "fixed_within_budget_fast_fraction": 0.0 if fixed_within_budget_ms > fast_period_ms else 1.0,

@@ -123,6 +123,9 @@ def test_frame_rate_goes_fast_during_fission_events_and_slow_between():
     r = frame_rate_scenario(1, duration_s=60.0, size_px=64, fission_rate_per_um_per_s=0.005)  # seed 0: no event
     assert r["events"] >= 1
     assert r["fast_fraction_of_event_time"] > 0.75
+    # every event caught, each within the stand-in's 0.25 s detection delay plus two slow periods (100 ms)
+    assert r["events_imaged_fast"] == r["events"]
+    assert max(r["switch_delay_s"]) <= 0.25 + 2 * 0.1
     assert r["fast_fraction_outside_events"] < 0.1
     assert r["dose_vs_always_fast"] < 0.2 + 1.2 * r["event_time_fraction"]
 
