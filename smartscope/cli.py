@@ -1,4 +1,4 @@
-"""`smartscope` command line: demo, serve, worker, simulate, train."""
+"""`smartscope` command line: demo, serve, worker, simulate, train, offline analysis (localize, count, events), bench."""
 
 from __future__ import annotations
 
@@ -281,6 +281,20 @@ def cmd_localize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_count(args: argparse.Namespace) -> int:
+    from smartscope.inference.offline import StackError, count_stack
+    from smartscope.inference.session import ModelError
+
+    try:
+        stats = count_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
+                            adu_per_electron=args.adu_per_electron, offset_adu=args.offset_adu, qe=args.qe,
+                            em_gain=args.em_gain, model=args.model, provider=args.provider)
+    except (StackError, ModelError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(stats))
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     from smartscope.inference.offline import StackError, events_in_stack
     from smartscope.inference.session import ModelError
@@ -306,6 +320,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return 0
+
+
+def _add_stack_arguments(p: argparse.ArgumentParser, out_help: str, model: str) -> None:
+    """The arguments of the offline commands that read raw camera frames: the stack, the CSV, the calibration."""
+    p.add_argument("stack", help="TIFF / OME-TIFF stack (frames, y, x)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
+    p.add_argument("--adu-per-electron", type=float, default=2.0, help="camera gain (ADU per photoelectron)")
+    p.add_argument("--offset-adu", type=float, default=100.0, help="camera baseline (ADU)")
+    p.add_argument("--qe", type=float, default=0.8, help="quantum efficiency")
+    p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
+    p.add_argument("--model", default=model)
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,17 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("localize", help="localize every frame of a recorded stack (ThunderSTORM CSV)")
-    p.add_argument("stack", help="TIFF / OME-TIFF stack (frames, y, x)")
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
-    p.add_argument("--adu-per-electron", type=float, default=2.0, help="camera gain (ADU per photoelectron)")
-    p.add_argument("--offset-adu", type=float, default=100.0, help="camera baseline (ADU)")
-    p.add_argument("--qe", type=float, default=0.8, help="quantum efficiency")
-    p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
-    p.add_argument("--model", default="localization.onnx")
+    _add_stack_arguments(p, "CSV to write", "localization.onnx")
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     p.set_defaults(func=cmd_localize)
+
+    p = sub.add_parser("count", help="count the emitters of every frame of a dense SMLM stack (CSV)")
+    _add_stack_arguments(p, "CSV to write: frame, emitters, density [/um2]", "counting.onnx")
+    p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("events", help="score a live-imaging stack for fission events (CSV)")
     p.add_argument("stack", help="TIFF / OME-TIFF stack (frames, y, x)")

@@ -324,6 +324,10 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
     after which it stays within `tolerance` for `hold_frames`) to the end. The
     fixed powers are scored over the same frames; the best fixed power is the
     one with the least median error.
+
+    true_median_abs_error scores the emitters truly on per frame the same way:
+    what the sample saw, whatever the counted signal's bias (counted_over_true,
+    its mean over the true mean over the same frames).
     """
     spec = {"name": "illumination", "module": "policies.illumination",
             "params": {"set_point_emitters": set_point, "signal": signal, **(params or {})}}
@@ -336,6 +340,7 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
 
     run, counted = loop(start_mw, [spec])
     err = density_error(counted, set_point, window)
+    true_err = density_error(run.true_emitters.astype(float), set_point, window)
     settle = settling_frame(err, tolerance, hold_frames)
     start = settle if settle is not None else window - 1
     fixed = {}
@@ -353,6 +358,8 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
         "settling_frames": settle,
         "median_abs_error": float(np.nanmedian(np.abs(err[start:]))),
         "p90_abs_error": float(np.nanpercentile(np.abs(err[start:]), 90)),
+        "true_median_abs_error": float(np.nanmedian(np.abs(true_err[start:]))),
+        "counted_over_true": float(np.nanmean(counted[start:]) / np.mean(run.true_emitters[start:])),
         "power_mw_start_end": [float(power[start]), float(power[-1])],
         "bleached_fraction": run.bleached_fraction,
         "best_fixed_mw": best_mw,

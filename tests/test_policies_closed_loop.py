@@ -111,6 +111,9 @@ def test_the_bench_scenarios_meet_their_goals_on_one_seed():
 
     ill = illumination_scenario(0)
     assert ill["median_abs_error"] <= 0.1 < ill["best_fixed_median_abs_error"]
+    # localizations miss crowded and faint emitters: holding them at the set point holds more emitters on
+    # (seed 0: 0.77 localized per emitter on, the true density 0.29 off the set point)
+    assert ill["counted_over_true"] < 0.9 and ill["true_median_abs_error"] > 0.15
     foc = focus_scenario(0)
     assert foc["rms_defocus_nm"] <= 50 < foc["rms_uncorrected_nm"]
     va = view_angle_scenario(0)

@@ -5,6 +5,9 @@ network's detections in the last frame (what a localizer-driven density
 controller would see). Scored by tolerance matching (F1) and the per-frame
 relative count error, with inference time per frame. "F1 snr≥2" scores as the
 published HD-SMLM counter was scored: emitters with peak SNR below 2 left out.
+"counted/true" is all emitters counted over all there are: the bias a density
+controller regulating the count would carry (the sparse 0.2 /µm² row is where
+a SMLM acquisition usually runs).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ def run(quick: bool = False) -> dict:
     n = 10 if quick else 40
     results = {}
     print(f"{'density /µm²':>12} {'method':<22} {'F1':>6} {'recall':>7} {'prec':>6} {'count err':>9} "
-          f"{'F1 snr≥2':>8} {'ms/frame':>9}")
-    for density in (1.0, 3.0, 6.0, 8.0):
+          f"{'counted/true':>12} {'F1 snr≥2':>8} {'ms/frame':>9}")
+    for density in (0.2, 1.0, 3.0, 6.0, 8.0):
         rng = np.random.default_rng(int(density * 100))
         stacks, _, truth = simulate_stacks(rng, n, 3, 64, optics, camera, on_density_per_um2=density)
         t0 = time.perf_counter()
@@ -49,5 +52,5 @@ def run(quick: bool = False) -> dict:
             s["ms_per_frame"] = round(ms, 2)
             results[str(density)][name] = s
             print(f"{density:>12} {name:<22} {s['f1']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
-                  f"{s['median_count_error']:>9.3f} {s['snr_ge_2']['f1']:>8.3f} {ms:>9.2f}")
+                  f"{s['median_count_error']:>9.3f} {s['count_ratio']:>12.3f} {s['snr_ge_2']['f1']:>8.3f} {ms:>9.2f}")
     return results

@@ -31,6 +31,7 @@ from smartscope import scenarios
 GOALS = {
     "illumination": ("median |density error| / set point", "<=", 0.10),
     "illumination_counting": ("same, counting model as input", "<=", 0.10),
+    "illumination_counting_truth": ("same, emitters truly on (counting model as input)", None, None),
     "illumination_p90": ("p90 |density error| / set point", None, None),
     "illumination_settling": ("settling time (frames, ±10 %)", None, None),
     "frame_rate_fast": ("event time imaged fast, truth score", ">=", 0.90),
@@ -126,6 +127,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         row("illumination", "illumination_counting", med("illumination_counting", "median_abs_error"),
             med("illumination_counting", "best_fixed_median_abs_error"),
             "best fixed power " + "/".join(f"{r['best_fixed_mw']:g}" for r in ilc) + " mW")
+        row("illumination", "illumination_counting_truth", med("illumination_counting", "true_median_abs_error"),
+            None, "counted / true " + "/".join(f"{r['counted_over_true']:.2f}" for r in ilc))
     if "frame_rate" in per_seed:
         fr = per_seed["frame_rate"]
         row("frame_rate", "frame_rate_fast", med("frame_rate", "fast_fraction_of_event_time"),

@@ -29,7 +29,8 @@ def counts_to_positions(counts: np.ndarray, pixel_size_nm: float) -> np.ndarray:
 
 def score_counts(truth: list[np.ndarray], pred: list[np.ndarray], tol_nm: float,
                  min_snr: float | None = None) -> dict[str, float]:
-    """Precision / recall / F1 with tolerance matching, and the per-frame relative count error.
+    """Precision / recall / F1 with tolerance matching, the per-frame relative count error, and
+    count_ratio, all emitters counted over all there are (the bias a density controller sees).
 
     With `min_snr`, truth rows (x_nm, y_nm, snr) below it are ignored, as the
     published HD-SMLM scoring leaves them out: matching still runs against every
@@ -37,6 +38,7 @@ def score_counts(truth: list[np.ndarray], pred: list[np.ndarray], tol_nm: float,
     """
     tp = fp = fn = 0
     count_err = []
+    predicted = 0  # every place counted, so found + false, ignored emitters left out
     for t, p in zip(truth, pred, strict=True):
         ti, _ = match_frame(t[:, :2], p[:, :2], tol_nm)
         counted = np.ones(len(t), bool) if min_snr is None else t[:, 2] >= min_snr
@@ -45,12 +47,14 @@ def score_counts(truth: list[np.ndarray], pred: list[np.ndarray], tol_nm: float,
         hits, n_true = int((found & counted).sum()), int(counted.sum())
         false = len(p) - len(ti)
         tp, fp, fn = tp + hits, fp + false, fn + n_true - hits
+        predicted += hits + false
         if n_true:
             count_err.append(abs(hits + false - n_true) / n_true)  # predicted count leaves the ignored out
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
     return {"precision": round(precision, 4), "recall": round(recall, 4),
             "f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4),
             "median_count_error": round(float(np.median(count_err)), 4) if count_err else None,
+            "count_ratio": round(predicted / (tp + fn), 4) if tp + fn else None,
             "tp": tp, "fp": fp, "fn": fn}
 
 

@@ -3,6 +3,8 @@
 `smartscope localize STACK.tif --out locs.csv` reads any TIFF / OME-TIFF
 (memory-mapped where possible), takes the camera calibration from flags or
 from the file's metadata, and writes a ThunderSTORM-compatible CSV.
+`smartscope count STACK.tif --out counts.csv` counts the emitters of every
+frame of a dense SMLM stack (the density the illumination policy regulates).
 `smartscope events STACK.tif --out events.csv` scores live-imaging stacks
 for fission events.
 """
@@ -17,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from smartscope.inference.localization import localize_frame
-from smartscope.inference.session import check_fits_frames, load_model
+from smartscope.inference.counting import count_frame
+from smartscope.inference.localization import frame_to_photons, localize_frame
+from smartscope.inference.session import LoadedModel, check_fits_frames, load_model
 from smartscope.storage import LocalizationWriter
 from smartscope.transport.protocol import CameraParams
 
@@ -73,39 +76,93 @@ def _pixel_size_nm(tif: tifffile.TiffFile) -> float | None:
     return None
 
 
-def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = None, adu_per_electron: float = 2.0,
-                   offset_adu: float = 100.0, qe: float = 0.8, em_gain: float = 1.0, model: str = "localization.onnx",
-                   threshold: float = 0.5, provider: str = "auto", progress: bool = True) -> dict[str, float]:
-    """Localize every frame of `stack` into `out_csv`; returns counts and speed."""
+def _open_for_model(stack: Path, pixel_size_nm: float | None, model: str, provider: str,
+                    ) -> tuple[np.ndarray, float, LoadedModel]:
+    """The stack's frames, its pixel size (the flag's, else the metadata's) and the model, checked to fit."""
     frames, meta_nm = open_stack(stack)
     pixel_size_nm = pixel_size_nm or meta_nm
     if pixel_size_nm is None:
         raise StackError(f"{stack}: no pixel size in the metadata; pass --pixel-size-nm")
-    camera = CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
-                          qe=qe, em_gain=em_gain)
     loaded = load_model(model, provider)
     check_fits_frames(loaded.card, frames.shape[1:], pixel_size_nm)
+    return frames, pixel_size_nm, loaded
+
+
+def _show_progress(verb: str, i: int, n: int, t0: float, extra: str = "") -> None:
+    """One progress line on stderr, redrawn about 20 times over the stack (frame i of n just done)."""
+    if (i + 1) % max(1, n // 20) and i + 1 != n:
+        return
+    rate = (i + 1) / max(time.perf_counter() - t0, 1e-9)
+    tail = f", {extra}" if extra else ""
+    print(f"\r  {verb} {i + 1}/{n} frames ({100 * (i + 1) / n:.0f}%, {rate:.0f} frames/s{tail})", end="",
+          file=sys.stderr, flush=True)
+    if i + 1 == n:
+        print(file=sys.stderr)
+
+
+def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = None, adu_per_electron: float = 2.0,
+                   offset_adu: float = 100.0, qe: float = 0.8, em_gain: float = 1.0, model: str = "localization.onnx",
+                   threshold: float = 0.5, provider: str = "auto", progress: bool = True) -> dict[str, float]:
+    """Localize every frame of `stack` into `out_csv`; returns counts and speed."""
+    frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
+    camera = CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
+                          qe=qe, em_gain=em_gain)
     writer = LocalizationWriter(Path(out_csv))
     n = len(frames)
     window = int(loaded.card.get("frames", 1))  # frame i is localized with the frames just before it
     t0 = time.perf_counter()
-    every = max(1, n // 20)
     try:
         for i in range(n):
             locs, background = localize_frame(loaded, np.asarray(frames[max(0, i - window + 1):i + 1]), camera,
                                               threshold=threshold)
             writer.write(i, locs, background)
-            if progress and ((i + 1) % every == 0 or i + 1 == n):
-                rate = (i + 1) / (time.perf_counter() - t0)
-                print(f"\r  localizing {i + 1}/{n} frames ({100 * (i + 1) / n:.0f}%, {rate:.0f} frames/s, "
-                      f"{writer.rows} localizations)", end="", file=sys.stderr, flush=True)
+            if progress:
+                _show_progress("localizing", i, n, t0, f"{writer.rows} localizations")
     finally:
         writer.close()
-    if progress:
-        print(file=sys.stderr)
     seconds = time.perf_counter() - t0
     return {"frames": n, "localizations": writer.rows, "seconds": round(seconds, 3),
             "frames_per_s": round(n / seconds, 1) if seconds else None, "provider": loaded.provider}
+
+
+COUNT_CSV_COLUMNS = ("frame", "emitters", "density [/um2]")
+
+
+def count_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = None, adu_per_electron: float = 2.0,
+                offset_adu: float = 100.0, qe: float = 0.8, em_gain: float = 1.0, model: str = "counting.onnx",
+                provider: str = "auto", progress: bool = True) -> dict[str, float | int | None]:
+    """Count the emitters on in every frame of a (dense) SMLM stack: one CSV row per frame.
+
+    The same causal window as in a live run: frame i is counted from frames
+    i-2..i, so the first frames (before a full window) get an empty count.
+    Density is per µm² of the whole field.
+    """
+    frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
+    camera = CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
+                          qe=qe, em_gain=em_gain)
+    window = int(loaded.card["frames"])
+    n, (h, w) = len(frames), frames.shape[1:]
+    area_um2 = h * w * (pixel_size_nm / 1000) ** 2
+    counts: list[int] = []
+    total = 0
+    t0 = time.perf_counter()
+    with open(out_csv, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COUNT_CSV_COLUMNS)
+        for i in range(n):
+            if i + 1 < window:
+                writer.writerow([i, "", ""])
+            else:
+                photons = frame_to_photons(np.asarray(frames[i + 1 - window:i + 1]), camera)
+                counts.append(int(count_frame(loaded, photons).sum()))
+                total += counts[-1]
+                writer.writerow([i, counts[-1], f"{counts[-1] / area_um2:.4f}"])
+            if progress:
+                _show_progress("counting", i, n, t0, f"{total} emitters")
+    seconds = time.perf_counter() - t0
+    return {"frames": n, "frames_counted": len(counts),
+            "mean_density_per_um2": round(float(np.mean(counts)) / area_um2, 4) if counts else None,
+            "seconds": round(seconds, 3), "provider": loaded.provider}
 
 
 EVENT_CSV_COLUMNS = ("frame", "x [nm]", "y [nm]", "score")
@@ -127,12 +184,7 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     """
     from smartscope.inference.events import EventWindow, detect_events, event_map, persistent
 
-    frames, meta_nm = open_stack(stack)
-    pixel_size_nm = pixel_size_nm or meta_nm
-    if pixel_size_nm is None:
-        raise StackError(f"{stack}: no pixel size in the metadata; pass --pixel-size-nm")
-    loaded = load_model(model, provider)
-    check_fits_frames(loaded.card, frames.shape[1:], pixel_size_nm)
+    frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
     threshold = loaded.card["threshold"] if threshold is None else threshold
     if interval_ms is not None and not interval_ms > 0:
         raise StackError(f"interval_ms must be > 0, got {interval_ms}")
@@ -144,10 +196,8 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
         w = window.push(stack, i * (interval_ms or 0.0) / 1000, np.asarray(frames[i], np.float32))
         if w is not None:
             scores[i], peaks[i] = detect_events(event_map(loaded, w), threshold)
-        if progress and ((i + 1) % max(1, n // 20) == 0 or i + 1 == n):
-            print(f"\r  scoring {i + 1}/{n} frames", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        if progress:
+            _show_progress("scoring", i, n, t0)
     kept = persistent(peaks, int(loaded.card.get("min_frames", 1)))
     with open(out_csv, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
