@@ -137,7 +137,9 @@ def count_frame(model: LoadedModel, window_photons: np.ndarray) -> np.ndarray:
     t, h, w = window_photons.shape
     if t != card["frames"]:
         raise ValueError(f"counting model needs {card['frames']} frames, got {t}")
-    stack = np.nan_to_num(np.asarray(window_photons, np.float32), nan=float(np.nanmedian(window_photons)))
+    stack = np.asarray(window_photons, np.float32)
+    finite = np.isfinite(stack)  # saturated pixels arrive as NaN; a window may hold nothing else
+    stack = np.where(finite, stack, np.median(stack[finite]) if finite.any() else 0.0).astype(np.float32)
     multiple = int(card.get("input_multiple_px", 1))
     stack = np.pad(stack, ((0, 0), (0, (-h) % multiple), (0, (-w) % multiple)), mode="edge")
     low_pct, high_pct = card["normalisation"]["percentile_clip"]
