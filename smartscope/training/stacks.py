@@ -20,7 +20,7 @@ N_CLASSES = 4
 STACK_DISTRIBUTION = {
     "on_density_per_um2": (0.5, 8.0),  # emitters on per frame, uniform
     # a quarter of the stacks sparse instead (log-uniform): the 99th percentile the input is clipped
-    # to moves onto the emitters there, and a counter that never saw it overcounted (1.6x at 0.1 /µm²)
+    # to moves onto the emitters there, and a counter that never saw it overcounted (1.45x at 0.1 /µm²)
     "sparse_fraction": 0.25,
     "sparse_density_per_um2": (0.02, 0.5),
     "photons": (500.0, 5000.0),  # per full on-frame, log-uniform
