@@ -340,7 +340,8 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
 
     run, counted = loop(start_mw, [spec])
     err = density_error(counted, set_point, window)
-    true_err = density_error(run.true_emitters.astype(float), set_point, window)
+    true_on = run.true_emitters.astype(float)
+    true_err = density_error(true_on, set_point, window)
     settle = settling_frame(err, tolerance, hold_frames)
     start = settle if settle is not None else window - 1
     fixed = {}
@@ -359,7 +360,7 @@ def illumination_scenario(seed: int = 0, *, n_frames: int = 1500, size_px: int =
         "median_abs_error": float(np.nanmedian(np.abs(err[start:]))),
         "p90_abs_error": float(np.nanpercentile(np.abs(err[start:]), 90)),
         "true_median_abs_error": float(np.nanmedian(np.abs(true_err[start:]))),
-        "counted_over_true": float(np.nanmean(counted[start:]) / np.mean(run.true_emitters[start:])),
+        "counted_over_true": float(np.nanmean(counted[start:]) / np.mean(true_on[start:])),
         "power_mw_start_end": [float(power[start]), float(power[-1])],
         "bleached_fraction": run.bleached_fraction,
         "best_fixed_mw": best_mw,

@@ -88,6 +88,13 @@ def _open_for_model(stack: Path, pixel_size_nm: float | None, model: str, provid
     return frames, pixel_size_nm, loaded
 
 
+def _camera_params(pixel_size_nm: float, adu_per_electron: float, offset_adu: float, qe: float,
+                   em_gain: float) -> CameraParams:
+    """The camera calibration of the command-line flags (gain given as ADU per electron, as cameras state it)."""
+    return CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
+                        qe=qe, em_gain=em_gain)
+
+
 def _show_progress(verb: str, i: int, n: int, t0: float, extra: str = "") -> None:
     """One progress line on stderr, redrawn about 20 times over the stack (frame i of n just done)."""
     if (i + 1) % max(1, n // 20) and i + 1 != n:
@@ -105,8 +112,7 @@ def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = 
                    threshold: float = 0.5, provider: str = "auto", progress: bool = True) -> dict[str, float]:
     """Localize every frame of `stack` into `out_csv`; returns counts and speed."""
     frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
-    camera = CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
-                          qe=qe, em_gain=em_gain)
+    camera = _camera_params(pixel_size_nm, adu_per_electron, offset_adu, qe, em_gain)
     writer = LocalizationWriter(Path(out_csv))
     n = len(frames)
     window = int(loaded.card.get("frames", 1))  # frame i is localized with the frames just before it
@@ -138,13 +144,11 @@ def count_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = Non
     Density is per µm² of the whole field.
     """
     frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
-    camera = CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
-                          qe=qe, em_gain=em_gain)
+    camera = _camera_params(pixel_size_nm, adu_per_electron, offset_adu, qe, em_gain)
     window = int(loaded.card["frames"])
     n, (h, w) = len(frames), frames.shape[1:]
     area_um2 = h * w * (pixel_size_nm / 1000) ** 2
-    counts: list[int] = []
-    total = 0
+    n_counted = total = 0
     t0 = time.perf_counter()
     with open(out_csv, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -154,14 +158,14 @@ def count_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = Non
                 writer.writerow([i, "", ""])
             else:
                 photons = frame_to_photons(np.asarray(frames[i + 1 - window:i + 1]), camera)
-                counts.append(int(count_frame(loaded, photons).sum()))
-                total += counts[-1]
-                writer.writerow([i, counts[-1], f"{counts[-1] / area_um2:.4f}"])
+                count = int(count_frame(loaded, photons).sum())
+                n_counted, total = n_counted + 1, total + count
+                writer.writerow([i, count, f"{count / area_um2:.4f}"])
             if progress:
                 _show_progress("counting", i, n, t0, f"{total} emitters")
     seconds = time.perf_counter() - t0
-    return {"frames": n, "frames_counted": len(counts),
-            "mean_density_per_um2": round(float(np.mean(counts)) / area_um2, 4) if counts else None,
+    return {"frames": n, "frames_counted": n_counted,
+            "mean_density_per_um2": round(total / n_counted / area_um2, 4) if n_counted else None,
             "seconds": round(seconds, 3), "provider": loaded.provider}
 
 
