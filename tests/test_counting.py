@@ -11,7 +11,7 @@ from smartscope.inference.counting import (count_frame, counts_to_positions, dec
                                            score_counts)
 from smartscope.inference.session import load_model
 from smartscope.simulation import CameraConfig, OpticsConfig
-from smartscope.training.stacks import nearest_emitter_offsets, simulate_stacks
+from smartscope.training.stacks import STACK_DISTRIBUTION, _filament_pool, nearest_emitter_offsets, simulate_stacks
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,19 @@ def test_offset_targets_point_each_pixel_near_an_emitter_at_the_nearest_one():
     assert (dx[2, 3], dy[2, 3]) == (-1.25, 0.0)  # the neighbour points back at the emitter
     assert (dx[4, 4], dy[4, 4]) == (1.0, 1.0)  # reached by the second emitter only
     assert mask.sum() == 18 and mask[0, 7] == 0 and dx[0, 7] == 0
+
+
+def test_filament_pools_hold_the_drawn_number_and_crowd_along_lines():
+    rng = np.random.default_rng(3)
+    nn_nm = []
+    for _ in range(20):
+        xy, z = _filament_pool(rng, 100, 32, 100.0)
+        assert len(xy) == len(z) == 100
+        assert xy.min() >= -100 and xy.max() < 3300  # the tile and its 1-pixel margin
+        assert np.abs(z).max() <= STACK_DISTRIBUTION["z_nm"][1]
+        nn_nm.append(np.median(cKDTree(xy).query(xy, 2)[0][:, 1]))
+    # 100 uniform emitters over (3.4 um)^2 have a median nearest neighbour of about 160 nm
+    assert np.median(nn_nm) < 100
 
 
 def test_score_counts_exact_outcomes():

@@ -129,14 +129,16 @@ def tune_decoder(run: Run, seed: int, optics: OpticsConfig, camera: CameraConfig
 
 def evaluate(run: Run, seed: int, optics: OpticsConfig, camera: CameraConfig, decoder: Decoder) -> dict[str, Any]:
     """Scores on held-out stacks at 1, 3 and 6 emitters/µm² (not the training or validation stacks),
-    and at the sparse 0.1 and 0.3 /µm², from their own generator so the dense stacks stay those of before."""
+    at the sparse 0.1 and 0.3 /µm², and with the emitters along filaments at 0.3 and 1 /µm², each
+    set from its own generator so the stacks of before stay the same."""
     out = {}
-    for densities, offset in (((1.0, 3.0, 6.0), 0), ((0.1, 0.3), 1)):
+    for densities, offset, along in (((1.0, 3.0, 6.0), 0, False), ((0.1, 0.3), 1, False), ((0.3, 1.0), 2, True)):
         rng = np.random.default_rng(seed + TEST_SEED_OFFSET + offset)
         for density in densities:
-            stacks, _, truth = simulate_stacks(rng, 60, FRAMES, 64, optics, camera, on_density_per_um2=density)
-            out[f"density_{density:g}_per_um2"] = _score(_outputs(run, stacks), truth, decoder,
-                                                         camera.pixel_size_nm)
+            stacks, _, truth = simulate_stacks(rng, 60, FRAMES, 64, optics, camera, on_density_per_um2=density,
+                                               filaments=along)
+            key = f"{'filaments_' if along else ''}density_{density:g}_per_um2"
+            out[key] = _score(_outputs(run, stacks), truth, decoder, camera.pixel_size_nm)
     return out
 
 

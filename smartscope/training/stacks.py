@@ -14,7 +14,9 @@ import numpy as np
 
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.simulation.camera import adu_to_photons, photons_to_adu
+from smartscope.simulation.config import SampleConfig
 from smartscope.simulation.optics import astigmatic_sigmas_nm, render_gaussian_psfs
+from smartscope.simulation.sample import make_structure
 
 N_CLASSES = 4
 STACK_DISTRIBUTION = {
@@ -33,7 +35,7 @@ STACK_DISTRIBUTION = {
 
 def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int, optics: OpticsConfig,
                     camera: CameraConfig, *, on_density_per_um2: float | None = None,
-                    offsets_out: np.ndarray | None = None,
+                    filaments: bool = False, offsets_out: np.ndarray | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """(n, T, H, W) photons, (n, H, W) int count targets of the last frame, and per stack
     the emitters on in the last frame (K, 3) x_nm, y_nm, snr.
@@ -41,6 +43,10 @@ def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int,
     snr is the emitter's peak signal over its noise, N_peak / sqrt(N_peak + b), with
     N_peak = photons / (2 pi sigma_x sigma_y) (pixel units) and b the background per
     pixel: the published HD-SMLM counter was scored on emitters with snr >= 2 only.
+
+    `filaments`: the pool along 1-4 filaments of the simulated sample instead of uniform,
+    crowded along lines as labelled structures are (test stacks only: training on a
+    third of them was tried, see models/README.md).
 
     `offsets_out`, an (n, 3, H, W) array, receives the offset targets of the last
     frame (see `nearest_emitter_offsets`).
@@ -60,8 +66,12 @@ def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int,
         # a pool of which a fraction p_on is on per frame at steady state
         p_on = d["on_fraction"]
         pool = rng.poisson(density * area_um2 / p_on)
-        xy = rng.uniform(-1.0, tile_px + 1.0, size=(pool, 2)) * px
-        z = rng.uniform(*d["z_nm"], size=pool)
+        if filaments:
+            xy, z = _filament_pool(rng, pool, tile_px, px)
+        else:
+            xy = rng.uniform(-1.0, tile_px + 1.0, size=(pool, 2)) * px
+            z = rng.uniform(*d["z_nm"], size=pool)
+        pool = len(z)
         brightness = np.exp(rng.uniform(*np.log(d["photons"]), size=pool))
         sx, sy = astigmatic_sigmas_nm(z, optics)
         bg = np.exp(rng.uniform(*np.log(d["background_photons_per_px"])))
@@ -83,6 +93,24 @@ def simulate_stacks(rng: np.random.Generator, n: int, frames: int, tile_px: int,
         peak = photons / (2 * np.pi * sx[lit] * sy[lit] / px**2)
         last_on.append(np.column_stack([xy[lit], peak / np.sqrt(peak + bg)])[inside])
     return stacks, np.minimum(counts, N_CLASSES - 1), last_on
+
+
+FILAMENTS_PER_TILE = (1, 4)
+
+
+def _filament_pool(rng: np.random.Generator, pool: int, tile_px: int, px_nm: float,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`pool` emitters (fewer if the filaments hold fewer) along worm-like filaments of the
+    simulated sample, over the tile and its 1-pixel margin: (pool, 2) x, y nm and (pool,) z nm."""
+    d = STACK_DISTRIBUTION
+    side_nm = (tile_px + 2) * px_nm
+    n_filaments = int(rng.integers(FILAMENTS_PER_TILE[0], FILAMENTS_PER_TILE[1] + 1))
+    length_um = n_filaments * np.hypot(side_nm, side_nm) * 1.2 / 1000  # make_structure's chain length
+    sample = SampleConfig(structure="filaments", n_filaments=n_filaments, z_range_nm=np.ptp(d["z_nm"]),
+                          labels_per_um=max(3 * pool / length_um, 1e-3))  # about half the chain is inside
+    xyz = make_structure(sample, (side_nm, side_nm), rng)
+    xyz = xyz[rng.permutation(len(xyz))[:pool]]
+    return xyz[:, :2] - px_nm, np.clip(xyz[:, 2], *d["z_nm"])
 
 
 def nearest_emitter_offsets(xy_px: np.ndarray, tile_px: int, reach_px: int = 1) -> np.ndarray:
