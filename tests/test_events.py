@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,16 @@ def test_detect_events_peaks_and_score():
     score, peaks = detect_events(m, threshold=0.5)
     assert score == pytest.approx(0.9)
     assert sorted(map(tuple, peaks[:, :2])) == [(6.5, 5.5), (25.5, 20.5)]
+
+
+def test_normalise_window_fills_saturated_pixels_without_warning():
+    w = np.random.default_rng(0).uniform(10, 20, (5, 16, 16)).astype(np.float32)
+    w[:, 4, 4], w[0, 0, 0] = np.nan, np.inf
+    out = normalise_window(w)
+    assert np.isfinite(out).all() and 0.2 < out[2, 4, 4] < 0.8  # the median, not an extreme
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an all-NaN window used to warn ("All-NaN slice") and give NaN
+        assert np.array_equal(normalise_window(np.full((5, 8, 8), np.nan, np.float32)), np.zeros((5, 8, 8)))
 
 
 def test_normalise_window_is_scale_free():

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 from scipy.special import softmax
 
 from smartscope.evaluation import match_frame
-from smartscope.inference.session import LoadedModel
+from smartscope.inference.session import LoadedModel, fill_non_finite
 from smartscope.training.stacks import N_CLASSES, normalise_stack
 
 PUBLISHED_MIN_SNR = 2.0  # the published HD-SMLM counter's ground truth left out emitters below this
@@ -137,9 +137,7 @@ def count_frame(model: LoadedModel, window_photons: np.ndarray) -> np.ndarray:
     t, h, w = window_photons.shape
     if t != card["frames"]:
         raise ValueError(f"counting model needs {card['frames']} frames, got {t}")
-    stack = np.asarray(window_photons, np.float32)
-    finite = np.isfinite(stack)  # saturated pixels arrive as NaN; a window may hold nothing else
-    stack = np.where(finite, stack, np.median(stack[finite]) if finite.any() else 0.0).astype(np.float32)
+    stack = fill_non_finite(window_photons)  # saturated pixels arrive as NaN; a window may hold nothing else
     multiple = int(card.get("input_multiple_px", 1))
     stack = np.pad(stack, ((0, 0), (0, (-h) % multiple), (0, (-w) % multiple)), mode="edge")
     low_pct, high_pct = card["normalisation"]["percentile_clip"]

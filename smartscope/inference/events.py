@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import maximum_filter
 
-from smartscope.inference.session import LoadedModel
+from smartscope.inference.session import LoadedModel, fill_non_finite
 
 EVENT_FRAMES = 5  # the newest frame and 4 keyframes before it: 2 s of history at 500 ms spacing
 MATCH_TOLERANCE_PX = 5.0
@@ -26,7 +26,7 @@ WINDOW_PERCENTILES = (1.0, 99.9)
 def normalise_window(window: np.ndarray, low_pct: float = WINDOW_PERCENTILES[0],
                      high_pct: float = WINDOW_PERCENTILES[1]) -> np.ndarray:
     """(T, H, W) frames in any linear unit → float32 scaled to the window's percentiles, 0…1."""
-    w = np.nan_to_num(np.asarray(window, np.float32), nan=float(np.nanmedian(window)))
+    w = fill_non_finite(window)
     lo, hi = np.percentile(w, [low_pct, high_pct])
     return np.clip((w - lo) / max(hi - lo, 1e-6), 0, 1.5).astype(np.float32)
 

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.ndimage import maximum_filter
 
 from smartscope.inference.refine import astigmatic_sigmas_px, refine_positions
-from smartscope.inference.session import LoadedModel
+from smartscope.inference.session import LoadedModel, fill_non_finite
 from smartscope.simulation.camera import adu_to_photons
 
 
@@ -51,10 +51,7 @@ def prepare_frame(photons: np.ndarray, card: dict[str, Any]) -> np.ndarray:
     so they cannot create detections; padding repeats the edge. The worker
     prepares each frame once and keeps it for the windows of the next frames.
     """
-    img = np.array(photons, dtype=np.float32)
-    if not np.isfinite(img).all():
-        finite = img[np.isfinite(img)]
-        img[~np.isfinite(img)] = np.median(finite) if finite.size else 0.0
+    img = fill_non_finite(photons)
     multiple = int(card.get("input_multiple_px", 1))
     pad_h, pad_w = (-img.shape[0]) % multiple, (-img.shape[1]) % multiple
     if pad_h or pad_w:

@@ -113,6 +113,17 @@ def load_model(model: str, preference: str = "auto", *, threads: int | None = No
     return LoadedModel(session, card, path)
 
 
+def fill_non_finite(pixels: np.ndarray) -> np.ndarray:
+    """A float32 copy with NaN / inf pixels (saturated, or masked in float stacks) set to the median
+    of the finite ones, or 0 where there are none: a filled pixel looks like background to every
+    model, so it can create no detection, and an all-NaN window makes numpy warn nowhere."""
+    out = np.array(pixels, dtype=np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        out[~finite] = np.median(out[finite]) if finite.any() else 0.0
+    return out
+
+
 def check_fits_frames(card: dict[str, Any], shape_px: tuple[int, int], pixel_size_nm: float) -> None:
     """The frames must be at least the model's minimum size and at its pixel scale."""
     min_px = card.get("min_input_px", 1)
