@@ -46,11 +46,16 @@ def make_structure(
     return np.ascontiguousarray(positions[inside])
 
 
+def filament_length_nm(width_nm: float, height_nm: float) -> float:
+    """Each filament's chain length: 1.2 x the field's diagonal, long enough to cross it."""
+    return float(np.hypot(width_nm, height_nm)) * 1.2
+
+
 def _filaments(
     sample: SampleConfig, width_nm: float, height_nm: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Worm-like chains through the central part of the field, long enough to cross it."""
-    length_nm = float(np.hypot(width_nm, height_nm)) * 1.2
+    length_nm = filament_length_nm(width_nm, height_nm)
     n_steps = int(np.ceil(length_nm / _FILAMENT_STEP_NM))
     arc_nm = np.arange(n_steps + 1) * _FILAMENT_STEP_NM
     half_z = 0.5 * sample.z_range_nm

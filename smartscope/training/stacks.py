@@ -16,7 +16,7 @@ from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.simulation.camera import adu_to_photons, photons_to_adu
 from smartscope.simulation.config import SampleConfig
 from smartscope.simulation.optics import astigmatic_sigmas_nm, render_gaussian_psfs
-from smartscope.simulation.sample import make_structure
+from smartscope.simulation.sample import filament_length_nm, make_structure
 
 N_CLASSES = 4
 STACK_DISTRIBUTION = {
@@ -105,7 +105,7 @@ def _filament_pool(rng: np.random.Generator, pool: int, tile_px: int, px_nm: flo
     d = STACK_DISTRIBUTION
     side_nm = (tile_px + 2) * px_nm
     n_filaments = int(rng.integers(FILAMENTS_PER_TILE[0], FILAMENTS_PER_TILE[1] + 1))
-    length_um = n_filaments * np.hypot(side_nm, side_nm) * 1.2 / 1000  # make_structure's chain length
+    length_um = n_filaments * filament_length_nm(side_nm, side_nm) / 1000
     sample = SampleConfig(structure="filaments", n_filaments=n_filaments, z_range_nm=np.ptp(d["z_nm"]),
                           labels_per_um=max(3 * pool / length_um, 1e-3))  # about half the chain is inside
     xyz = make_structure(sample, (side_nm, side_nm), rng)
