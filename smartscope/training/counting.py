@@ -15,7 +15,7 @@ pixel pair look like two emitters; calibrated probabilities let the decoder
 add up an emitter's expected count over the pixels it lights (models/README.md
 has the numbers).
 
-`smartscope train counting --seed 0 --steps 30000` reproduces models/counting.onnx and its card.
+`smartscope train counting --seed 0 --steps 60000` reproduces models/counting.onnx and its card.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     export_onnx(net, torch.zeros(1, 1, FRAMES, 64, 64), onnx_path, "stack", "outputs", batch_axis=False)
     card = {
         "name": "counting",
-        "version": 3,
+        "version": 4,
         "file": onnx_path.name,
         "task": "high-density SMLM emitter counting: per-pixel classes 0/1/2/3+ of the last frame, "
                 "with each pixel's sub-pixel offset to its nearest emitter",
