@@ -67,7 +67,7 @@ def counting_model_counter(config: SmartscopeConfig,
         window.append(adu_to_photons(frame_adu, camera))
         if len(window) < window.maxlen:
             return None
-        return float(count_frame(model, np.stack(window)).sum())
+        return float(len(count_frame(model, np.stack(window))))
 
     return count
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from smartscope.inference.counting import PUBLISHED_MIN_SNR, count_frame, counts_to_positions, score_counts
+from smartscope.inference.counting import PUBLISHED_MIN_SNR, count_frame, score_counts
 from smartscope.inference.localization import localize_photons
 from smartscope.inference.session import load_model
 from smartscope.simulation import CameraConfig, OpticsConfig
@@ -40,7 +40,7 @@ def run(quick: bool = False) -> dict:
         rng = np.random.default_rng(int(density * 100))
         stacks, _, truth = simulate_stacks(rng, n, 3, 64, optics, camera, on_density_per_um2=density)
         t0 = time.perf_counter()
-        model_pred = [counts_to_positions(count_frame(counter, s), camera.pixel_size_nm) for s in stacks]
+        model_pred = [count_frame(counter, s) * camera.pixel_size_nm for s in stacks]
         model_ms = (time.perf_counter() - t0) / n * 1000
         t0 = time.perf_counter()
         loc_pred = [localize_photons(localizer, s, params, threshold=0.5)[0][:, :2] for s in stacks]

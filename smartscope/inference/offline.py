@@ -158,7 +158,7 @@ def count_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = Non
                 writer.writerow([i, "", ""])
             else:
                 photons = frame_to_photons(np.asarray(frames[i + 1 - window:i + 1]), camera)
-                count = int(count_frame(loaded, photons).sum())
+                count = len(count_frame(loaded, photons))
                 n_counted, total = n_counted + 1, total + count
                 writer.writerow([i, count, f"{count / area_um2:.4f}"])
             if progress:

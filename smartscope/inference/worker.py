@@ -254,7 +254,7 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         count = density = score = None
         if counter is not None and len(window) >= counter.card["frames"]:
             counted = window[-counter.card["frames"]:]
-            count = int(count_frame(counter, np.stack([w.photons for w in counted])).sum())
+            count = len(count_frame(counter, np.stack([w.photons for w in counted])))
             density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
         if frames_window is not None:

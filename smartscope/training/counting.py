@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smartscope.inference.counting import PUBLISHED_MIN_SNR, counts_to_positions, decode_counts, score_counts
+from smartscope.inference.counting import PUBLISHED_MIN_SNR, decode_emitters, score_counts
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET
 from smartscope.training.common import export_onnx, fit, seed_everything
@@ -106,12 +106,12 @@ def _outputs(run: Run, stacks: np.ndarray) -> np.ndarray:
     return np.concatenate([run(normalise_stack(s)[None, None]) for s in stacks])
 
 
-Decoder = tuple[float, float, float]  # occupancy threshold, merge radius (px), min count: decode_counts' arguments
+Decoder = tuple[float, float, float]  # occupancy threshold, merge radius (px), min count: decode_emitters' arguments
 
 
 def _score(outputs: np.ndarray, truth: list[np.ndarray], decoder: Decoder, pixel_size_nm: float) -> dict:
     """Scores against every emitter, and (key snr_ge_2) against those the published counter was scored on."""
-    pred = [counts_to_positions(decode_counts(o, *decoder), pixel_size_nm) for o in outputs]
+    pred = [decode_emitters(o, *decoder) * pixel_size_nm for o in outputs]
     return {**score_counts(truth, pred, MATCH_TOLERANCE_NM),
             "snr_ge_2": score_counts(truth, pred, MATCH_TOLERANCE_NM, min_snr=PUBLISHED_MIN_SNR)}
 
@@ -192,10 +192,11 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
                              "offsets on pixels within 1 px of an emitter",
                      "data": {**STACK_DISTRIBUTION, "camera": camera.model_dump(), "optics": optics.model_dump()},
                      "seconds": round(seconds, 1), "torch": torch.__version__},
-        "metrics": {"protocol": "emitters on in the last frame vs pixel centres repeated by predicted count "
-                                "(pixels above the validation-tuned occupancy threshold, merged where their "
-                                "offsets point within the tuned merge radius, each place holding its summed "
-                                "expected count, rounded, at least one from min_count up), "
+        "metrics": {"protocol": "emitters on in the last frame vs the decoded ones (pixels above the "
+                                "validation-tuned occupancy threshold, merged where their offsets point within "
+                                "the tuned merge radius, each place holding its summed expected count, rounded, "
+                                "at least one from min_count up, its emitters at the occupancy-weighted mean of "
+                                "where its pixels point), "
                                 f"greedy nearest-first matching within {MATCH_TOLERANCE_NM:g} nm; 60 stacks of 64x64 "
                                 "px per density; count error = |predicted - true| / true per frame; snr_ge_2: "
                                 "the published protocol, emitters with N_peak / sqrt(N_peak + background) < 2 "
