@@ -70,6 +70,9 @@ def test_decoder_adds_up_one_emitters_expected_count_over_the_pixels_it_lights()
     three = decode_emitters(_outputs({(4, 4): (1, 0.9, 0.0, 0.0), (4, 5): (1, 0.9, -1.0, 0.0),
                                       (5, 4): (1, 0.9, 0.0, -1.0)}), 0.1, 0.6, 0.3)
     np.testing.assert_allclose(three, [[4.5, 4.5]] * 3)
+    # the classes stop at 3+ per pixel, a place does not: two pixels sure of 3+ pointing at one place hold 6
+    six = decode_emitters(_outputs({(4, 4): (3, 0.99, 0.0, 0.0), (4, 5): (3, 0.99, -1.0, 0.0)}), 0.1, 0.6, 0.3)
+    assert len(six) == 6
 
 
 def test_decoder_counts_a_faint_place_from_min_count_and_nothing_below_threshold():

@@ -93,12 +93,13 @@ def decode_emitters(outputs: np.ndarray, threshold: float, merge_px: float, min_
     offset. Strongest first, a pixel pointing within `merge_px` of the strongest
     place already found joins it; otherwise it founds a new place. A place
     holds its summed expected count, rounded, and at least one emitter when the
-    sum reaches `min_count`; its emitters sit at the occupancy-weighted mean of
-    where its pixels point (snapped to pixel centres, as they were before, F1
-    was 0.007 / 0.001 / 0.004 lower at 1 / 3 / 6 /µm² on the card's stacks). Two emitters in neighbouring pixels point
-    to two places and stay two, which one peak per 3×3 window could not keep. A
-    place outside the frame is dropped: the truth counts only emitters inside,
-    and one just outside lights the edge pixels.
+    sum reaches `min_count` (no cap: the classes stop at 3+ per pixel, not per
+    place). Its emitters sit at the occupancy-weighted mean of where its pixels
+    point, not snapped to a pixel centre (snapping cost F1 0.007 / 0.001 /
+    0.004 at 1 / 3 / 6 /µm² on the card's stacks). Two emitters in neighbouring
+    pixels point to two places and stay two, which one peak per 3×3 window
+    could not keep. A place outside the frame is dropped: the truth counts only
+    emitters inside, and one just outside lights the edge pixels.
     """
     logits, offsets = outputs[:N_CLASSES], outputs[N_CLASSES:N_CLASSES + 2]
     p = softmax(logits, axis=0)
