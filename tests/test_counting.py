@@ -77,7 +77,8 @@ def test_decoder_adds_up_one_emitters_expected_count_over_the_pixels_it_lights()
 
 def test_decoder_counts_a_faint_place_from_min_count_and_nothing_below_threshold():
     faint = _outputs({(3, 3): (1, 0.35, 0.0, 0.0)})
-    np.testing.assert_allclose(decode_emitters(faint, 0.1, 0.6, 0.3), [[3.5, 3.5]])  # 0.35 rounds to 0, but reaches min_count
+    # 0.35 rounds to 0, but reaches min_count
+    np.testing.assert_allclose(decode_emitters(faint, 0.1, 0.6, 0.3), [[3.5, 3.5]])
     assert len(decode_emitters(faint, 0.1, 0.6, 0.4)) == 0
     assert len(decode_emitters(faint, 0.5, 0.6, 0.3)) == 0  # occupancy 0.35 under the threshold
     assert decode_emitters(_outputs({}), 0.1, 0.6, 0.3).shape == (0, 2)
