@@ -43,6 +43,12 @@ class DevicesConfig(_Strict):
         label="ExcitationLaser", property="Power_mW"
     )
     rotation: PropertyRef | None = PropertyRef(label="Rotation", property="Angle_deg")
+    xy_stage: str | None = Field(
+        "XY", description="XY stage label: moves the field over the sample (a plan's stage positions)"
+    )
+    channel_group: str | None = Field(
+        "Channel", description="config group whose presets are the channels (a plan's channels)"
+    )
     interval: PropertyRef | None = Field(
         PropertyRef(label="Camera", property="Interval-ms"),
         description="camera property holding the frame interval; null: the "
@@ -77,6 +83,9 @@ class AcquisitionConfig(_Strict):
     exposure_ms: float = Field(20.0, gt=0)
     interval_ms: float = Field(20.0, ge=0)
     frames: int = Field(300, ge=1, description="frames per acquisition by default")
+    burst_frames: int = Field(
+        100, ge=1, description="frames per hardware-sequenced burst of a time-lapse the camera paces; a pause "
+        "or a switch to software-timed frames takes effect at once or at the burst's end, respectively")
     activation_mw: float | None = Field(20.0, description="activation power at start (null: leave)")
     excitation_mw: float | None = Field(50.0, description="excitation power at start (null: leave)")
 
@@ -133,6 +142,8 @@ class SafetyConfig(_Strict):
     stale_after_s: float = Field(
         2.0, gt=0, description="no fresh inference for this long: safe hold"
     )
+    stage_x_um: Range | None = Field(None, description="XY stage travel allowed to a plan's positions (x, µm)")
+    stage_y_um: Range | None = Field(None, description="XY stage travel allowed to a plan's positions (y, µm)")
 
 
 class TransportConfig(_Strict):

@@ -1,6 +1,7 @@
 """The daemon: one object that owns the core, the sockets, the engine and the runs.
 
-Threads: an acquisition thread per run (camera → storage + workers), and one
+Threads: an acquisition thread per run (pymmcore-plus's MDA runner fed by
+an `EventFeed`; its frameReady → `FrameHandler` → storage + workers), and one
 results thread (workers → localization table, statistics, policy engine →
 actuator). The API and the CLI only call the public methods here.
 
@@ -31,9 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
+from pymmcore_plus.mda import RunState
 
-from smartscope.acquisition import LoopCounts, run_sequence
-from smartscope.config import SmartscopeConfig
+from smartscope.acquisition import EventFeed, FrameCounts, FrameHandler, SmartEngine
+from smartscope.acquisition.feed import planned_interval_ms
+from smartscope.acquisition.plan import CheckedPlan, check_plan, time_lapse
+from smartscope.config import Range, SmartscopeConfig
 from smartscope.control.actuator import Actuator
 from smartscope.control.decisions import DecisionLog
 from smartscope.control.engine import PolicyEngine, build_policies
@@ -43,7 +47,12 @@ from smartscope.hardware import build_core
 from smartscope.inference.session import check_fits_frames, read_card
 from smartscope.inference.worker import HEARTBEAT_S
 from smartscope.storage import FrameWriter, LocalizationWriter
-from smartscope.transport.protocol import LOCALIZATION_COLUMNS, CameraParams, Result
+from smartscope.transport.protocol import (
+    INDEX_AXES,
+    LOCALIZATION_COLUMNS,
+    CameraParams,
+    Result,
+)
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
 if TYPE_CHECKING:
@@ -52,7 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartscope")
 
 #: per-frame inference record written next to the data (the report reads it)
-INFERENCE_COLUMNS = ("frame", "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
+INFERENCE_COLUMNS = ("frame", *INDEX_AXES, "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
                      "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
 #: upper bounds (ms) of the inference latency histogram buckets (/metrics)
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -94,32 +103,6 @@ class LatencyHistogram:
         return out
 
 
-def frames_from_sequence(sequence: useq.MDASequence) -> tuple[int, float]:
-    """(frames, interval_ms) of a time-lapse MDASequence; ValueError for anything else.
-
-    smartscope streams one camera sequence per acquisition, so only a time
-    plan (one interval) is supported: z stacks, channels, positions, grids
-    and autofocus plans are refused with a message that says so.
-    """
-    other = [name for name, present in (
-        ("z_plan", sequence.z_plan is not None), ("channels", bool(sequence.channels)),
-        ("stage_positions", bool(sequence.stage_positions)), ("grid_plan", sequence.grid_plan is not None),
-        ("autofocus_plan", sequence.autofocus_plan is not None)) if present]
-    if other:
-        raise ValueError(f"only time plans are supported (one camera sequence per acquisition); "
-                         f"remove {', '.join(other)} from the sequence")
-    plan = sequence.time_plan
-    if plan is None:
-        raise ValueError("the sequence needs a time_plan, e.g. {\"interval\": 0.05, \"loops\": 100}")
-    if not hasattr(plan, "interval"):
-        raise ValueError(f"{type(plan).__name__} is not supported: use one phase with one interval "
-                         "(interval+loops, duration+loops or interval+duration)")
-    n = plan.num_timepoints()
-    if n < 1:
-        raise ValueError("the time plan has no time points")
-    return n, plan.interval.total_seconds() * 1000
-
-
 LATENCY_WINDOW = 1_000_000  # frames whose latency the summary's percentiles cover
 #: where a frame's capture → result latency goes (per-stage percentiles in the summary):
 #: queue: capture → handed to ZeroMQ (storage hand-off, header); transfer: → taken off the socket by a
@@ -146,7 +129,8 @@ class AcquisitionRun:
     exposure_ms: float | None = None
     interval_ms: float | None = None
     sequence: dict[str, Any] | None = None  # the MDASequence it was started with (JSON)
-    counts: LoopCounts = field(default_factory=LoopCounts)
+    plan: CheckedPlan | None = None
+    handler: FrameHandler | None = None
     inferred: int = 0
     skipped: int = 0  # frames workers conflated away (reported by sequence number)
     localizations: int = 0
@@ -159,8 +143,6 @@ class AcquisitionRun:
     finished_s: float | None = None
     error: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
-    pause: threading.Event = field(default_factory=threading.Event)
-    paused: threading.Event = field(default_factory=threading.Event)  # camera stopped, buffer empty
     pauses: int = 0
     resumed_s: float | None = None
     saved_lasers: dict[str, float | None] = field(default_factory=dict)
@@ -177,6 +159,16 @@ class AcquisitionRun:
     def latency_percentiles(self) -> dict[str, float | None]:
         return _percentiles(self.latencies_ms)
 
+    @property
+    def counts(self) -> FrameCounts:
+        return self.handler.counts if self.handler is not None else FrameCounts()
+
+    def progress(self) -> dict[str, dict[str, int]]:
+        """Per axis of the plan: the highest index reached + 1, of the axis' size."""
+        reached = self.handler.reached if self.handler is not None else {}
+        sizes = self.plan.sizes if self.plan is not None else {}
+        return {axis: {"done": reached.get(axis, -1) + 1, "of": n} for axis, n in sizes.items()}
+
 
 def camera_params(config: SmartscopeConfig, core) -> CameraParams:
     if config.hardware.mode == "simulated":
@@ -188,17 +180,6 @@ def camera_params(config: SmartscopeConfig, core) -> CameraParams:
     pixel_um = core.getPixelSizeUm()
     log.warning("hardware.camera not set: assuming offset 0, 1 e-/ADU, QE 1")
     return CameraParams(pixel_size_nm=(pixel_um or 0.1) * 1000, offset_adu=0, e_per_adu=1, qe=1)
-
-
-class _KeepLatest:
-    """Hands frames on to the FrameWriter and keeps a reference to the newest one."""
-
-    def __init__(self, writer: FrameWriter, daemon: Daemon) -> None:
-        self._writer, self._daemon = writer, daemon
-
-    def put(self, frame: np.ndarray, state: dict) -> None:
-        self._daemon.latest_frame = (frame, state)
-        self._writer.put(frame, state)
 
 
 def _bind_address(socket_address: str) -> str:
@@ -222,6 +203,8 @@ class Daemon:
         if not self.models:
             raise ValueError("inference: no model configured (model, counting_model or event_model)")
         self.actuator = Actuator(self.core, config.hardware.devices)
+        self.mda_engine = SmartEngine(self.core, self.actuator)
+        self.core.mda.set_engine(self.mda_engine)
         self.envelope = SafetyEnvelope(config.safety)
         self.decisions = DecisionLog()
         self.engine = PolicyEngine(build_policies(config.policies), self.envelope, self.actuator,
@@ -286,31 +269,45 @@ class Daemon:
     def storage_root(self) -> Path:
         return Path(self.config.storage.root)
 
+    def check_plan(self, sequence: useq.MDASequence) -> CheckedPlan:
+        """The plan as it will run, or PlanError naming the field (nothing moves)."""
+        safety = self.config.safety
+        stage_x_um, stage_y_um = safety.stage_x_um, safety.stage_y_um
+        if self.scope is not None:  # the simulated stage's travel is the slide, unless the config narrows it
+            max_x_um, max_y_um = self.scope.stage_range_um
+            stage_x_um = stage_x_um or Range(min=0, max=max_x_um)
+            stage_y_um = stage_y_um or Range(min=0, max=max_y_um)
+        return check_plan(sequence, self.core, self.envelope, channel_group=self.core.getChannelGroup() or None,
+                          stage_x_um=stage_x_um, stage_y_um=stage_y_um)
+
     def start_acquisition(self, out_dir: Path | None = None, n_frames: int | None = None, *,
                           exposure_ms: float | None = None, interval_ms: float | None = None,
                           sequence: useq.MDASequence | None = None,
                           policies: list[str] | None = None) -> AcquisitionRun:
         """Start one acquisition in the background; Busy if one is running.
 
-        `sequence`: a useq time-lapse instead of n_frames/interval_ms (see
-        `frames_from_sequence`); ValueError if it asks for more than that.
-        `policies`: the ones that run (the others are disabled), checked
-        before anything changes.
+        `sequence`: any useq MDASequence (checked by `check_plan`), or the
+        short form n_frames/interval_ms (a time-lapse; interval 0: as fast as
+        the camera goes). `policies`: the ones that run (the others are
+        disabled). Everything is checked before anything changes.
         """
         if policies is not None and (unknown := sorted(set(policies) - set(self.engine.slots))):
             raise ValueError(f"unknown policies {unknown}; configured: {sorted(self.engine.slots)}")
+        acq = self.config.acquisition
         if sequence is not None:
             if n_frames is not None or interval_ms is not None:
                 raise ValueError("give either a sequence or frames/interval_ms, not both")
-            n_frames, interval_ms = frames_from_sequence(sequence)
-        acq = self.config.acquisition
-        n_frames = n_frames or acq.frames
+        else:
+            sequence = time_lapse(n_frames or acq.frames, acq.interval_ms if interval_ms is None else interval_ms)
+        plan = self.check_plan(sequence)
         exposure_ms = exposure_ms or acq.exposure_ms
-        interval_ms = acq.interval_ms if interval_ms is None else interval_ms
+        interval_ms = planned_interval_ms(plan.sequence)
         initial = {"activation_mw": acq.activation_mw, "excitation_mw": acq.excitation_mw,
                    "interval_ms": interval_ms}
         initial = {k: v for k, v in initial.items() if v is not None and k in self.actuator.available()}
         for name, value in initial.items():
+            if name == "interval_ms" and value == 0:
+                continue  # as fast as the camera goes: no interval to keep within the envelope
             if not self.envelope.within_range(name, value):
                 rng = self.envelope.limits(name).range
                 raise ValueError(f"{name} = {value} is outside the safety envelope [{rng.min}, {rng.max}]")
@@ -320,9 +317,9 @@ class Daemon:
             run_id = uuid.uuid4().hex[:12]
             out_dir = Path(out_dir) if out_dir is not None else self.storage_root / run_id
             out_dir.mkdir(parents=True, exist_ok=True)
-            run = AcquisitionRun(id=run_id, n_frames=n_frames, out_dir=out_dir, exposure_ms=exposure_ms,
-                                 interval_ms=initial.get("interval_ms", interval_ms),
-                                 sequence=sequence.model_dump(mode="json", exclude_unset=True) if sequence else None,
+            run = AcquisitionRun(id=run_id, n_frames=plan.n_frames, out_dir=out_dir, exposure_ms=exposure_ms,
+                                 interval_ms=interval_ms, plan=plan,
+                                 sequence=sequence.model_dump(mode="json", exclude_unset=True),
                                  decisions_at_start=self.decisions.count)
             if policies is not None:
                 for name in self.engine.slots:
@@ -334,6 +331,9 @@ class Daemon:
             shape = (self.core.getImageHeight(), self.core.getImageWidth())
             dtype = np.uint16 if self.core.getBytesPerPixel() == 2 else np.uint8
             run.writer = FrameWriter(out_dir, shape, dtype, self.camera.pixel_size_nm)
+            run.handler = FrameHandler(acquisition_id=run.id, actuator=self.actuator, camera=self.camera,
+                                       writer=run.writer, publisher=self.publisher,
+                                       on_frame=lambda frame, index: setattr(self, "latest_frame", (frame, index)))
             run.locs = LocalizationWriter(out_dir / "localizations.csv")
             run.inference_fh = open(out_dir / "inference.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
             run.inference_csv = csv.writer(run.inference_fh)
@@ -347,15 +347,25 @@ class Daemon:
         return run
 
     def _acquire(self, run: AcquisitionRun) -> None:
+        """Run the plan through pymmcore-plus's MDA runner, fed event by event (see EventFeed)."""
+        steered = run.interval_ms is not None  # one planned interval: the frame-rate policy may steer it
+        camera_paces = self.actuator.property_of("interval_ms") is not None
+        feed = EventFeed(self.core, run.plan.sequence, camera_paces=camera_paces,
+                         interval_ms=(lambda: self.actuator.snapshot()["interval_ms"]) if steered else (lambda: None),
+                         delivered=lambda: run.handler.counts.delivered,
+                         burst_frames=self.config.acquisition.burst_frames)
+        self.mda_engine.plan = run.plan.sequence
+        frame_ready = self.core.mda.events.frameReady
+        frame_ready.connect(run.handler.frameReady)
         try:
-            run_sequence(self.core, n_frames=run.n_frames, acquisition_id=run.id, actuator=self.actuator,
-                         camera=self.camera, writer=_KeepLatest(run.writer, self), publisher=self.publisher,
-                         stop=run.stop, counts=run.counts, pause=run.pause,
-                         on_pause=lambda paused: self._on_pause(run, paused))
+            self.core.mda.run(iter(feed))
             outcome = "cancelled" if run.stop.is_set() else "finished"
         except Exception as e:  # the run fails; the daemon lives on
             log.exception("acquisition %s failed", run.id)
             run.error, outcome = f"{type(e).__name__}: {e}", "errored"
+        finally:
+            frame_ready.disconnect(run.handler.frameReady)
+            self.mda_engine.plan = None
         run.state = "finishing"
         self._drain(run)
         self._set_safe()
@@ -399,62 +409,67 @@ class Daemon:
         if run is None or run.done.is_set():
             return run
         run.stop.set()
+        self.core.mda.cancel()
+        if self.core.isSequenceRunning():  # a burst ends at once, not at its last frame
+            self.core.stopSequenceAcquisition()
         run.done.wait(wait_s)
         return run
 
     def pause_acquisition(self, wait_s: float = 5.0) -> AcquisitionRun:
-        """Stop the camera (keeping every frame taken), lasers to their safe value.
+        """Pause the runner (a burst stops at once; its remaining frames run on resume), lasers safe.
 
-        LookupError if no acquisition has run; WrongState unless it is acquiring.
+        The lasers go safe once the runner has paused, or after `wait_s` in any case. LookupError if no
+        acquisition has run; WrongState unless it is acquiring.
         """
         run = self._current()
-        if run.state != "acquiring" or run.pause.is_set():
+        if run.state != "acquiring":
             raise WrongState(f"acquisition {run.id} is {run.state}: only an acquiring one can pause")
-        run.pause.set()
+        runner = self.core.mda
         deadline = time.time() + wait_s
-        while not (run.paused.is_set() or run.done.is_set()) and time.time() < deadline:
+        while not run.done.is_set() and time.time() < deadline:
+            status = runner.status
+            if status.phase == RunState.PAUSED:
+                break
+            if not status.pause_requested:
+                runner.set_paused(True)  # again: a runner still preparing ignores it
+            if self.core.isSequenceRunning():
+                self.core.stopSequenceAcquisition()
             time.sleep(0.005)
+        if run.done.is_set():
+            return run
+        lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
+        run.saved_lasers = {n: self.actuator.snapshot()[n] for n in lasers}
+        self._set_safe()
+        run.pauses += 1
+        frame = run.counts.acquired - 1
+        self.decisions.append({"t_s": time.time(), "frame": frame, "policy": None, "outcome": "paused",
+                               "reason": "pause requested: runner paused, lasers safe"})
+        run.state = "paused"
+        log.info("acquisition %s paused after %d frames", run.id, run.counts.acquired)
+        self._notify()
         return run
 
     def resume_acquisition(self) -> AcquisitionRun:
-        """Restart the camera for the frames still to come, lasers back as they were."""
+        """Lasers back as they were, then the runner goes on with the frames still to come."""
         run = self._current()
         if run.state != "paused":
             raise WrongState(f"acquisition {run.id} is {run.state}: only a paused one can resume")
-        run.paused.clear()
-        run.pause.clear()
-        deadline = time.time() + 5
-        while run.state == "paused" and time.time() < deadline:
-            time.sleep(0.005)
+        for name, value in run.saved_lasers.items():
+            if value is not None:
+                self.actuator.write(name, value)
+        run.resumed_s = time.time()
+        self.decisions.append({"t_s": run.resumed_s, "frame": run.counts.acquired, "policy": None,
+                               "outcome": "resumed", "reason": "resume requested: lasers restored"})
+        run.state = "acquiring"
+        self.core.mda.set_paused(False)
+        log.info("acquisition %s resumed", run.id)
+        self._notify()
         return run
 
     def _current(self) -> AcquisitionRun:
         if self.run is None:
             raise LookupError("no acquisition has run yet")
         return self.run
-
-    def _on_pause(self, run: AcquisitionRun, paused: bool) -> None:
-        """Called by the acquisition loop: camera stopped (True) or about to restart (False)."""
-        lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
-        if paused:
-            run.saved_lasers = {n: self.actuator.snapshot()[n] for n in lasers}
-            self._set_safe()
-            run.pauses += 1
-            self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
-                                   "outcome": "paused", "reason": "pause requested: camera stopped, lasers safe"})
-            run.state = "paused"
-            run.paused.set()
-            log.info("acquisition %s paused after %d frames", run.id, run.counts.acquired)
-        else:
-            for name, value in run.saved_lasers.items():
-                if value is not None:
-                    self.actuator.write(name, value)
-            run.resumed_s = time.time()
-            self.decisions.append({"t_s": run.resumed_s, "frame": run.counts.acquired, "policy": None,
-                                   "outcome": "resumed", "reason": "resume requested: lasers restored"})
-            run.state = "acquiring"
-            log.info("acquisition %s resumed", run.id)
-        self._notify()
 
     def set_actuator(self, name: str, value: float, source: str = "api") -> None:
         """Write one actuator through the one door, counted for /metrics (caller checked the envelope)."""
@@ -566,20 +581,22 @@ class Daemon:
                     run.stages_ms[name].append(value_ms)
             run.locs.write(r.seq, locs, r.background_photons)
             run.inference_csv.writerow([
-                r.seq, f"{r.t_capture_s:.6f}", f"{now:.6f}", f"{latency_ms:.3f}", r.n_emitters,
+                r.seq, *(getattr(r.header, axis) for axis in INDEX_AXES), f"{r.t_capture_s:.6f}", f"{now:.6f}",
+                f"{latency_ms:.3f}", r.n_emitters,
                 "" if r.count_estimate is None else r.count_estimate,
                 "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
                 "" if r.background_photons is None else f"{r.background_photons:.3f}",
                 "" if set_point is None else set_point, r.worker_id])
         self.latency_hist.observe(latency_ms)
         h = r.header
-        state = {"activation_mw": h.activation_mw, "excitation_mw": h.excitation_mw, "z_um": h.z_um,
-                 "interval_ms": h.interval_ms, "angle_deg": h.angle_deg}
+        state = {"activation_mw": h.activation_mw, "excitation_mw": h.excitation_mw, "x_um": h.x_um, "y_um": h.y_um,
+                 "z_um": h.z_um, "interval_ms": h.interval_ms, "angle_deg": h.angle_deg}
+        index = {axis: getattr(h, axis) for axis in INDEX_AXES}
         area_um2 = h.shape[0] * h.shape[1] * (h.camera.pixel_size_nm / 1000) ** 2
         obs = Observation(seq=r.seq, t_capture_s=r.t_capture_s, n_emitters=r.n_emitters, localizations=locs,
                           background_photons=r.background_photons, state=state, field_area_um2=area_um2,
-                          event_score=r.event_score, emitter_count=r.count_estimate)
-        summary = {"acquisition": run.id, "frame": r.seq, "t_capture_s": r.t_capture_s,
+                          event_score=r.event_score, emitter_count=r.count_estimate, index=index)
+        summary = {"acquisition": run.id, "frame": r.seq, "index": index, "t_capture_s": r.t_capture_s,
                    "n_emitters": r.n_emitters, "emitter_count": r.count_estimate,
                    "event_score": r.event_score, "focus_nm": focus_nm,
                    "latency_ms": round(latency_ms, 3), **state}
@@ -615,6 +632,7 @@ class Daemon:
             "state": run.state,
             "error": run.error,
             "frames_requested": run.n_frames,
+            "progress": run.progress(),
             "exposure_ms": run.exposure_ms,
             "interval_ms": run.interval_ms,
             "sequence": run.sequence,

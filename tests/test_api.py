@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from smartscope.api import create_app
+from smartscope.config import Range
 from smartscope.service import Daemon
 
 TOKEN = "s3cret-token"
@@ -84,7 +85,7 @@ def test_writes_need_the_token_and_change_nothing(api, method, path, body):
 
     def state():
         return (power(daemon), daemon.engine.slots["illumination"].enabled, len(daemon.runs), run.state,
-                run.pause.is_set(), run.stop.is_set())
+                daemon.core.mda.is_paused(), run.stop.is_set())
 
     before = state()
     assert client.request(method, path, json=body).status_code == 401
@@ -196,21 +197,25 @@ def test_sequence_time_plan(api):
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "z_plan": {"range": 2, "step": 0.5}}}, "z_plan"),
-    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "channels": ["DAPI"]}}, "channels"),
-    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "stage_positions": [[0, 0, 0]]}},
-     "stage_positions"),
-    ({"sequence": {"z_plan": {"range": 2, "step": 0.5}}}, "z_plan"),
-    ({"sequence": {}}, "time_plan"),
+    ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}, "z_plan": {"range": 100, "step": 10}}},
+     "outside the safety envelope [-20, 20] (safety.z_um)"),
+    ({"sequence": {"channels": ["DAPI"]}}, "sequence.channels[0].config: 'DAPI' is not a preset of 'Channel'"),
+    ({"sequence": {"channels": [{"group": "Objective", "config": "SMLM"}]}},
+     "sequence.channels[0].group: 'Objective' is not the channel group 'Channel'"),
+    ({"sequence": {"stage_positions": [{"x": 0, "y": 0}, {"x": 5000, "y": 0}]}},
+     "x = 5000 µm at (p=1) is outside the stage limits [-100, 100] (safety.stage_x_um)"),
+    ({"sequence": {}}, "the plan has no axis"),
     ({"sequence": {"time_plan": {"interval": 0.001, "loops": 5}}}, "safety envelope"),
     ({"sequence": {"time_plan": {"interval": 0.02, "loops": 5}}, "frames": 5}, "not both"),
     ({"sequence": {"time_plan": {"interval": -1, "loops": 5}}}, "interval"),
 ])
-def test_sequence_refusals_say_why(api, body, message):
+def test_bad_plans_are_refused_naming_the_field_before_anything_moves(api, body, message):
     client, daemon = api
+    daemon.config.safety.stage_x_um = Range(min=-100, max=100)
+    xy_before = daemon.core.getXYPosition()
     r = client.post("/acquisitions", json=body, headers=AUTH)
-    assert r.status_code == 422 and message in r.text
-    assert not daemon.runs
+    assert r.status_code == 422 and message in r.text, r.text
+    assert not daemon.runs and daemon.core.getXYPosition() == xy_before
 
 
 def test_latest_frame_png_and_results(api):

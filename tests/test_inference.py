@@ -73,19 +73,21 @@ def test_nan_and_saturated_pixels_invent_nothing(model):
 def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
     """The worker's batched path (several frames, one ONNX call) equals one frame at a time
     (each with the frames before it as its window)."""
-    from collections import deque
-
     from smartscope.inference.localization import frame_to_photons
-    from smartscope.inference.worker import _Frame, _infer
+    from smartscope.inference.worker import Streams, _Frame, _infer
     from smartscope.transport import FrameHeader
 
     frames_adu, _ = sparse_frames(5, 3)
-    batch = [_Frame(FrameHeader(seq=i, t_capture_s=0.0, shape=f.shape, dtype="uint16", exposure_ms=10,
+    batch = [_Frame(FrameHeader(seq=i, t=i, t_capture_s=0.0, shape=f.shape, dtype="uint16", exposure_ms=10,
                                 camera=PARAMS), frame_to_photons(f, PARAMS), 0.0, 0.1)
              for i, f in enumerate(frames_adu)]
-    together = _infer(batch, model, None, None, 0.5, deque(maxlen=3), deque(maxlen=0), None)
-    history = deque(maxlen=3)
-    alone = [_infer([f], model, None, None, 0.5, history, deque(maxlen=0), None)[0] for f in batch]
+
+    def streams():
+        return Streams(window_frames=3, event_frames=0, event_spacing_s=0.0, recent_maps=0)
+
+    together = _infer(batch, model, None, None, 0.5, streams())
+    one_by_one = streams()
+    alone = [_infer([f], model, None, None, 0.5, one_by_one)[0] for f in batch]
     assert model.batches and [r["stages"].batch for r in together] == [3, 3, 3]
     assert [r["seq"] for r in together] == [0, 1, 2]
     for a, b in zip(together, alone, strict=True):
@@ -109,21 +111,24 @@ def test_a_window_missing_its_first_frames_repeats_the_oldest_there_is():
     assert causal_window(np.stack([a, b, c, d]), 3)[:, 0, 0].tolist() == [2, 3, 4]
 
 
-def test_the_worker_window_stops_at_a_frame_it_did_not_see():
-    from collections import deque
+def test_the_worker_window_stops_at_a_frame_it_did_not_see_and_never_mixes_positions():
+    from smartscope.inference.worker import Streams, _consecutive_window
 
-    from smartscope.inference.worker import _consecutive_window
+    streams = Streams(window_frames=3, event_frames=0, event_spacing_s=0.0, recent_maps=0)
+    p0, p1 = ("run", 0, 0, 0, 0), ("run", 1, 0, 0, 0)  # FrameHeader.stream of positions 0 and 1
 
-    history = deque(maxlen=3)
-    for acq, seq in (("a", 5), ("b", 0), ("b", 2), ("b", 3)):  # b/1 went to another worker
-        history.append(((acq, seq, (2, 2)), seq))
-    assert _consecutive_window(history) == [2, 3]
-    history.append((("b", 4, (2, 2)), 4))
-    assert _consecutive_window(history) == [2, 3, 4]
-    history.append((("b", 5, (3, 3)), 5))  # a frame of another shape starts its own window
-    assert _consecutive_window(history) == [5]
-    history.append((("c", 0, (3, 3)), 0))  # and so does a new acquisition
-    assert _consecutive_window(history) == [0]
+    def see(key, t, shape=(2, 2)):
+        streams.get(key).history.append(((t, shape), (key[1], t)))
+        return _consecutive_window(streams.get(key).history)
+
+    see(p0, 5)
+    see(p1, 0)
+    assert see(p0, 6) == [(0, 5), (0, 6)]  # position 1's frame in between is not part of position 0's window
+    assert see(p1, 2) == [(1, 2)]  # p1 t=1 went to another worker
+    assert see(p1, 3) == [(1, 2), (1, 3)]
+    assert see(p1, 4) == [(1, 2), (1, 3), (1, 4)]
+    assert see(p1, 5, (3, 3)) == [(1, 5)]  # a frame of another shape starts its own window
+    assert see(("run-2", 0, 0, 0, 0), 0) == [(0, 0)]  # and so does a new acquisition
 
 
 def _glow_frame(rng, emitter_xy_nm=None) -> np.ndarray:

@@ -1,5 +1,13 @@
-"""Acquisition: the camera sequence loop that feeds storage and inference."""
+"""Acquisition: a useq MDASequence run by pymmcore-plus's MDA runner, steered by the policies.
 
-from smartscope.acquisition.loop import LoopCounts, run_sequence
+- `plan`: the sequence checked against the microscope before anything moves;
+- `feed`: the events handed to the runner one step ahead (steered timing, hardware-sequenced bursts);
+- `engine`: pymmcore-plus's MDAEngine with smartscope's small additions;
+- `handler`: each frame stamped, stored and offered to the inference workers.
+"""
 
-__all__ = ["LoopCounts", "run_sequence"]
+from smartscope.acquisition.engine import SmartEngine
+from smartscope.acquisition.feed import EventFeed
+from smartscope.acquisition.handler import FrameCounts, FrameHandler
+
+__all__ = ["EventFeed", "FrameCounts", "FrameHandler", "SmartEngine"]

@@ -27,6 +27,7 @@ from smartscope.api.images import auto_contrast, png_bytes
 from smartscope.api.metrics import CONTENT_TYPE, build_registry, metrics_text
 from smartscope.api.models import (
     AcquisitionInfo,
+    ChannelsInfo,
     Health,
     LatestResult,
     Localization,
@@ -133,7 +134,8 @@ def _info(run) -> AcquisitionInfo:
         ("inference", "inference.csv"), ("decisions", "decisions.jsonl"), ("summary", "summary.json"),
         ("report", "report.png"), ("report_data", "report.csv"))}
     return AcquisitionInfo(
-        id=run.id, state=run.state, frames_requested=run.n_frames, frames_acquired=run.counts.acquired,
+        id=run.id, state=run.state, frames_requested=run.n_frames, progress=run.progress(),
+        frames_acquired=run.counts.acquired,
         frames_saved=run.writer.saved if run.writer else 0, frames_inferred=run.inferred,
         frames_dropped=run.counts.dropped_inference,
         acquisition_rate_hz=round(run.counts.acquired / elapsed, 2) if elapsed > 0 else None,
@@ -304,6 +306,15 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {label!r}")
         if not core.hasProperty(label, prop):
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {label!r} has no property {prop!r}")
+
+    @reads.get("/channels", tags=["devices"], response_model=ChannelsInfo)
+    def channels() -> ChannelsInfo:
+        """The channel group a plan's `channels` name presets of, its presets and the current one."""
+        group = core.getChannelGroup()
+        if not group:
+            return ChannelsInfo(group=None, presets=[], current=None)
+        return ChannelsInfo(group=group, presets=list(core.getAvailableConfigs(group)),
+                            current=core.getCurrentConfig(group) or None)
 
     @reads.get("/devices", tags=["devices"])
     def devices() -> dict[str, dict[str, Any]]:

@@ -4,33 +4,54 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from useq import MDASequence
 
+MAX_PLATE_WELLS = 1536
 RunState = Literal["acquiring", "paused", "finishing", "finished", "cancelled", "errored"]
 
 
 class StartAcquisition(BaseModel):
-    """A time-lapse: `frames` (+ `interval_ms`), or a useq-schema `sequence` with a time plan."""
+    """A time-lapse (`frames` + `interval_ms`), or any useq-schema `sequence` (an MDA experiment)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"frames": 300, "interval_ms": 20, "name": "cell-01"},
         {"sequence": {"time_plan": {"interval": 0.05, "loops": 200}}, "name": "cell-02"},
+        {"sequence": {"stage_positions": [[0, 0, 0], [20, 0, 0]], "channels": ["SMLM", "Widefield"],
+                      "z_plan": {"range": 1, "step": 0.5}, "time_plan": {"interval": 1, "loops": 4}},
+         "name": "two-fields"},
     ]})
     frames: int | None = Field(None, ge=1, le=10_000_000, description="frames to acquire (default: config)")
     exposure_ms: float | None = Field(None, gt=0, le=10_000, description="camera exposure (default: config)")
     interval_ms: float | None = Field(None, ge=0, le=3_600_000,
-                                      description="frame interval, inside the safety envelope (default: config)")
+                                      description="frame interval, inside the safety envelope; 0: as fast as "
+                                      "the camera goes (default: config)")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$",
                              description="folder name under storage root (default: the acquisition id)")
     sequence: MDASequence | None = Field(
-        None, description="useq-schema MDASequence (as pymmcore-plus and ImSwitch take it). Only a time "
-        "plan is supported: frames = its number of time points, interval = its interval; z, channels, "
-        "positions, grids and autofocus are refused (422). Excludes `frames` and `interval_ms`.")
+        None, description="useq-schema MDASequence (as pymmcore-plus and ImSwitch take it), run by "
+        "pymmcore-plus's MDA runner: time, z (relative to the focus now, or absolute), channels (presets of the "
+        "channel group, GET /channels), stage positions with sub-sequences, grids, autofocus. Checked before "
+        "anything moves: a channel not in the group, a Z outside the safety envelope or a position outside "
+        "the stage limits is refused (422, naming the field). Excludes `frames` and `interval_ms`.")
 
     policies: list[str] | None = Field(
         None, description="the policies that run in this acquisition (the others are disabled; the choice "
         "stays until changed); default: leave the current enabled set", examples=[["illumination", "focus"]])
+
+    @field_validator("sequence", mode="before")
+    @classmethod
+    def _plate_of_real_size(cls, raw: Any) -> Any:
+        """useq expands every well of a plate while the body is validated: a few bytes asking for a
+        10⁶-well plate would take the daemon's memory. Refused before that, by its size."""
+        positions = raw.get("stage_positions") if isinstance(raw, dict) else None
+        plate = positions.get("plate") if isinstance(positions, dict) else None
+        if isinstance(plate, dict):
+            rows, columns = plate.get("rows"), plate.get("columns")
+            if all(isinstance(n, int | float) for n in (rows, columns)) and rows * columns > MAX_PLATE_WELLS:
+                raise ValueError(f"sequence.stage_positions.plate: {rows} x {columns} wells; at most "
+                                 f"{MAX_PLATE_WELLS} (a 1536-well plate)")
+        return raw
 
     @model_validator(mode="after")
     def _one_kind(self) -> StartAcquisition:
@@ -45,6 +66,9 @@ class AcquisitionInfo(BaseModel):
     id: str = Field(description="acquisition id (also the folder name unless `name` was given)")
     state: RunState
     frames_requested: int
+    progress: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="per axis of the plan (t, p, g, c, z): {done: highest index reached + 1, "
+        "of: the axis' size}")
     frames_acquired: int = Field(description="frames read from the camera so far")
     frames_saved: int = Field(description="frames written to frames.ome.tif so far")
     frames_inferred: int = Field(description="frames with an inference result")
@@ -60,6 +84,14 @@ class AcquisitionInfo(BaseModel):
     out_dir: str
     files: dict[str, str] = Field(default_factory=dict, description="output files by role")
     summary: dict[str, Any] | None = Field(None, description="summary.json, once finished")
+
+
+class ChannelsInfo(BaseModel):
+    """The configured channel group (Micro-Manager's ChannelGroup) and its presets."""
+
+    group: str | None = Field(description="null: this microscope has no channel group")
+    presets: list[str] = Field(description="what a plan's channels may name (`config`)")
+    current: str | None = Field(description="the preset set now, if any")
 
 
 class PropertyValue(BaseModel):
@@ -106,6 +138,7 @@ class LatestResult(BaseModel):
 
     acquisition: str
     frame: int = Field(description="frame number in the acquisition, 0-based")
+    index: dict[str, int] = Field(default_factory=dict, description="the frame's MDA index: t, p, g, c, z")
     t_capture_s: float
     n_emitters: int
     event_score: float | None = Field(None, description="0..1 when an event model runs")
@@ -114,6 +147,8 @@ class LatestResult(BaseModel):
     background_photons: float | None = None
     activation_mw: float | None = None
     excitation_mw: float | None = None
+    x_um: float | None = None
+    y_um: float | None = None
     z_um: float | None = None
     interval_ms: float | None = None
     angle_deg: float | None = None

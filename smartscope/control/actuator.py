@@ -5,6 +5,12 @@ the device labels from the config, and keeps the last value of each so the
 acquisition loop can stamp frames without querying devices on its hot path.
 Only the engine (after the safety envelope) and the API's checked setters call
 `write`.
+
+`interval_ms` is always available: it is the interval of the upcoming time
+points, which the event feed turns into each event's start time (on any
+camera). Where the camera has an interval property (config
+`hardware.devices.interval`) it is written there too, the fast path that
+paces hardware-sequenced bursts.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class Actuator:
         self.refresh()
 
     def available(self) -> list[str]:
-        return [n for n in ACTUATORS if n in self._props or (n == "z_um" and self._focus)]
+        return [n for n in ACTUATORS if n in self._props or (n == "z_um" and self._focus) or n == "interval_ms"]
 
     def property_of(self, actuator: str) -> PropertyRef | None:
         return self._props.get(actuator)
@@ -54,7 +60,9 @@ class Actuator:
         if name == "z_um":
             return float(self._core.getPosition(self._focus)) if self._focus else None
         ref = self._props.get(name)
-        return float(self._core.getProperty(ref.label, ref.property)) if ref else None
+        if ref is None:
+            return self._state[name] if name == "interval_ms" else None  # software interval: ours alone
+        return float(self._core.getProperty(ref.label, ref.property))
 
     def refresh(self) -> dict[str, float | None]:
         with self._lock:
@@ -73,7 +81,12 @@ class Actuator:
         with self._lock:
             if name == "z_um":
                 self._core.setPosition(self._focus, value)
-            else:
+            elif name in self._props:
                 ref = self._props[name]
                 self._core.setProperty(ref.label, ref.property, value)
             self._state[name] = float(value)
+
+    def note(self, name: str, value: float | None) -> None:
+        """Record a value the hardware already has (e.g. Z set by the MDA plan), without writing it."""
+        with self._lock:
+            self._state[name] = None if value is None else float(value)

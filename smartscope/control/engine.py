@@ -179,6 +179,7 @@ class PolicyEngine:
         entry = {
             "t_s": now_s,
             "frame": obs.seq,
+            "index": obs.index,
             "policy": policy,
             "actuator": action.actuator,
             "inputs": action.inputs,

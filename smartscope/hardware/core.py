@@ -12,11 +12,21 @@ from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from smartscope.config import ConfigError, SmartscopeConfig
-from smartscope.hardware.simulated import SimCamera, SimFocus, SimLaser, SimRotation
+from smartscope.hardware.simulated import (
+    CHANNEL_PRESETS,
+    SimCamera,
+    SimFilter,
+    SimFocus,
+    SimLaser,
+    SimRotation,
+    SimXYStage,
+)
 from smartscope.simulation import SimulatedMicroscope
 
 if TYPE_CHECKING:
     from smartscope.config import DevicesConfig
+
+FILTER_LABEL = "Filter"  # the simulated filter turret; the channel group's presets set its position
 
 
 def build_core(config: SmartscopeConfig) -> tuple[CMMCorePlus, SimulatedMicroscope | None]:
@@ -37,6 +47,10 @@ def build_core(config: SmartscopeConfig) -> tuple[CMMCorePlus, SimulatedMicrosco
     core.setCameraDevice(hw.devices.camera)
     if hw.devices.focus:
         core.setFocusDevice(hw.devices.focus)
+    if hw.devices.xy_stage:
+        core.setXYStageDevice(hw.devices.xy_stage)
+    if hw.devices.channel_group:
+        core.setChannelGroup(hw.devices.channel_group)
     core.setExposure(config.acquisition.exposure_ms)
     return core, scope
 
@@ -48,6 +62,9 @@ def _simulated_core(config: SmartscopeConfig) -> tuple[UniMMCore, SimulatedMicro
     core.loadPyDevice(devs.camera, SimCamera(scope, realtime=config.hardware.realtime))
     if devs.focus:
         core.loadPyDevice(devs.focus, SimFocus(scope))
+    if devs.xy_stage:
+        core.loadPyDevice(devs.xy_stage, SimXYStage(scope))
+    core.loadPyDevice(FILTER_LABEL, SimFilter(scope))
     for field, attribute in (("activation_laser", "activation_mw"), ("excitation_laser", "excitation_mw")):
         ref = getattr(devs, field)
         if ref is None:
@@ -62,6 +79,12 @@ def _simulated_core(config: SmartscopeConfig) -> tuple[UniMMCore, SimulatedMicro
     if devs.interval and devs.interval.label == devs.camera:
         _require_sim_property("hardware.devices.interval.property", devs.interval.property, "Interval-ms")
     core.initializeAllDevices()
+    # No shutter: the lasers are triggered by the camera. With auto-shutter on, pymmcore-plus's
+    # MDAEngine would close the shutter labelled "" after each snap and fail.
+    core.setAutoShutter(False)
+    if devs.channel_group:
+        for preset, position in CHANNEL_PRESETS.items():
+            core.defineConfig(devs.channel_group, preset, FILTER_LABEL, "Label", position)
     return core, scope
 
 
@@ -71,11 +94,13 @@ def _require_sim_property(field: str, given: str, expected: str) -> None:
 
 
 def check_device_labels(core: CMMCorePlus, devices: DevicesConfig) -> None:
-    """Every role in the config must name a loaded device and an existing property."""
+    """Every role in the config must name a loaded device and an existing property, or a defined group."""
     loaded = set(core.getLoadedDevices())
     roles: dict[str, tuple[str, str | None]] = {"camera": (devices.camera, None)}
     if devices.focus:
         roles["focus"] = (devices.focus, None)
+    if devices.xy_stage:
+        roles["xy_stage"] = (devices.xy_stage, None)
     for role in ("activation_laser", "excitation_laser", "rotation", "interval"):
         ref = getattr(devices, role)
         if ref is not None:
@@ -91,3 +116,9 @@ def check_device_labels(core: CMMCorePlus, devices: DevicesConfig) -> None:
                 f"hardware.devices.{role.removesuffix('.label')}.property: "
                 f"device {label!r} has no property {prop!r}"
             )
+    groups = set(core.getAvailableConfigGroups())
+    if devices.channel_group and devices.channel_group not in groups:
+        raise ConfigError(
+            f"hardware.devices.channel_group: config group {devices.channel_group!r} is not defined "
+            f"(defined: {', '.join(sorted(groups)) or 'none'})"
+        )

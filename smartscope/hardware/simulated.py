@@ -1,9 +1,9 @@
 """The simulated microscope as Micro-Manager Python devices (UniMMCore).
 
 The demo goes through the same Micro-Manager API as real hardware: the camera,
-lasers, focus stage and rotation stage below are ordinary UniMMCore devices
-whose setters change the state of one `SimulatedMicroscope`, and whose camera
-renders that state's physics.
+lasers, focus stage, XY stage, filter turret and rotation stage below are
+ordinary UniMMCore devices whose setters change the state of one
+`SimulatedMicroscope`, and whose camera renders that state's physics.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pymmcore_plus.experimental.unicore import (
     CameraDevice,
     GenericDevice,
     StageDevice,
+    StateDevice,
+    XYStageDevice,
 )
 
 if TYPE_CHECKING:
@@ -143,3 +145,55 @@ class SimFocus(StageDevice):
 
     def set_origin(self) -> None:
         raise NotImplementedError("the simulated focus drive has a fixed origin")
+
+
+class SimXYStage(XYStageDevice):
+    """The XY stage (µm): puts the field's origin at its position on the slide.
+
+    A position that would move the field off the slide raises ValueError (the
+    simulated slide has edges, as a real stage has travel limits).
+    """
+
+    def __init__(self, scope: SimulatedMicroscope) -> None:
+        super().__init__()
+        self._scope = scope
+
+    def set_position_um(self, x: float, y: float) -> None:
+        self._scope.move_stage_xy(float(x), float(y))
+        self.core.events.XYStagePositionChanged.emit(self.get_label(), float(x), float(y))
+
+    def get_position_um(self) -> tuple[float, float]:
+        return (float(self._scope.stage_x_um), float(self._scope.stage_y_um))
+
+    def home(self) -> None:
+        self.set_position_um(0.0, 0.0)
+
+    def stop(self) -> None:
+        pass
+
+    def set_origin_x(self) -> None:
+        raise NotImplementedError("the simulated XY stage has a fixed origin (the slide's corner)")
+
+    def set_origin_y(self) -> None:
+        raise NotImplementedError("the simulated XY stage has a fixed origin (the slide's corner)")
+
+
+# Filter turret positions (labels as a Micro-Manager config names them) and the
+# channel of the simulated microscope each one selects.
+FILTER_POSITIONS = {"SMLM-647": "smlm", "Widefield-488": "widefield"}
+CHANNEL_PRESETS = {"SMLM": "SMLM-647", "Widefield": "Widefield-488"}  # channel group preset -> position
+
+
+class SimFilter(StateDevice):
+    """The filter turret: its position picks the scope's channel (blinking SMLM or widefield ensemble)."""
+
+    def __init__(self, scope: SimulatedMicroscope) -> None:
+        super().__init__(dict(enumerate(FILTER_POSITIONS)))
+        self._scope = scope
+        self._channels = list(FILTER_POSITIONS.values())
+
+    def get_state(self) -> int:
+        return self._channels.index(self._scope.channel)
+
+    def set_state(self, position: int) -> None:
+        self._scope.channel = self._channels[int(position)]

@@ -16,8 +16,8 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
@@ -101,15 +101,11 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     if warmup_shape is not None:  # the first real frame must not pay for ORT's first-run set-up
         for m in models:
             m.warm_up(warmup_shape)
-    # the windows of the localization and counting models: the last frames this worker saw
-    history: deque[tuple[tuple, _Frame]] = deque(
-        maxlen=max([int(m.card.get("frames", 1)) for m in (loaded, counter) if m is not None], default=1))
-    event_window = EventWindow(eventer.card["frames"], eventer.card.get("window_spacing_ms", 0.0) / 1000) \
-        if eventer is not None else None
-    # event maps of the last frames ((acquisition, seq), map): the score needs an event seen in the
-    # card's min_frames frames
-    recent_maps: deque[tuple[int, np.ndarray]] = deque(maxlen=max(eventer.card.get("min_frames", 1) - 1, 0)
-                                                       if eventer else 0)
+    streams = Streams(
+        window_frames=max([int(m.card.get("frames", 1)) for m in (loaded, counter) if m is not None], default=1),
+        event_frames=int(eventer.card["frames"]) if eventer else 0,
+        event_spacing_s=eventer.card.get("window_spacing_ms", 0.0) / 1000 if eventer else 0.0,
+        recent_maps=max(eventer.card.get("min_frames", 1) - 1, 0) if eventer else 0)
     host = socket.gethostname()
     worker_id = f"{host}:{os.getpid()}"
     name = "+".join(m.card["name"] for m in models)
@@ -205,7 +201,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             if pending["released"] or pending["skipped"]:  # before inference: the slots are free meanwhile
                 send("release")
             if batch:
-                for result in _infer(batch, loaded, counter, eventer, threshold, history, recent_maps, event_window,
+                for result in _infer(batch, loaded, counter, eventer, threshold, streams,
                                      event_one_view):
                     send("result", **result)
     finally:
@@ -216,16 +212,53 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     return {**counts, "malformed": sum(malformed.values()), **{f"malformed_{k}": v for k, v in malformed.items()}}
 
 
+@dataclass
+class StreamState:
+    """One stream's temporal state: the frames the localization and counting models' window needs, the
+    event model's keyframes, and the event maps of its last frames (t, map)."""
+
+    history: deque
+    event_window: EventWindow | None
+    recent_maps: deque = field(default_factory=deque)
+
+
+class Streams:
+    """The temporal state of each stream of frames (FrameHeader.stream: one acquisition, position, grid
+    tile, channel and z slice), so a window never mixes two positions or channels. The MAX_STREAMS most
+    recently seen are kept (a plan with more interleaved streams starts their windows over)."""
+
+    MAX_STREAMS = 64
+
+    def __init__(self, *, window_frames: int, event_frames: int, event_spacing_s: float, recent_maps: int) -> None:
+        self._window_frames, self._event_frames = window_frames, event_frames
+        self._event_spacing_s, self._recent_maps = event_spacing_s, recent_maps
+        self._streams: OrderedDict[tuple, StreamState] = OrderedDict()
+
+    def get(self, key: tuple) -> StreamState:
+        state = self._streams.get(key)
+        if state is None:
+            state = self._streams[key] = StreamState(
+                deque(maxlen=self._window_frames),
+                EventWindow(self._event_frames, self._event_spacing_s) if self._event_frames else None,
+                deque(maxlen=self._recent_maps))
+            while len(self._streams) > self.MAX_STREAMS:
+                self._streams.popitem(last=False)
+        else:
+            self._streams.move_to_end(key)
+        return state
+
+
 def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel | None,
-           eventer: LoadedModel | None, threshold: float, history: deque, recent_maps: deque,
-           event_window: EventWindow | None, event_one_view: bool = False) -> list[dict]:
+           eventer: LoadedModel | None, threshold: float, streams: Streams,
+           event_one_view: bool = False) -> list[dict]:
     """Run the models on a batch of frames (oldest first); one result's fields per frame."""
     t0 = time.perf_counter()
     windows = []
     for f in batch:
         if loaded is not None:
             f.prepared = prepare_frame(f.photons, loaded.card)
-        history.append(((f.header.acquisition, f.header.seq, f.photons.shape), f))
+        history = streams.get(f.header.stream).history
+        history.append(((f.header.t, f.photons.shape), f))
         windows.append(_consecutive_window(history))
     per_frame_locs: list[tuple[np.ndarray, float]] = []
     infer_ms = post_ms = 0.0
@@ -256,15 +289,16 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
             counted = window[-counter.card["frames"]:]
             count = len(count_frame(counter, np.stack([w.photons for w in counted])))
             density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
-        frames_window = event_window.push(h.acquisition, h.t_capture_s, f.photons) if event_window else None
+        stream = streams.get(h.stream)
+        frames_window = stream.event_window.push(h.stream, h.t_capture_s, f.photons) if eventer else None
         if frames_window is not None:
             current = event_map(eventer, frames_window, event_one_view)
-            # the maps of the immediately preceding frames this worker saw (fewer after skips)
-            recent = [m for (acq, k), m in recent_maps
-                      if acq == h.acquisition and 0 < h.seq - k <= recent_maps.maxlen]
+            # the maps of the immediately preceding frames of this stream this worker saw (fewer after skips)
+            recent_maps = stream.recent_maps
+            recent = [m for k, m in recent_maps if 0 < h.t - k <= recent_maps.maxlen]
             score = persistent_score(current, recent)
             if recent_maps.maxlen:
-                recent_maps.append(((h.acquisition, h.seq), current))
+                recent_maps.append((h.t, current))
         window_ms = (time.perf_counter() - t3) * 1000  # counting/event models: pre + inference + post
         stages = StageTimes(t_received_s=f.t_received_s, pre_ms=f.pre_ms + pre_batch_ms / len(batch),
                             infer_ms=infer_ms / len(batch) + window_ms, post_ms=post_ms / len(batch),
@@ -278,12 +312,12 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
 
 
 def _consecutive_window(history: deque) -> list:
-    """The newest frame in `history` and the frames just before it in the same acquisition
-    (and of its shape), oldest first, up to the first one missing. Keys: (acquisition, seq, shape)."""
-    (acquisition, seq, shape), _ = history[-1]
+    """The newest frame in one stream's `history` and the frames just before it in time (and of its
+    shape), oldest first, up to the first one missing. Keys: (time point t, shape)."""
+    (t, shape), _ = history[-1]
     frames = []
-    for (acq, k, sh), frame in reversed(history):
-        if acq != acquisition or k != seq - len(frames) or sh != shape:
+    for (k, sh), frame in reversed(history):
+        if k != t - len(frames) or sh != shape:
             break
         frames.append(frame)
     return frames[::-1]

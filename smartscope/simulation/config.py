@@ -8,12 +8,13 @@ a sCMOS camera with 100 nm pixels. With activation 100 mW, excitation 50 mW and
 20 ms exposures a 64 x 64 px frame shows about 10-20 emitters with about
 2000 photons each on a background of 20 photons/px. `mode: live` swaps the
 blinking sample for `LiveConfig`'s mitochondria-like network (same optics,
-camera and drift).
+camera and drift). `slide_fields` makes the SMLM sample larger than one field,
+for an XY stage to move over.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -93,10 +94,13 @@ class SampleConfig(_Strict):
 
     structure: Literal["filaments", "ring", "uniform"] = Field(
         "filaments",
-        description="filaments: smooth random 3D curves crossing the field (microtubule-"
-        "like); ring: hollow cylinders (centriole/pore-like, scaled up); uniform: random 3D",
+        description="filaments: smooth random 3D curves crossing the slide (microtubule-"
+        "like); ring: hollow cylinders (centriole/pore-like, scaled up); uniform: random 3D. "
+        "Generated over the whole slide (simulation.slide_fields; one field by default)",
     )
-    n_filaments: int = Field(4, ge=1, description="number of filaments (structure=filaments)")
+    n_filaments: int = Field(
+        4, ge=1, description="number of filaments (structure=filaments), through the slide's central part"
+    )
     labels_per_um: float = Field(
         150.0,
         gt=0,
@@ -107,11 +111,11 @@ class SampleConfig(_Strict):
     ring_height_nm: float = Field(
         400.0, ge=0, description="cylinder height along z (nm); 0 gives a flat ring"
     )
-    n_rings: int = Field(3, ge=1, description="number of rings (structure=ring)")
+    n_rings: int = Field(3, ge=1, description="number of rings on the slide (structure=ring)")
     density_per_um2: float = Field(
         200.0,
         gt=0,
-        description="molecules per um^2: of the field (structure=uniform) or of the "
+        description="molecules per um^2: of the slide (structure=uniform) or of the "
         "cylinder wall (structure=ring)",
     )
     z_range_nm: float = Field(
@@ -148,6 +152,14 @@ class PhotophysicsConfig(_Strict):
         ge=0,
         description="photon rate reaching the camera while on, per mW of excitation "
         "(before QE): 2e5 photons/s at 50 mW, ~2000 photons per on-emitter in a 20 ms frame",
+    )
+    widefield_photons_per_mw_per_s: float = Field(
+        80.0,
+        ge=0,
+        description="photon rate reaching the camera per molecule per mW of excitation in the "
+        "Widefield channel (before QE), where every unbleached molecule emits at once: 2 % of an "
+        "on-emitter's rate, a dim ensemble image (80 photons per molecule in a 20 ms frame at 50 mW, "
+        "a few hundred photons/px along a filament)",
     )
     bleach_per_photon: float = Field(
         1.0 / 20000.0,
@@ -309,3 +321,18 @@ class SimulationConfig(_Strict):
     rotation_axis: Literal["x", "y"] = Field(
         "y", description="in-plane axis (through the field centre) the rotation stage turns about"
     )
+    slide_fields: tuple[Annotated[int, Field(ge=1, le=16)], Annotated[int, Field(ge=1, le=16)]] = Field(
+        (1, 1),
+        description="(nx, ny): the slide, the area the SMLM sample is generated in, in fields of view; "
+        "the XY stage moves the field over it. (1, 1): the sample fills exactly the field (live mode "
+        "supports only that)",
+    )
+
+    @model_validator(mode="after")
+    def _live_is_one_field(self) -> SimulationConfig:
+        if self.mode == "live" and tuple(self.slide_fields) != (1, 1):
+            raise ValueError(
+                f"slide_fields {list(self.slide_fields)}: live mode simulates one field of view, so the "
+                "slide must be [1, 1]"
+            )
+        return self

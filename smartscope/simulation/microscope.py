@@ -16,6 +16,20 @@ SMLM sample starts in the steady state for the lasers set at the first snap, as
 after the usual pumping phase of a dSTORM experiment. In live mode the
 activation laser does nothing (the label does not photoswitch) and the
 background does not bleach.
+
+The SMLM sample may cover a slide of several fields (``slide_fields``) that an
+XY stage moves under the objective. The lasers light only the field plus a
+small margin, so only molecules there blink and bleach; the others stay in the
+dark, where they relax exactly as in the dark part of a frame. That relaxation
+is a two-state Markov chain with constant rates, so it is applied lazily, in
+one exact step over the whole dark time, when a molecule comes back under the
+lasers: the cost of a frame does not grow with the slide. The channel
+(``channel``, set by the filter turret) picks the imaging: "smlm", the
+blinking single molecules; or "widefield", a dim diffraction-limited ensemble
+image in which every unbleached molecule under the lasers emits at once
+(``widefield_photons_per_mw_per_s`` per mW of excitation, 2 % of an
+on-emitter's rate) and none switches or bleaches: the dye only relaxes as in
+the dark. Live mode images one field, the same in either channel.
 """
 
 from __future__ import annotations
@@ -36,6 +50,12 @@ from smartscope.simulation.optics import (
 from smartscope.simulation.sample import make_structure, rotate_positions
 
 _OFF, _ON, _BLEACHED = 0, 1, 2
+# The lasers light the field plus this many in-focus PSF widths on each side, so
+# molecules just outside the field still spill their light into its edge.
+_MARGIN_SIGMAS = 4.0
+# Stage positions this close outside the slide's range (um) are taken as on it:
+# field multiples computed in floating point land a hair off.
+_STAGE_TOLERANCE_UM = 1e-6
 
 
 def _empty() -> np.ndarray:
@@ -48,10 +68,13 @@ class FrameTruth:
 
     Coordinates are in the image frame (after rotation), x_nm = x_px *
     pixel_size_nm with pixel k spanning [k, k+1), so a pixel centre is at
-    (k + 0.5) * pixel_size_nm. Only emitters whose centre lies inside the frame
+    (k + 0.5) * pixel_size_nm; the frame's origin lies at (stage_x_um,
+    stage_y_um) on the slide. Only emitters whose centre lies inside the frame
     and that gave light are listed (edge emitters still light the frame). In
-    live mode the emitter arrays are empty and ``events`` lists the fission
-    events active at mid-exposure whose neck lies inside the frame.
+    the widefield channel no emitter is listed (the ensemble does not blink:
+    every unbleached molecule gives light, ``n_emitting`` of them inside the
+    frame). In live mode the emitter arrays are empty and ``events`` lists the
+    fission events active at mid-exposure whose neck lies inside the frame.
     """
 
     frame: int  # 0-based frame index
@@ -79,18 +102,23 @@ class FrameTruth:
     mode: str = "smlm"
     events: list[EventTruth] = field(default_factory=list)
     # Fraction of the label's fluorescence not yet bleached, after this frame
-    # (SMLM: molecules not bleached; live: exp(-bleach_per_mj * dose)).
+    # (SMLM: molecules of the whole slide not bleached; live: exp(-bleach_per_mj * dose)).
     fluorescence_remaining: float = 1.0
+    stage_x_um: float = 0.0  # the field's origin on the slide
+    stage_y_um: float = 0.0
+    channel: str = "smlm"  # "smlm" (blinking single molecules) or "widefield" (ensemble)
+    n_emitting: int = 0  # molecules inside the frame that gave light (SMLM: id.size)
 
 
 class SimulatedMicroscope:
     """A dSTORM or live-cell microscope in software: set the actuator attributes, then snap.
 
     The actuator state is plain attributes (activation_mw, excitation_mw,
-    stage_z_um, angle_deg) that the device adapters set between frames.
-    ``config.mode`` picks the sample: "smlm" (blinking emitters on
-    ``config.sample``) or "live" (the tubular network of ``config.live``,
-    then ``network`` is its TubularNetwork).
+    stage_z_um, angle_deg, channel) that the device adapters set between
+    frames; the XY stage goes through ``move_stage_xy``, which keeps the field
+    on the slide. ``config.mode`` picks the sample: "smlm" (blinking emitters
+    on ``config.sample``, over the slide) or "live" (the tubular network of
+    ``config.live``, then ``network`` is its TubularNetwork).
     """
 
     def __init__(
@@ -105,6 +133,11 @@ class SimulatedMicroscope:
         self._drift_rng = np.random.default_rng(drift_seq)
         self._camera_rng = np.random.default_rng(camera_seq)
         self.field_nm = (cam.width_px * cam.pixel_size_nm, cam.height_px * cam.pixel_size_nm)
+        nx, ny = self.config.slide_fields
+        self.slide_nm = (nx * self.field_nm[0], ny * self.field_nm[1])
+        self._margin_nm = _MARGIN_SIGMAS * self.config.optics.sigma0_nm()
+        self._illuminated: np.ndarray | None = None  # molecules under the lasers, ascending
+        self._illuminated_for: tuple[float, float, float] | None = None  # (stage x, y, angle) they were found for
         self.network: TubularNetwork | None = None
         if self.config.mode == "live":
             self.network = TubularNetwork(
@@ -114,11 +147,12 @@ class SimulatedMicroscope:
             self.positions_nm = np.empty((0, 3))
         else:
             self.positions_nm = make_structure(
-                self.config.sample, self.field_nm, np.random.default_rng(sample_seq)
+                self.config.sample, self.slide_nm, np.random.default_rng(sample_seq)
             )
         self._dose_mj = 0.0  # excitation dose so far (live mode bleaching)
         self.last_expected_photons: np.ndarray | None = None  # the noise-free image of the last snap
         self._state = np.full(len(self.positions_nm), _OFF, dtype=np.int8)
+        self._dark_since_s = np.zeros(len(self.positions_nm))  # when each molecule left the lasers
         self._n_bleached = 0
         self._started = False
         self._drift_nm = 0.0  # sample displacement along z relative to the focal plane
@@ -127,6 +161,10 @@ class SimulatedMicroscope:
         self.excitation_mw = 0.0
         self.stage_z_um = 0.0
         self.angle_deg = 0.0
+        self.channel = "smlm"
+        # The stage starts with the field at the slide's centre, where the sample is.
+        self.stage_x_um = 0.5 * (nx - 1) * self.field_nm[0] / 1000.0
+        self.stage_y_um = 0.5 * (ny - 1) * self.field_nm[1] / 1000.0
         self.t_s = 0.0
         self.frame_index = 0
         self.keep_truth = keep_truth
@@ -140,13 +178,45 @@ class SimulatedMicroscope:
 
     @property
     def n_molecules(self) -> int:
+        """Molecules on the whole slide."""
         return int(self._state.size)
+
+    @property
+    def positions_nm(self) -> np.ndarray:
+        """Molecule positions (N, 3) [x_nm, y_nm, z_nm] on the slide, before the rotation stage."""
+        return self._positions_nm
+
+    @positions_nm.setter
+    def positions_nm(self, value: np.ndarray) -> None:
+        # A replaced sample (e.g. mounted tilted) changes which molecules can reach the field.
+        self._positions_nm = value
+        self._z_extent_nm = float(np.abs(value[:, 2]).max()) if len(value) else 0.0
+        self._illuminated_for = None
+
+    @property
+    def stage_range_um(self) -> tuple[float, float]:
+        """Largest XY stage position (x_um, y_um) that keeps the field on the slide; the smallest is (0, 0)."""
+        nx, ny = self.config.slide_fields
+        return ((nx - 1) * self.field_nm[0] / 1000.0, (ny - 1) * self.field_nm[1] / 1000.0)
+
+    def move_stage_xy(self, x_um: float, y_um: float) -> None:
+        """Put the field's origin at (x_um, y_um) on the slide; ValueError where the field would leave it."""
+        max_x, max_y = self.stage_range_um
+        tol = _STAGE_TOLERANCE_UM
+        if not (-tol <= x_um <= max_x + tol and -tol <= y_um <= max_y + tol):
+            nx, ny = self.config.slide_fields
+            raise ValueError(
+                f"XY stage position ({x_um:g}, {y_um:g}) um would move the field off the slide "
+                f"({nx} x {ny} fields of {self.field_nm[0] / 1000:g} x {self.field_nm[1] / 1000:g} um): "
+                f"x must be in [0, {max_x:g}] and y in [0, {max_y:g}] um"
+            )
+        self.stage_x_um, self.stage_y_um = float(x_um), float(y_um)
 
     @property
     def bleached_fraction(self) -> float:
         """Fraction of the label bleached so far (the dye budget spent).
 
-        SMLM: the fraction of molecules bleached; live: 1 - exp(-bleach_per_mj * dose_mJ).
+        SMLM: the fraction of the slide's molecules bleached; live: 1 - exp(-bleach_per_mj * dose_mJ).
         """
         if self.config.mode == "live":
             return float(-np.expm1(-self.config.live.bleach_per_mj * self._dose_mj))
@@ -204,33 +274,27 @@ class SimulatedMicroscope:
             p_on = k_on / (k_on + pp.k_off_per_s)
             self._state[self._dye_rng.random(self._state.size) < p_on] = _ON
             self._started = True
+        under_lasers = self._under_lasers()
+        if self.channel == "widefield":
+            return self._image_widefield(under_lasers, exposure_ms, period_s, activation_mw, excitation_mw)
 
         focus_offset_nm = self._advance_drift(0.5 * exposure_s)  # mid-exposure
-        lit, on_time_s = self._expose(exposure_s, k_on, pp.k_off_per_s, k_bleach)
-        self._relax(period_s - exposure_s, pp.k_on_base_per_s, pp.k_off_per_s)
+        lit, on_time_s = self._expose(under_lasers, exposure_s, k_on, pp.k_off_per_s, k_bleach)
+        if period_s > exposure_s:
+            self._relax(under_lasers, period_s - exposure_s, pp.k_on_base_per_s, pp.k_off_per_s)
         self._advance_drift(period_s - 0.5 * exposure_s)
 
         if photon_rate <= 0:
             lit, on_time_s = np.empty(0, np.int64), np.empty(0)
         photons = photon_rate * on_time_s
-        pos = rotate_positions(
-            self.positions_nm[lit],
-            self.angle_deg,
-            cfg.rotation_axis,
-            (0.5 * self.field_nm[0], 0.5 * self.field_nm[1]),
-        )
+        pos = self._in_frame(lit)
         z_nm = pos[:, 2] + focus_offset_nm
         sigma_x_nm, sigma_y_nm = astigmatic_sigmas_nm(z_nm, cfg.optics)
         background = pp.background_photons_per_mw_per_s_per_px * excitation_mw * exposure_s
 
         expected = self.render(pos[:, 0], pos[:, 1], photons, sigma_x_nm, sigma_y_nm, background)
 
-        inside = (
-            (pos[:, 0] >= 0)
-            & (pos[:, 0] < self.field_nm[0])
-            & (pos[:, 1] >= 0)
-            & (pos[:, 1] < self.field_nm[1])
-        )
+        inside = self._inside(pos)
         truth = self._truth(
             background, focus_offset_nm, exposure_ms, activation_mw, excitation_mw,
             id=lit[inside].astype(np.int64),
@@ -240,8 +304,89 @@ class SimulatedMicroscope:
             photons=photons[inside],
             sigma_x_nm=sigma_x_nm[inside],
             sigma_y_nm=sigma_y_nm[inside],
+            n_emitting=int(np.count_nonzero(inside)),
         )
         return expected, truth
+
+    def _image_widefield(
+        self, under_lasers: np.ndarray, exposure_ms: float, period_s: float, activation_mw: float,
+        excitation_mw: float,
+    ) -> tuple[np.ndarray, FrameTruth]:
+        """The ensemble image: every unbleached molecule under the lasers emits, none switches or bleaches.
+
+        The whole frame period is dark time for the dye's switching, so the
+        molecules only relax, and the next SMLM frame finds them as time left them.
+        """
+        cfg = self.config
+        pp, px = cfg.photophysics, cfg.camera.pixel_size_nm
+        exposure_s = exposure_ms / 1000.0
+        focus_offset_nm = self._advance_drift(0.5 * exposure_s)  # mid-exposure
+        self._relax(under_lasers, period_s, pp.k_on_base_per_s, pp.k_off_per_s)
+        self._advance_drift(period_s - 0.5 * exposure_s)
+
+        photons = pp.widefield_photons_per_mw_per_s * excitation_mw * exposure_s
+        background = pp.background_photons_per_mw_per_s_per_px * excitation_mw * exposure_s
+        expected = np.full(self.shape, float(background))
+        emitting = under_lasers[self._state[under_lasers] != _BLEACHED] if photons > 0 else under_lasers[:0]
+        pos = self._in_frame(emitting)
+        render_dense_psf(
+            self.shape, pos[:, 0] / px, pos[:, 1] / px, pos[:, 2] + focus_offset_nm, photons, cfg.optics, px,
+            out=expected,
+        )
+        inside = self._inside(pos)
+        empty = np.empty(0)
+        truth = self._truth(
+            background, focus_offset_nm, exposure_ms, activation_mw, excitation_mw,
+            id=np.empty(0, np.int64), x_nm=empty, y_nm=empty, z_nm=empty, photons=empty,
+            n_emitting=int(np.count_nonzero(inside)),
+        )
+        return expected, truth
+
+    def _under_lasers(self) -> np.ndarray:
+        """Molecules (ascending indices) that can appear within the field plus the margin at this stage and angle.
+
+        Along the axis the rotation stage tilts, a slab of half-width
+        (W/2 + margin + |sin a| z_max) / |cos a| about the field centre holds
+        every molecule that projects into the field plus the margin (a few more
+        at high angles); exact at 0 deg, and the whole sample on a one-field
+        slide. Found again when the stage, the angle or the sample moves;
+        molecules coming back under the lasers first relax over their time in
+        the dark.
+        """
+        key = (self.stage_x_um, self.stage_y_um, self.angle_deg)
+        if key == self._illuminated_for and self._illuminated is not None:
+            return self._illuminated
+        fw, fh = self.field_nm
+        centre_x = self.stage_x_um * 1000.0 + 0.5 * fw
+        centre_y = self.stage_y_um * 1000.0 + 0.5 * fh
+        a = np.deg2rad(self.angle_deg)
+        half_x, half_y = 0.5 * fw + self._margin_nm, 0.5 * fh + self._margin_nm
+        widen = abs(np.sin(a)) * self._z_extent_nm
+        if self.config.rotation_axis == "y":
+            half_x = (half_x + widen) / abs(np.cos(a))
+        else:
+            half_y = (half_y + widen) / abs(np.cos(a))
+        pos = self.positions_nm
+        now = np.flatnonzero((np.abs(pos[:, 0] - centre_x) <= half_x) & (np.abs(pos[:, 1] - centre_y) <= half_y))
+        if self._illuminated is not None:
+            self._dark_since_s[self._illuminated] = self.t_s
+        returning = now[self._dark_since_s[now] < self.t_s]
+        if returning.size:
+            pp = self.config.photophysics
+            self._relax(returning, self.t_s - self._dark_since_s[returning], pp.k_on_base_per_s, pp.k_off_per_s)
+        self._illuminated, self._illuminated_for = now, key
+        return now
+
+    def _in_frame(self, idx: np.ndarray) -> np.ndarray:
+        """Positions (N, 3) of molecules idx in the frame: from the field's origin, turned by the rotation stage."""
+        fw, fh = self.field_nm
+        origin = np.array([self.stage_x_um * 1000.0, self.stage_y_um * 1000.0, 0.0])
+        return rotate_positions(self.positions_nm[idx] - origin, self.angle_deg, self.config.rotation_axis,
+                                (0.5 * fw, 0.5 * fh))
+
+    def _inside(self, pos: np.ndarray) -> np.ndarray:
+        """Which rows of pos (frame coordinates, nm) lie inside the frame."""
+        return (pos[:, 0] >= 0) & (pos[:, 0] < self.field_nm[0]) & (pos[:, 1] >= 0) & (pos[:, 1] < self.field_nm[1])
 
     def _image_live(self, exposure_ms: float, period_s: float) -> tuple[np.ndarray, FrameTruth]:
         """Move, divide and bleach the network through one frame period; the expected image and its truth.
@@ -335,6 +480,9 @@ class SimulatedMicroscope:
             stage_z_um=float(self.stage_z_um),
             angle_deg=float(self.angle_deg),
             fluorescence_remaining=1.0 - self.bleached_fraction,
+            stage_x_um=float(self.stage_x_um),
+            stage_y_um=float(self.stage_y_um),
+            channel=self.channel,
             **specific,
         )
 
@@ -365,9 +513,9 @@ class SimulatedMicroscope:
         return self.focus_offset_nm
 
     def _expose(
-        self, exposure_s: float, k_on: float, k_off: float, k_bleach: float
+        self, under_lasers: np.ndarray, exposure_s: float, k_on: float, k_off: float, k_bleach: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Telegraph the molecules through the exposure; return those that were on and their on-times (s).
+        """Telegraph the molecules under the lasers through the exposure; return those on and their on-times (s).
 
         Continuous time: exponential waiting times, looping only over the
         (few) molecules that are on or switch on inside the window. The off
@@ -378,7 +526,7 @@ class SimulatedMicroscope:
         state is off (k_off) or bleached (k_bleach = photon rate x bleach per photon).
         Returns (molecule ids ascending, on-time in s), only molecules with on-time > 0.
         """
-        state, rng = self._state, self._dye_rng
+        state, rng = self._state[under_lasers], self._dye_rng
         p_switch = -np.expm1(-k_on * exposure_s)
         picked = _bernoulli_indices(state.size, p_switch, rng)
         picked = picked[state[picked] == _OFF]
@@ -406,21 +554,20 @@ class SimulatedMicroscope:
             local[j] = np.where(is_on, np.where(bleached, _BLEACHED, _OFF), _ON)
             keep = local[j] != _BLEACHED
             j, t = j[keep], t[keep]
-        state[involved] = local
+        self._state[under_lasers[involved]] = local
         self._n_bleached += int(np.count_nonzero(local == _BLEACHED))
         order = np.argsort(involved)
         involved, on_time = involved[order], on_time[order]
         lit = on_time > 0
-        return involved[lit], on_time[lit]
+        return under_lasers[involved[lit]], on_time[lit]
 
-    def _relax(self, dark_s: float, k_on: float, k_off: float) -> None:
-        """Dark part of the frame period: exact two-state relaxation, no bleaching."""
-        if dark_s <= 0:
-            return
-        idx = np.flatnonzero(self._state != _BLEACHED)
+    def _relax(self, idx: np.ndarray, dark_s: float | np.ndarray, k_on: float, k_off: float) -> None:
+        """Molecules idx spend dark_s (s: one for all, or one each) in the dark: exact two-state relaxation."""
+        alive = self._state[idx] != _BLEACHED
+        idx = idx[alive]
         k_sum = k_on + k_off
         p_inf = k_on / k_sum
-        decay = np.exp(-k_sum * dark_s)
+        decay = np.exp(-k_sum * (dark_s if np.ndim(dark_s) == 0 else dark_s[alive]))
         p_on = p_inf + ((self._state[idx] == _ON) - p_inf) * decay
         self._state[idx] = np.where(self._dye_rng.random(idx.size) < p_on, _ON, _OFF)
 

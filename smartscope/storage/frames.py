@@ -1,4 +1,10 @@
-"""Lossless storage of every frame: OME-TIFF (tifffile) plus a per-frame state table.
+"""Lossless storage of every frame: OME-TIFF (tifffile) plus a per-frame index and state table.
+
+Frames are stored flat, in the order they were taken, with `frames.csv`
+giving each one's MDA index (t, p, g, c, z) and state: the layout
+ome-writers recommends for event-driven data, whose length and order the
+policies decide while the run goes on. A frame of a planned experiment is
+found at its index through that table.
 
 Frames are queued without bound (storage never drops a frame) and written by
 a thread of their own, so disk hiccups never stall the acquisition. Each
@@ -19,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-STATE_COLUMNS = ("frame", "t_s", "exposure_ms", "interval_ms", "activation_mw", "excitation_mw",
-                 "z_um", "angle_deg")
+#: one row per saved frame, in file order: its MDA index (useq: time point, position, grid tile, channel,
+#: z slice; the channel preset by name) and the acquisition state at capture
+STATE_COLUMNS = ("frame", "t_s", "t", "p", "g", "c", "z", "channel", "exposure_ms", "interval_ms", "activation_mw",
+                 "excitation_mw", "x_um", "y_um", "z_um", "angle_deg")
 IN_PROGRESS = "smartscope: acquisition in progress (OME-XML is written when it closes)"
 _END = object()
 

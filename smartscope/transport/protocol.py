@@ -1,4 +1,4 @@
-"""The wire format between the daemon and inference workers (version 2).
+"""The wire format between the daemon and inference workers (version 3: frames carry their MDA index).
 
 A frame travels as a ZeroMQ message whose first part is a compact binary
 header (FrameHeader; a fixed little-endian struct, then two UTF-8 strings):
@@ -27,18 +27,21 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"SSFH"  # smartscope frame header
 LOCALIZATION_COLUMNS = ("x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p", "background_photons")
 #: why a message was dropped: counted per reason by every receiver
 MALFORMED_REASONS = ("parts", "format", "version", "header", "size", "ring", "result")
 DTYPES = ("uint8", "uint16", "uint32", "float32")
 _NP_DTYPES = {name: np.dtype(name) for name in DTYPES}  # looked up, not parsed, per frame
-STATE_FIELDS = ("interval_ms", "activation_mw", "excitation_mw", "z_um", "angle_deg")
+STATE_FIELDS = ("interval_ms", "activation_mw", "excitation_mw", "x_um", "y_um", "z_um", "angle_deg")
+#: the useq MDA index a frame carries: time point, stage position, grid position, channel, z slice
+INDEX_AXES = ("t", "p", "g", "c", "z")
 
-# magic, version, dtype code, has ring, seq, t_capture, t_sent, height, width, exposure, the five state
-# values, the five camera values (NaN: not known), ring slot, ring generation, then the two string lengths
-_FIXED = struct.Struct("<4sHBBQddIId5d5dIQHH")
+# magic, version, dtype code, has ring, seq, t_capture, t_sent, height, width, exposure, the seven state
+# values, the five camera values (NaN: not known), ring slot, ring generation, the five MDA index values,
+# then the two string lengths
+_FIXED = struct.Struct("<4sHBBQddIId7d5dIQ5IHH")
 
 
 class MalformedMessage(ValueError):
@@ -83,9 +86,22 @@ class FrameHeader:
     interval_ms: float | None = None
     activation_mw: float | None = None
     excitation_mw: float | None = None
+    x_um: float | None = None
+    y_um: float | None = None
     z_um: float | None = None
     angle_deg: float | None = None
     ring: RingRef | None = None  # pixels in shared memory instead of a second message part
+    # the frame's MDA index (useq): frames of one (p, g, c, z) form one stream in time (t)
+    t: int = 0
+    p: int = 0
+    g: int = 0
+    c: int = 0
+    z: int = 0
+
+    @property
+    def stream(self) -> tuple[str, int, int, int, int]:
+        """The frames a temporal window may combine: one acquisition, position, grid tile, channel, z slice."""
+        return (self.acquisition, self.p, self.g, self.c, self.z)
 
     @property
     def nbytes(self) -> int:
@@ -101,9 +117,10 @@ def pack_header(h: FrameHeader) -> bytes:
     c = h.camera
     return _FIXED.pack(MAGIC, PROTOCOL_VERSION, DTYPES.index(h.dtype), h.ring is not None, h.seq, h.t_capture_s,
                        _nan(h.t_sent_s), h.shape[0], h.shape[1], h.exposure_ms, _nan(h.interval_ms),
-                       _nan(h.activation_mw), _nan(h.excitation_mw), _nan(h.z_um), _nan(h.angle_deg),
-                       c.pixel_size_nm, c.offset_adu, c.e_per_adu, c.qe, c.em_gain,
-                       h.ring.slot if h.ring else 0, h.ring.gen if h.ring else 0, len(acq), len(ring_name)
+                       _nan(h.activation_mw), _nan(h.excitation_mw), _nan(h.x_um), _nan(h.y_um), _nan(h.z_um),
+                       _nan(h.angle_deg), c.pixel_size_nm, c.offset_adu, c.e_per_adu, c.qe, c.em_gain,
+                       h.ring.slot if h.ring else 0, h.ring.gen if h.ring else 0, h.t, h.p, h.g, h.c, h.z,
+                       len(acq), len(ring_name)
                        ) + acq + ring_name
 
 
@@ -130,22 +147,22 @@ def decode_header(data) -> FrameHeader:
     (_, version, dtype_code, has_ring, seq, t_capture, t_sent, height, width, exposure, *rest) = _FIXED.unpack_from(data)
     if version != PROTOCOL_VERSION:
         raise MalformedMessage("version", f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
-    n_acq, n_ring = rest[12], rest[13]
+    n_acq, n_ring = rest[19], rest[20]
     if len(data) != _FIXED.size + n_acq + n_ring:
         raise MalformedMessage("header", f"{len(data)} bytes, the header describes {_FIXED.size + n_acq + n_ring}")
     if dtype_code >= len(DTYPES) or height < 1 or width < 1 or not exposure > 0 or not math.isfinite(t_capture):
         raise MalformedMessage("header", f"dtype code {dtype_code}, {height}x{width} px, exposure {exposure} ms")
     try:
-        camera = _camera(tuple(rest[5:10]))
+        camera = _camera(tuple(rest[7:12]))
         acquisition = data[_FIXED.size:_FIXED.size + n_acq].decode()
-        ring = RingRef(data[_FIXED.size + n_acq:].decode(), rest[10], rest[11]) if has_ring else None
+        ring = RingRef(data[_FIXED.size + n_acq:].decode(), rest[12], rest[13]) if has_ring else None
     except (ValidationError, UnicodeDecodeError) as e:
         raise MalformedMessage("header", str(e)) from e
     if ring is not None and ring.gen < 1:
         raise MalformedMessage("ring", f"ring slot {ring.slot} with generation {ring.gen}")
-    state = [None if v != v else v for v in rest[:5]]  # NaN → None
+    state = [None if v != v else v for v in rest[:7]]  # NaN → None
     return FrameHeader(seq, t_capture, (height, width), DTYPES[dtype_code], exposure, camera, acquisition,
-                       None if t_sent != t_sent else t_sent, *state, ring)
+                       None if t_sent != t_sent else t_sent, *state, ring, *rest[14:19])
 
 
 class StageTimes(BaseModel):
@@ -170,7 +187,7 @@ class Result(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    v: Literal[2] = PROTOCOL_VERSION
+    v: Literal[3] = PROTOCOL_VERSION
     kind: Literal["result", "hello", "heartbeat", "bye", "release"] = "result"
     seq: int = -1
     t_capture_s: float = 0.0

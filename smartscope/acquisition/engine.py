@@ -1,0 +1,51 @@
+"""pymmcore-plus's MDAEngine, with what smartscope needs of it and nothing more.
+
+The runner is fed from an `EventFeed` (an iterator), so pymmcore-plus hands
+`setup_sequence` a placeholder sequence; the engine sets up the real plan
+instead (`plan`), so grid plans get the camera's field of view and the
+summary metadata describes the experiment. Stage moves made by the plan are
+written to the actuator's cache (XY read once at the start, then from the
+plan: no stage round trip per frame), so frames are stamped with the
+position the plan set and the focus policy steps from there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pymmcore_plus.mda import MDAEngine
+
+if TYPE_CHECKING:
+    import useq
+    from pymmcore_plus import CMMCorePlus
+    from pymmcore_plus.metadata import SummaryMetaV1
+
+    from smartscope.control.actuator import Actuator
+
+
+class SmartEngine(MDAEngine):
+    def __init__(self, core: CMMCorePlus, actuator: Actuator) -> None:
+        # restore_initial_state off: the policies' focus and the lasers are the run's own state
+        super().__init__(core, restore_initial_state=False)
+        self.plan: useq.MDASequence | None = None
+        self._actuator = actuator
+
+    def setup_sequence(self, sequence: useq.MDASequence) -> SummaryMetaV1 | None:
+        meta = super().setup_sequence(self.plan if self.plan is not None else sequence)
+        if self.mmcore.getXYStageDevice():
+            x_um, y_um = self.mmcore.getXYPosition()
+            self._actuator.note("x_um", x_um)
+            self._actuator.note("y_um", y_um)
+        if not self.mmcore.getShutterDevice():
+            # no shutter to close between snaps (the simulated microscope's lasers are camera-triggered);
+            # pymmcore-plus would call setShutterOpen("") and fail
+            self._autoshutter_was_set = False
+        return meta
+
+    def setup_event(self, event: useq.MDAEvent) -> None:
+        super().setup_event(event)
+        for name, value in (("x_um", event.x_pos), ("y_um", event.y_pos)):
+            if value is not None and self.mmcore.getXYStageDevice():
+                self._actuator.note(name, value)
+        if event.z_pos is not None and self.mmcore.getFocusDevice():
+            self._actuator.note("z_um", self.mmcore.getZPosition())

@@ -1,0 +1,83 @@
+"""Every frame the MDA runner yields: stamped, handed to storage, offered to the workers.
+
+Connected to `core.mda.events.frameReady` (synchronously, in the runner's
+thread), so other pymmcore-plus listeners see the same frames. For each
+frame it records the acquisition state at capture (the actuator's cache: no
+device round trips on this path; XY and Z from the frame's metadata or the
+plan), queues the frame for storage (unbounded: storage never drops) and
+offers it to the workers without blocking (bounded: inference may drop, and
+each drop is counted).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from smartscope.acquisition.feed import ORDINAL
+from smartscope.transport.protocol import INDEX_AXES, STATE_FIELDS, FrameHeader
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+    import useq
+
+    from smartscope.control.actuator import Actuator
+    from smartscope.storage.frames import FrameWriter
+    from smartscope.transport.protocol import CameraParams
+    from smartscope.transport.sockets import FramePublisher
+
+
+@dataclass
+class FrameCounts:
+    acquired: int = 0
+    published: int = 0
+    dropped_inference: int = 0  # not sent: every worker's queue full (counted as frames_not_sent)
+    delivered: int = -1  # ordinal (in the plan) of the newest frame
+
+
+class FrameHandler:
+    def __init__(self, *, acquisition_id: str, actuator: Actuator, camera: CameraParams, writer: FrameWriter,
+                 publisher: FramePublisher, on_frame: Callable[[np.ndarray, dict[str, Any]], None] | None = None
+                 ) -> None:
+        self.counts = FrameCounts()
+        self._id = acquisition_id
+        self._actuator = actuator
+        self._camera = camera
+        self._writer = writer
+        self._publisher = publisher
+        self._on_frame = on_frame
+        #: the largest index reached on each axis (progress per axis)
+        self.reached: dict[str, int] = {}
+
+    def frameReady(self, frame: np.ndarray, event: useq.MDAEvent, meta: dict[str, Any]) -> None:  # noqa: N802
+        t_capture_s = time.time()
+        counts = self.counts
+        seq = counts.acquired
+        counts.acquired += 1
+        counts.delivered = event.metadata.get(ORDINAL, counts.delivered + 1)
+        index = {axis: int(event.index.get(axis, 0)) for axis in INDEX_AXES}
+        for axis, i in index.items():
+            if i > self.reached.get(axis, -1):
+                self.reached[axis] = i
+        state = self._actuator.snapshot()
+        position = meta.get("position") or {}
+        for axis, plan in (("x", event.x_pos), ("y", event.y_pos), ("z", event.z_pos)):
+            value = position.get(axis, plan)
+            if value is not None:
+                state[f"{axis}_um"] = float(value)
+        exposure_ms = float(meta.get("exposure_ms") or event.exposure or 0.0)
+        channel = event.channel.config if event.channel is not None else ""
+        self._writer.put(frame, {"frame": seq, "t_s": f"{t_capture_s:.6f}", **index, "channel": channel,
+                                 "exposure_ms": exposure_ms, **state})
+        header = FrameHeader(acquisition=self._id, seq=seq, t_capture_s=t_capture_s, shape=frame.shape,
+                             dtype=str(frame.dtype), exposure_ms=exposure_ms, camera=self._camera, **index,
+                             **{k: state.get(k) for k in STATE_FIELDS})
+        if self._publisher.publish(header, frame):
+            counts.published += 1
+        else:
+            counts.dropped_inference += 1
+        if self._on_frame is not None:
+            self._on_frame(frame, {"frame": seq, **index, "channel": channel})

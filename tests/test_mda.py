@@ -1,0 +1,189 @@
+"""Acquisitions as pymmcore-plus MDAs: the event feed steers time on any camera, bursts keep the camera's rate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+import useq
+
+from smartscope.acquisition.feed import EventFeed, is_time_lapse
+from smartscope.config import PolicySpec, load_config
+from smartscope.control.policy import Observation
+from smartscope.resources import bundled_path
+from smartscope.service import Daemon
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def demo_adapters_config(tmp_path, policies=()):
+    """Micro-Manager's C++ demo devices (DemoCamera: no interval property), no workers."""
+    config = load_config(bundled_path("configs") / "hardware-example.yaml")
+    config.transport.frames_address = "tcp://127.0.0.1:0"
+    config.transport.results_address = "tcp://127.0.0.1:0"
+    config.inference.workers = 0
+    config.storage.root = str(tmp_path)
+    config.policies = list(policies)
+    return config
+
+
+def test_bursts_and_timed_events():
+    """A time-lapse at interval 0 is a camera sequence; anything else runs event by event."""
+    assert is_time_lapse(useq.MDASequence(time_plan={"interval": 0, "loops": 5}))
+    assert not is_time_lapse(useq.MDASequence(time_plan={"interval": 0, "loops": 5}, channels=["DAPI"]))
+
+
+def test_the_frame_rate_policy_steers_a_camera_without_an_interval_property(tmp_path):
+    """On the DemoCamera the frame-rate policy's interval becomes each time point's start time: the
+    measured time between frames follows its decisions (slow 200 ms → fast 50 ms → slow)."""
+    policy = PolicySpec(name="frame_rate", module="policies.frame_rate",
+                        params={"slow_interval_ms": 200, "fast_interval_ms": 50, "upper": 0.8, "lower": 0.5,
+                                "min_fast_frames": 12})
+    daemon = Daemon(demo_adapters_config(tmp_path, [policy]))
+    assert daemon.actuator.property_of("interval_ms") is None  # the DemoCamera has no interval property
+    try:
+        seen = []
+
+        def score_frames(_img, event, _meta):  # a worker's event score per frame: an event at frames 5-14
+            k = len(seen)
+            seen.append(k)
+            state = daemon.actuator.snapshot()
+            obs = Observation(seq=k, t_capture_s=time.time(), n_emitters=0,
+                              localizations=np.zeros((0, 7)), background_photons=None, state=state,
+                              field_area_um2=1.0, event_score=0.95 if 5 <= k < 15 else 0.05,
+                              index=dict(event.index))
+            daemon.engine.on_observation(obs)
+
+        daemon.core.mda.events.frameReady.connect(score_frames)
+        run = daemon.start_acquisition(tmp_path / "fr", sequence=useq.MDASequence(
+            time_plan={"interval": 0.2, "loops": 45}))
+        assert run.done.wait(60) and run.state == "finished", run.error
+    finally:
+        daemon.close()
+    rows = _rows(tmp_path / "fr" / "frames.csv")
+    t_s = np.array([float(r["t_s"]) for r in rows])
+    commanded_ms = np.array([float(r["interval_ms"]) for r in rows])
+    assert len(rows) == 45 and [int(r["t"]) for r in rows] == list(range(45))
+    assert (commanded_ms == 50).sum() >= 12 and (commanded_ms == 200).sum() >= 15
+    steady = np.flatnonzero(commanded_ms[1:] == commanded_ms[:-1]) + 1
+    measured_ms = np.diff(t_s)[steady - 1] * 1000
+    error = np.abs(measured_ms - commanded_ms[steady]) / commanded_ms[steady]
+    assert error.max() < 0.10, list(zip(commanded_ms[steady], measured_ms.round(1), strict=True))
+    decisions = [d for d in map(json.loads, open(tmp_path / "fr" / "decisions.jsonl"))
+                 if d.get("policy") == "frame_rate" and d.get("applied") is not None]
+    assert [d["applied"] for d in decisions][:2] == [50.0, 200.0]
+    assert all(set(d["index"]) >= {"t"} for d in decisions)
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.02])
+def test_a_paused_burst_loses_no_frame_and_keeps_their_order(config, tmp_path, interval_s):
+    """Pausing inside a hardware-sequenced burst stops the camera at once; the burst's rest runs on resume."""
+    config.inference.workers = 0
+    config.acquisition.burst_frames = 50
+    config.storage.root = str(tmp_path)
+    daemon = Daemon(config)
+    try:
+        run = daemon.start_acquisition(tmp_path / "p", sequence=useq.MDASequence(
+            time_plan={"interval": interval_s, "loops": 120}))
+        while run.counts.acquired < 20:
+            time.sleep(0.002)
+        daemon.pause_acquisition()
+        at_pause = run.counts.acquired
+        assert run.state == "paused" and at_pause < 120
+        assert daemon.actuator.snapshot()["activation_mw"] == 0  # lasers safe while paused
+        time.sleep(0.3)
+        assert run.counts.acquired == at_pause  # nothing taken while paused
+        daemon.resume_acquisition()
+        assert run.done.wait(30) and run.state == "finished", run.error
+    finally:
+        daemon.close()
+    rows = _rows(tmp_path / "p" / "frames.csv")
+    assert [int(r["t"]) for r in rows] == list(range(120))
+    assert run.summary["frames_saved"] == 120 and run.summary["pauses"] == 1
+
+
+def test_feed_bursts_until_a_software_interval_is_wanted(config):
+    """With no camera interval property, a steered interval > 0 turns the bursts into timed events."""
+    config.hardware.realtime = False
+    config.hardware.devices.interval = None
+    daemon = Daemon(config)
+    try:
+        wanted = [None]
+        feed = EventFeed(daemon.core, useq.MDASequence(time_plan={"interval": 0, "loops": 30}),
+                         interval_ms=lambda: wanted[0], camera_paces=False, delivered=lambda: 9, burst_frames=10)
+        events = iter(feed)
+        first = next(events)
+        assert len(first.events) == 10 and first.min_start_time is None
+        wanted[0] = 40.0
+        timed = next(events)
+        assert not hasattr(timed, "events") and timed.index["t"] == 10
+    finally:
+        daemon.close()
+
+
+def _plan(kind: str) -> tuple[dict, list[str]]:
+    """2 positions x 2 channels x 3 z x 4 time points, on each microscope's own channel presets."""
+    if kind == "demo adapters":
+        positions, channels = [{"x": 0, "y": 0, "z": 1.0}, {"x": 100, "y": 50, "z": 2.0}], ["DAPI", "FITC"]
+    else:
+        positions, channels = [{"x": 0, "y": 0, "z": 0.5}, {"x": 6.4, "y": 0, "z": 1.0}], ["SMLM", "Widefield"]
+    return {"stage_positions": positions, "channels": channels, "z_plan": {"range": 1.0, "step": 0.5},
+            "time_plan": {"interval": 0, "loops": 4}, "axis_order": "tpcz"}, channels
+
+
+@pytest.mark.parametrize("kind", ["demo adapters", "simulated"])
+def test_a_multi_dimensional_plan_runs_through_the_api(config, tmp_path, kind):
+    """Through the API: all 48 frames on disk once, each at its (t, p, c, z) index, stamped with the
+    stage and focus positions of the plan; progress per axis; the counts add up."""
+    from test_api import AUTH, TOKEN, serve
+
+    from smartscope.api import create_app
+
+    if kind == "demo adapters":
+        config = demo_adapters_config(tmp_path)
+    else:
+        config.inference.workers = 0
+        config.storage.root = str(tmp_path)
+    daemon = Daemon(config)
+    body, channels = _plan(kind)
+    try:
+        with serve(create_app(daemon, token=TOKEN)) as base:
+            import httpx
+
+            client = httpx.Client(base_url=base, timeout=30)
+            assert set(channels) <= set(client.get("/channels").json()["presets"])
+            r = client.post("/acquisitions", json={"sequence": body, "name": "mda"}, headers=AUTH)
+            assert r.status_code == 201, r.text
+            assert r.json()["frames_requested"] == 48
+            assert daemon.run.done.wait(60) and daemon.run.state == "finished", daemon.run.error
+            info = client.get(f"/acquisitions/{r.json()['id']}").json()
+    finally:
+        daemon.close()
+    assert info["progress"] == {"t": {"done": 4, "of": 4}, "p": {"done": 2, "of": 2}, "c": {"done": 2, "of": 2},
+                                "z": {"done": 3, "of": 3}}
+    s = info["summary"]
+    assert s["frames_acquired"] == s["frames_saved"] == 48
+    assert s["frames_acquired"] == (s["frames_inferred"] + s["frames_skipped_by_workers"] + s["frames_not_sent"]
+                                    + s["frames_lost"])
+    import tifffile
+
+    stack = tifffile.imread(tmp_path / "mda" / "frames.ome.tif")
+    rows = _rows(tmp_path / "mda" / "frames.csv")
+    assert stack.shape[0] == len(rows) == 48
+    index = [(int(r["t"]), int(r["p"]), int(r["c"]), int(r["z"])) for r in rows]
+    assert sorted(index) == sorted(set(index)) and len(set(index)) == 48  # each (t, p, c, z) once
+    plan = useq.MDASequence(**body)
+    for event in plan:  # every frame where the plan put it
+        i = index.index((event.index["t"], event.index["p"], event.index["c"], event.index["z"]))
+        row = rows[i]
+        assert row["channel"] == channels[event.index["c"]]
+        assert float(row["x_um"]) == pytest.approx(event.x_pos, abs=0.01)
+        assert float(row["y_um"]) == pytest.approx(event.y_pos, abs=0.01)
+        assert float(row["z_um"]) == pytest.approx(event.z_pos, abs=0.01)
+        assert stack[i].shape == (daemon.core.getImageHeight(), daemon.core.getImageWidth())
