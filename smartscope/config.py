@@ -221,6 +221,8 @@ class ApiConfig(_Strict):
 
 class StorageConfig(_Strict):
     root: str = Field("data", description="acquisitions started over the API go to root/<name or id>")
+    format: Literal["tiff", "zarr"] = Field(
+        "tiff", description="frames as OME-TIFF (frames.ome.tif) or OME-Zarr (frames.ome.zarr, tensorstore)")
 
 
 class SmartscopeConfig(_Strict):

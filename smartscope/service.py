@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 from pymmcore_plus.mda import RunState
+from pymmcore_plus.metadata import summary_metadata
 
 from smartscope.acquisition import EventFeed, FrameCounts, FrameHandler, SmartEngine
-from smartscope.acquisition.feed import planned_interval_ms
+from smartscope.acquisition.feed import is_time_lapse, planned_interval_ms
 from smartscope.acquisition.plan import CheckedPlan, check_plan, time_lapse
 from smartscope.config import Range, SmartscopeConfig
 from smartscope.control.actuator import Actuator
@@ -330,7 +331,10 @@ class Daemon:
             self.actuator.refresh()
             shape = (self.core.getImageHeight(), self.core.getImageWidth())
             dtype = np.uint16 if self.core.getBytesPerPixel() == 2 else np.uint8
-            run.writer = FrameWriter(out_dir, shape, dtype, self.camera.pixel_size_nm)
+            flat = is_time_lapse(plan.sequence)  # its length is the run's to decide: unbounded t
+            run.writer = FrameWriter(out_dir, shape, dtype, self.camera.pixel_size_nm,
+                                     sequence=None if flat else plan.sequence, format=self.config.storage.format,
+                                     summary_meta=summary_metadata(self.core, mda_sequence=plan.sequence))
             run.handler = FrameHandler(acquisition_id=run.id, actuator=self.actuator, camera=self.camera,
                                        writer=run.writer, publisher=self.publisher,
                                        on_frame=lambda frame, index: setattr(self, "latest_frame", (frame, index)))
@@ -661,7 +665,7 @@ class Daemon:
             "policies": {name: {"enabled": slot.enabled, "params": slot.policy.params.model_dump()}
                          for name, slot in self.engine.slots.items()},
             "files": {k: str(run.out_dir / f) for k, f in (
-                ("frames", "frames.ome.tif"), ("frame_states", "frames.csv"),
+                ("frames", run.writer.path.name if run.writer else "frames.ome.tif"), ("frame_states", "frames.csv"),
                 ("localizations", "localizations.csv"), ("decisions", "decisions.jsonl"),
                 ("inference", "inference.csv"), ("report", "report.png"), ("report_data", "report.csv"))},
         }

@@ -137,10 +137,36 @@ def _plan(kind: str) -> tuple[dict, list[str]]:
             "time_plan": {"interval": 0, "loops": 4}, "axis_order": "tpcz"}, channels
 
 
-@pytest.mark.parametrize("kind", ["demo adapters", "simulated"])
-def test_a_multi_dimensional_plan_runs_through_the_api(config, tmp_path, kind):
-    """Through the API: all 48 frames on disk once, each at its (t, p, c, z) index, stamped with the
-    stage and focus positions of the plan; progress per axis; the counts add up."""
+def _read_back(run_dir, fmt: str, positions: int) -> list:
+    """Per position, the stored (t, c, z, y, x) array: OME-TIFF through tifffile, OME-Zarr through tensorstore."""
+    if fmt == "tiff":
+        import tifffile
+
+        files = sorted((run_dir / "frames").glob("frames_p*.ome.tif"))
+        assert len(files) == positions
+        out = []
+        for f in files:
+            with tifffile.TiffFile(f) as tif:
+                assert tif.is_ome and tif.series[0].axes == "TCZYX"
+                out.append(tif.series[0].asarray())
+        return out
+    import tensorstore as ts
+
+    root = run_dir / "frames.ome.zarr"
+    out = []
+    for p in range(positions):
+        meta = json.loads((root / str(p) / "zarr.json").read_text())
+        assert [a["name"] for a in meta["attributes"]["ome"]["multiscales"][0]["axes"]] == ["t", "c", "z", "y", "x"]
+        out.append(ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / str(p) / "0")}}
+                           ).result().read().result())
+    return out
+
+
+@pytest.mark.parametrize(("kind", "fmt"), [("demo adapters", "tiff"), ("simulated", "tiff"), ("simulated", "zarr")])
+def test_a_multi_dimensional_plan_runs_through_the_api(config, tmp_path, kind, fmt):
+    """Through the API: all 48 frames on disk once, each readable at its (t, p, c, z) index (tifffile,
+    or tensorstore for OME-Zarr) and equal to the frame the camera gave; each stamped with the stage and
+    focus positions of the plan; progress per axis; the counts add up."""
     from test_api import AUTH, TOKEN, serve
 
     from smartscope.api import create_app
@@ -150,8 +176,12 @@ def test_a_multi_dimensional_plan_runs_through_the_api(config, tmp_path, kind):
     else:
         config.inference.workers = 0
         config.storage.root = str(tmp_path)
+    config.storage.format = fmt
     daemon = Daemon(config)
     body, channels = _plan(kind)
+    taken = {}  # (t, p, c, z) -> the frame as the camera gave it
+    daemon.core.mda.events.frameReady.connect(lambda img, event, _meta: taken.__setitem__(
+        tuple(event.index.get(a, 0) for a in "tpcz"), img.copy()))
     try:
         with serve(create_app(daemon, token=TOKEN)) as base:
             import httpx
@@ -171,19 +201,16 @@ def test_a_multi_dimensional_plan_runs_through_the_api(config, tmp_path, kind):
     assert s["frames_acquired"] == s["frames_saved"] == 48
     assert s["frames_acquired"] == (s["frames_inferred"] + s["frames_skipped_by_workers"] + s["frames_not_sent"]
                                     + s["frames_lost"])
-    import tifffile
-
-    stack = tifffile.imread(tmp_path / "mda" / "frames.ome.tif")
     rows = _rows(tmp_path / "mda" / "frames.csv")
-    assert stack.shape[0] == len(rows) == 48
     index = [(int(r["t"]), int(r["p"]), int(r["c"]), int(r["z"])) for r in rows]
-    assert sorted(index) == sorted(set(index)) and len(set(index)) == 48  # each (t, p, c, z) once
+    assert len(index) == len(set(index)) == len(taken) == 48  # each (t, p, c, z) once
+    stored = _read_back(tmp_path / "mda", fmt, positions=2)
     plan = useq.MDASequence(**body)
     for event in plan:  # every frame where the plan put it
-        i = index.index((event.index["t"], event.index["p"], event.index["c"], event.index["z"]))
-        row = rows[i]
-        assert row["channel"] == channels[event.index["c"]]
+        t, p, c, z = (event.index[a] for a in "tpcz")
+        np.testing.assert_array_equal(stored[p][t, c, z], taken[(t, p, c, z)])
+        row = rows[index.index((t, p, c, z))]
+        assert row["channel"] == channels[c]
         assert float(row["x_um"]) == pytest.approx(event.x_pos, abs=0.01)
         assert float(row["y_um"]) == pytest.approx(event.y_pos, abs=0.01)
         assert float(row["z_um"]) == pytest.approx(event.z_pos, abs=0.01)
-        assert stack[i].shape == (daemon.core.getImageHeight(), daemon.core.getImageWidth())

@@ -71,7 +71,7 @@ class FrameHandler:
         exposure_ms = float(meta.get("exposure_ms") or event.exposure or 0.0)
         channel = event.channel.config if event.channel is not None else ""
         self._writer.put(frame, {"frame": seq, "t_s": f"{t_capture_s:.6f}", **index, "channel": channel,
-                                 "exposure_ms": exposure_ms, **state})
+                                 "exposure_ms": exposure_ms, **state}, event, meta, event.metadata.get(ORDINAL))
         header = FrameHeader(acquisition=self._id, seq=seq, t_capture_s=t_capture_s, shape=frame.shape,
                              dtype=str(frame.dtype), exposure_ms=exposure_ms, camera=self._camera, **index,
                              **{k: state.get(k) for k in STATE_FIELDS})

@@ -130,7 +130,8 @@ _PROBLEMS = {
 def _info(run) -> AcquisitionInfo:
     elapsed = (run.finished_s or time.time()) - run.started_s
     files = {k: str(run.out_dir / f) for k, f in (
-        ("frames", "frames.ome.tif"), ("frame_states", "frames.csv"), ("localizations", "localizations.csv"),
+        ("frames", run.writer.path.name if run.writer else "frames.ome.tif"), ("frame_states", "frames.csv"),
+        ("localizations", "localizations.csv"),
         ("inference", "inference.csv"), ("decisions", "decisions.jsonl"), ("summary", "summary.json"),
         ("report", "report.png"), ("report_data", "report.csv"))}
     return AcquisitionInfo(
@@ -211,7 +212,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     def start(body: StartAcquisition) -> AcquisitionInfo:
         """Start an acquisition (one at a time); files go to `storage.root/<name or id>`."""
         out_dir = daemon.storage_root / body.name if body.name else None
-        if out_dir is not None and any((out_dir / f).exists() for f in ("frames.ome.tif", "summary.json")):
+        if out_dir is not None and any((out_dir / f).exists() for f in ("frames.csv", "summary.json")):
             raise HTTPException(status.HTTP_409_CONFLICT,
                                 f"{out_dir} already holds an acquisition: choose another name")
         try:

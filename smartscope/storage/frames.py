@@ -1,18 +1,24 @@
-"""Lossless storage of every frame: OME-TIFF (tifffile) plus a per-frame index and state table.
+"""Lossless storage of every frame through pymmcore-plus's ome-writers sink, plus a per-frame index table.
 
-Frames are stored flat, in the order they were taken, with `frames.csv`
-giving each one's MDA index (t, p, g, c, z) and state: the layout
-ome-writers recommends for event-driven data, whose length and order the
-policies decide while the run goes on. A frame of a planned experiment is
-found at its index through that table.
-
-Frames are queued without bound (storage never drops a frame) and written by
-a thread of their own, so disk hiccups never stall the acquisition. Each
-frame is written as its own TIFF page with its directory at once, so the file
-is a readable multi-page TIFF at every moment, even after a crash; when the
-writer closes, the first page's description becomes the OME-XML for exactly
-the frames written (no length needs to be known in advance, no frame is
-invented when a run stops early).
+- **Formats.** OME-TIFF (`frames.ome.tif`; one file per stage position,
+  `frames/frames_p000.ome.tif`, … when the plan has several) or OME-Zarr
+  (`frames.ome.zarr`, tensorstore), chosen by `storage.format`.
+- **Layout.** A multi-dimensional plan is written with its dimensions
+  (t, p, c, z, y, x as useq orders them), so Fiji, napari and OME-Zarr readers
+  open the experiment. A pure time-lapse, whose length the run decides (a
+  stop, the policies), is written flat and unbounded along t: the layout
+  ome-writers recommends for event-driven data. Either way `frames.csv` gives
+  every saved frame, in the order taken, its MDA index (t, p, g, c, z), the
+  channel preset and the acquisition state at capture.
+- **Never drops, never stalls.** Frames are queued without bound and written
+  by a thread of their own, so a slow disk never holds up the camera. A
+  frame the camera did not deliver (a gap in the plan's order) is skipped in
+  the sink, so every later frame still lands at its own index.
+- **After a crash.** OME-TIFF: the pages written so far are a readable
+  multi-page TIFF (the OME-XML is written at close). OME-Zarr: every frame is
+  its own chunk, written as it comes, under metadata written at the start, so
+  a reader sees each frame written before the crash and the fill value (0)
+  for the rest. `frames.csv` is flushed with every frame.
 """
 
 from __future__ import annotations
@@ -21,25 +27,49 @@ import csv
 import queue
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import tifffile
+from ome_writers import AcquisitionSettings
+from pymmcore_plus.mda._generator_sequence import GeneratorMDASequence
+from pymmcore_plus.mda._sink import OmeWritersSink
 
-#: one row per saved frame, in file order: its MDA index (useq: time point, position, grid tile, channel,
+if TYPE_CHECKING:
+    import useq
+
+#: one row per saved frame, in the order taken: its MDA index (useq: time point, position, grid tile, channel,
 #: z slice; the channel preset by name) and the acquisition state at capture
 STATE_COLUMNS = ("frame", "t_s", "t", "p", "g", "c", "z", "channel", "exposure_ms", "interval_ms", "activation_mw",
                  "excitation_mw", "x_um", "y_um", "z_um", "angle_deg")
-IN_PROGRESS = "smartscope: acquisition in progress (OME-XML is written when it closes)"
+#: storage.format → (ome-writers format, file name in the run folder)
+FORMATS = {"tiff": ("ome-tiff", "frames.ome.tif"), "zarr": ("ome-zarr", "frames.ome.zarr")}
 _END = object()
 
 
 class FrameWriter:
-    def __init__(self, out_dir: Path, shape: tuple[int, int], dtype: np.dtype, pixel_size_nm: float) -> None:
-        self.path = Path(out_dir) / "frames.ome.tif"
+    """`put` frames in the order taken; `close` finishes the files (the OME metadata) and returns frames saved.
+
+    `sequence`: the plan, written with its dimensions; None for a time-lapse (flat, unbounded t).
+    `summary_meta`: pymmcore-plus's summary metadata of the run (stored in the files), if known.
+    """
+
+    def __init__(self, out_dir: Path, shape: tuple[int, int], dtype: np.dtype, pixel_size_nm: float, *,
+                 sequence: useq.MDASequence | None = None, summary_meta: dict[str, Any] | None = None,
+                 format: Literal["tiff", "zarr"] = "tiff") -> None:  # noqa: A002
+        ome_format, name = FORMATS[format]
+        self.path = Path(out_dir) / name
         self.state_path = Path(out_dir) / "frames.csv"
-        self._shape = tuple(shape)
-        self._dtype = np.dtype(dtype)
-        self._pixel_um = pixel_size_nm / 1000
+        height, width = shape
+        info = {"width": width, "height": height, "dtype": str(np.dtype(dtype)),
+                "pixel_size_um": pixel_size_nm / 1000}  # the calibrated camera, whatever the core was told
+        meta = dict(summary_meta or {})
+        meta["image_infos"] = [{**(meta.get("image_infos") or [{}])[0], **info}]
+        self._sink = OmeWritersSink(AcquisitionSettings(root_path=str(self.path), format=ome_format))
+        self._sink.setup(sequence if sequence is not None else GeneratorMDASequence(), meta)
+        if not self.path.exists():  # OME-TIFF of several positions: a folder with one file per position
+            self.path = self.path.with_name(name.split(".")[0])
+        self._ordered = sequence is not None  # frames land at their index in the plan: gaps are skipped
+        self._next_ordinal = 0
         self._queue: queue.Queue = queue.Queue()
         self.saved = 0
         self.error: BaseException | None = None
@@ -49,9 +79,13 @@ class FrameWriter:
         self._thread = threading.Thread(target=self._run, name="frame-writer", daemon=True)
         self._thread.start()
 
-    def put(self, frame: np.ndarray, state: dict) -> None:
-        """Queue one frame; the caller hands it over and must not modify it afterwards."""
-        self._queue.put((frame, state))
+    def put(self, frame: np.ndarray, state: dict, event: useq.MDAEvent | None = None,
+            meta: dict[str, Any] | None = None, ordinal: int | None = None) -> None:
+        """Queue one frame (the caller hands it over and must not modify it afterwards).
+
+        `ordinal`: the frame's place in the plan (0-based), for a plan written with its dimensions.
+        """
+        self._queue.put((frame, state, event, meta or {}, ordinal))
 
     @property
     def pending(self) -> int:
@@ -59,26 +93,24 @@ class FrameWriter:
 
     def _run(self) -> None:
         try:
-            with tifffile.TiffWriter(self.path, bigtiff=True) as tif:
-                while (item := self._queue.get()) is not _END:
-                    frame, state = item
-                    tif.write(frame, metadata=None, description=IN_PROGRESS if self.saved == 0 else None)
-                    self._state.writerow([state.get(c, "") for c in STATE_COLUMNS])
-                    self.saved += 1
-            if self.saved:
-                tifffile.tiffcomment(self.path, self._ome_xml())
+            while (item := self._queue.get()) is not _END:
+                frame, state, event, meta, ordinal = item
+                if self._ordered and ordinal is not None:
+                    if ordinal > self._next_ordinal:
+                        self._sink.skip(frames=ordinal - self._next_ordinal)
+                    self._next_ordinal = ordinal + 1
+                self._sink.append(frame, event, {"runner_time_ms": 0.0, "exposure_ms": 0.0, **meta})
+                self._state.writerow([state.get(c, "") for c in STATE_COLUMNS])
+                self._state_fh.flush()
+                self.saved += 1
         except BaseException as e:  # surfaced by close()
             self.error = e
         finally:
+            try:
+                self._sink.close()
+            except Exception as e:
+                self.error = self.error or e
             self._state_fh.close()
-
-    def _ome_xml(self) -> str:
-        ome = tifffile.OmeXml()
-        h, w = self._shape
-        # PhysicalSize units default to µm in the OME schema (TIFF tags must stay ASCII)
-        ome.addimage(self._dtype, (self.saved, h, w), (self.saved, 1, 1, h, w, 1), axes="TYX",
-                     PhysicalSizeX=self._pixel_um, PhysicalSizeY=self._pixel_um)
-        return ome.tostring()
 
     def close(self, timeout_s: float | None = None) -> int:
         """Finish writing (everything queued is written); returns frames saved."""
