@@ -185,6 +185,9 @@ class InferenceConfig(_Strict):
         "card", description="card: as the event model's card measured it (the window and its 3 mirror images, "
         "4.4-5.6x the compute); one: the window alone, for machines that cannot keep up (the card's metrics.one_view)"
     )
+    channel: str | None = Field(
+        None, description="the channel preset whose frames the models read (e.g. SMLM): frames of other channels "
+        "are stored, not inferred, so no policy acts on a channel it was not set for; null: every frame")
     workers: int = Field(1, ge=0, description="worker processes the daemon starts")
     threads_per_worker: int | None = Field(
         None, ge=1, description="ONNX Runtime threads in each worker the daemon starts (default: cores / workers)"

@@ -325,6 +325,10 @@ class Daemon:
             if policies is not None:
                 for name in self.engine.slots:
                     self.engine.set_enabled(name, name in policies)
+            # a plan that sets Z at every event keeps the focus policy's moves as per-position corrections
+            seq = plan.sequence
+            plan_sets_z = seq.z_plan is not None or any(p.z is not None for p in seq.stage_positions)
+            self.engine.plan_relative = {"z_um": self._correct_focus} if plan_sets_z else {}
             self.core.setExposure(exposure_ms)
             for name, value in initial.items():
                 self.actuator.write(name, value)
@@ -337,6 +341,7 @@ class Daemon:
                                      summary_meta=summary_metadata(self.core, mda_sequence=plan.sequence))
             run.handler = FrameHandler(acquisition_id=run.id, actuator=self.actuator, camera=self.camera,
                                        writer=run.writer, publisher=self.publisher,
+                                       infer_channel=self.config.inference.channel,
                                        on_frame=lambda frame, index: setattr(self, "latest_frame", (frame, index)))
             run.locs = LocalizationWriter(out_dir / "localizations.csv")
             run.inference_fh = open(out_dir / "inference.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
@@ -349,6 +354,9 @@ class Daemon:
             threading.Thread(target=self._acquire, args=(run,), name=f"acq-{run.id}", daemon=True).start()
         self._notify()
         return run
+
+    def _correct_focus(self, _actuator: str, obs: Observation, delta_um: float) -> None:
+        self.mda_engine.correct_focus(obs.index.get("p", 0), delta_um)
 
     def _acquire(self, run: AcquisitionRun) -> None:
         """Run the plan through pymmcore-plus's MDA runner, fed event by event (see EventFeed)."""
@@ -608,7 +616,8 @@ class Daemon:
         self.latest_result = {**summary, "background_photons": r.background_photons, "worker": r.worker_id,
                               "localizations": locs}
         self.results_seen += 1
-        if run.state == "acquiring":
+        # policies act on the field under the objective: a late result of another position changes nothing
+        if run.state == "acquiring" and index["p"] == run.handler.position:
             for entry in self.engine.on_observation(obs, now):
                 if entry["applied"] is not None and entry["applied"] != entry["before"]:
                     self.moves[(entry["actuator"], "policy")] += 1

@@ -214,3 +214,39 @@ def test_a_multi_dimensional_plan_runs_through_the_api(config, tmp_path, kind, f
         assert float(row["x_um"]) == pytest.approx(event.x_pos, abs=0.01)
         assert float(row["y_um"]) == pytest.approx(event.y_pos, abs=0.01)
         assert float(row["z_um"]) == pytest.approx(event.z_pos, abs=0.01)
+
+
+def test_a_focus_correction_stays_with_its_position_and_other_channels_are_not_inferred(config, tmp_path):
+    """A focus move decided on a frame of position 1 shifts position 1's later frames (the plan's Z + the
+    correction, as pymmcore-plus keeps autofocus corrections) and not position 0's; with
+    inference.channel: SMLM the Widefield frames are stored and never inferred."""
+    from test_end_to_end import running_daemon
+
+    config.inference.channel = "SMLM"
+    config.storage.root = str(tmp_path)
+    config.policies = [PolicySpec(name="step", module="stepping_policy")]
+    body = {"stage_positions": [{"x": 0, "y": 0, "z": 0.5}, {"x": 6.4, "y": 0, "z": 1.0}],
+            "channels": ["SMLM", "Widefield"], "z_plan": {"range": 0.5, "step": 0.25},
+            "time_plan": {"interval": 0.6, "loops": 4}, "axis_order": "tpcz"}
+    with running_daemon(config) as daemon:
+        run = daemon.start_acquisition(tmp_path / "focus", sequence=useq.MDASequence(**body))
+        assert run.done.wait(60) and run.state == "finished", run.error
+        s = run.summary
+    rows = _rows(tmp_path / "focus" / "frames.csv")
+    inferred = {int(r["frame"]) for r in _rows(tmp_path / "focus" / "inference.csv")}
+    widefield = {int(r["frame"]) for r in rows if r["channel"] == "Widefield"}
+    assert len(rows) == 48 and len(widefield) == 24 and not inferred & widefield
+    assert s["frames_inferred"] >= 12 and s["frames_not_sent"] >= 24
+    decisions = [json.loads(line) for line in open(tmp_path / "focus" / "decisions.jsonl")]
+    (step,) = [d for d in decisions if d.get("policy") == "step"]
+    assert step["index"]["p"] == 1 and step["index"]["c"] == 0 and step["outcome"] == "applied"
+    t_step = step["index"]["t"]
+    assert t_step < 3
+    plan = {(e.index["t"], e.index["p"], e.index["c"], e.index["z"]): e.z_pos for e in useq.MDASequence(**body)}
+    for r in rows:
+        t, p, c, z = (int(r[a]) for a in "tpcz")
+        shift_um = float(r["z_um"]) - plan[(t, p, c, z)]
+        if p == 0 or t < t_step:
+            assert shift_um == pytest.approx(0.0, abs=1e-6), r
+        elif t > t_step:  # (at t_step itself, the slices taken after the result came are corrected too)
+            assert shift_um == pytest.approx(0.2, abs=1e-6), r

@@ -7,6 +7,11 @@ summary metadata describes the experiment. Stage moves made by the plan are
 written to the actuator's cache (XY read once at the start, then from the
 plan: no stage round trip per frame), so frames are stamped with the
 position the plan set and the focus policy steps from there.
+
+Focus corrections are kept per stage position, the way pymmcore-plus keeps
+hardware-autofocus corrections (added to every Z the plan sets at that
+position): a focus policy's move at position p shifts p's later frames, and
+no other position's.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class SmartEngine(MDAEngine):
             # pymmcore-plus would call setShutterOpen("") and fail
             self._autoshutter_was_set = False
         return meta
+
+    def correct_focus(self, position: int | None, delta_um: float) -> None:
+        """Add a focus correction (µm) for one stage position's later frames (its Z from the plan + corrections)."""
+        self._z_correction[position] = self._z_correction.get(position, 0.0) + delta_um
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         super().setup_event(event)

@@ -34,14 +34,14 @@ if TYPE_CHECKING:
 class FrameCounts:
     acquired: int = 0
     published: int = 0
-    dropped_inference: int = 0  # not sent: every worker's queue full (counted as frames_not_sent)
+    dropped_inference: int = 0  # not sent (frames_not_sent): every worker's queue full, or a channel not inferred
     delivered: int = -1  # ordinal (in the plan) of the newest frame
 
 
 class FrameHandler:
     def __init__(self, *, acquisition_id: str, actuator: Actuator, camera: CameraParams, writer: FrameWriter,
-                 publisher: FramePublisher, on_frame: Callable[[np.ndarray, dict[str, Any]], None] | None = None
-                 ) -> None:
+                 publisher: FramePublisher, infer_channel: str | None = None,
+                 on_frame: Callable[[np.ndarray, dict[str, Any]], None] | None = None) -> None:
         self.counts = FrameCounts()
         self._id = acquisition_id
         self._actuator = actuator
@@ -49,8 +49,10 @@ class FrameHandler:
         self._writer = writer
         self._publisher = publisher
         self._on_frame = on_frame
+        self._infer_channel = infer_channel  # None: every frame goes to inference
         #: the largest index reached on each axis (progress per axis)
         self.reached: dict[str, int] = {}
+        self.position = 0  # stage position (p) of the newest frame: the field under the objective now
 
     def frameReady(self, frame: np.ndarray, event: useq.MDAEvent, meta: dict[str, Any]) -> None:  # noqa: N802
         t_capture_s = time.time()
@@ -62,6 +64,7 @@ class FrameHandler:
         for axis, i in index.items():
             if i > self.reached.get(axis, -1):
                 self.reached[axis] = i
+        self.position = index["p"]
         state = self._actuator.snapshot()
         position = meta.get("position") or {}
         for axis, plan in (("x", event.x_pos), ("y", event.y_pos), ("z", event.z_pos)):
@@ -75,7 +78,8 @@ class FrameHandler:
         header = FrameHeader(acquisition=self._id, seq=seq, t_capture_s=t_capture_s, shape=frame.shape,
                              dtype=str(frame.dtype), exposure_ms=exposure_ms, camera=self._camera, **index,
                              **{k: state.get(k) for k in STATE_FIELDS})
-        if self._publisher.publish(header, frame):
+        to_infer = self._infer_channel is None or channel in ("", self._infer_channel)
+        if to_infer and self._publisher.publish(header, frame):
             counts.published += 1
         else:
             counts.dropped_inference += 1

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 from smartscope.control.policy import Action, Observation, Policy, load_policy_class
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from smartscope.config import PolicySpec
     from smartscope.control.actuator import Actuator
     from smartscope.control.decisions import DecisionLog
@@ -81,6 +83,10 @@ class PolicyEngine:
         self.hold_since_s: float | None = None
         self.holds = 0
         self.actions: Counter[str] = Counter()
+        #: actuators the running plan sets itself at every event (Z in a z-stack or at positions with Z): a
+        #: policy's change is a correction relative to the frame it saw, handed to the callback (actuator,
+        #: observation, change) to apply at that position's next event, not a move of the stage now
+        self.plan_relative: dict[str, Callable[[str, Observation, float], None]] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -170,10 +176,18 @@ class PolicyEngine:
 
     def _apply(self, policy: str, action: Action, obs: Observation, now_s: float,
                overridden: list[str]) -> dict[str, Any]:
-        before = self._actuator.snapshot()[action.actuator]
+        relative = self.plan_relative.get(action.actuator)
+        seen = obs.state.get(action.actuator)
+        if relative is not None and seen is not None:
+            before = seen  # the correction is measured from the frame, and checked as a step from there
+        else:
+            relative, before = None, self._actuator.snapshot()[action.actuator]
         verdict = self._envelope.check(action.actuator, before, action.value, now_s)
         if verdict.applied is not None and verdict.applied != before:
-            self._actuator.write(action.actuator, verdict.applied)
+            if relative is not None:
+                relative(action.actuator, obs, verdict.applied - before)
+            else:
+                self._actuator.write(action.actuator, verdict.applied)
             self._envelope.record_move(action.actuator, now_s, before, verdict.applied)
             self.actions[policy] += 1
         entry = {
