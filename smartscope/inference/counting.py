@@ -9,15 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from scipy.spatial import cKDTree
 from scipy.special import softmax
 
 from smartscope.evaluation import match_frame
 from smartscope.inference.session import LoadedModel, fill_non_finite
-from smartscope.training.stacks import N_CLASSES, normalise_stack
 
 PUBLISHED_MIN_SNR = 2.0  # the published HD-SMLM counter's ground truth left out emitters below this
+N_CLASSES = 4  # per-pixel count classes 0, 1, 2, 3+ (HD-SMLM)
+PERCENTILE_CLIP = (20.0, 99.0)  # the published HD-SMLM normalisation; the counting card records it
 
 
 def score_counts(truth: list[np.ndarray], pred: list[np.ndarray], tol_nm: float,
@@ -121,6 +121,17 @@ def decode_emitters(outputs: np.ndarray, threshold: float, merge_px: float, min_
     n_emitters = np.where(mass >= min_count, np.maximum(np.rint(mass), 1), 0).astype(np.int64)
     inside = (centre[:, 0] >= 0) & (centre[:, 0] < w) & (centre[:, 1] >= 0) & (centre[:, 1] < h)
     return np.repeat(centre[inside], n_emitters[inside], axis=0)
+
+
+def normalise_stack(stack: np.ndarray, low_pct: float = PERCENTILE_CLIP[0],
+                    high_pct: float = PERCENTILE_CLIP[1]) -> np.ndarray:
+    """HD-SMLM normalisation: clip each (T, H, W) stack to its low–high percentile, scale to −1…1.
+
+    On the inference side, which the trainer imports from (never the other way round).
+    """
+    lo, hi = np.percentile(stack, [low_pct, high_pct], axis=(-3, -2, -1), keepdims=True)
+    hi = np.maximum(hi, lo + 1e-3)
+    return (2 * (np.clip(stack, lo, hi) - lo) / (hi - lo) - 1).astype(np.float32)
 
 
 def count_frame(model: LoadedModel, window_photons: np.ndarray) -> np.ndarray:

@@ -29,12 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from smartscope.inference.counting import PUBLISHED_MIN_SNR, decode_emitters, score_counts
+from smartscope.inference.counting import (
+    N_CLASSES,
+    PERCENTILE_CLIP,
+    PUBLISHED_MIN_SNR,
+    decode_emitters,
+    normalise_stack,
+    score_counts,
+)
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.training import TEST_SEED_OFFSET, VALIDATION_SEED_OFFSET
 from smartscope.training.common import export_onnx, fit, seed_everything
-from smartscope.training.stacks import (N_CLASSES, PERCENTILE_CLIP, STACK_DISTRIBUTION, normalise_stack,
-                                       simulate_stacks)
+from smartscope.training.stacks import STACK_DISTRIBUTION, simulate_stacks
 
 OFFSET_RANGE_PX = 1.5  # a pixel may point at an emitter in a neighbouring pixel
 

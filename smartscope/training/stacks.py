@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from smartscope.inference.counting import N_CLASSES
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.simulation.camera import adu_to_photons, photons_to_adu
 from smartscope.simulation.config import SampleConfig
 from smartscope.simulation.optics import astigmatic_sigmas_nm, render_gaussian_psfs
 from smartscope.simulation.sample import filament_length_nm, make_structure
 
-N_CLASSES = 4
 STACK_DISTRIBUTION = {
     "on_density_per_um2": (0.5, 8.0),  # emitters on per frame, uniform
     # a quarter of the stacks sparse instead (log-uniform): the 99th percentile the input is clipped
@@ -138,14 +138,3 @@ def nearest_emitter_offsets(xy_px: np.ndarray, tile_px: int, reach_px: int = 1) 
                         best[y, x] = d2
                         out[:, y, x] = dx, dy, 1.0
     return out
-
-
-PERCENTILE_CLIP = (20.0, 99.0)  # the published HD-SMLM normalisation; the counting card records it
-
-
-def normalise_stack(stack: np.ndarray, low_pct: float = PERCENTILE_CLIP[0],
-                    high_pct: float = PERCENTILE_CLIP[1]) -> np.ndarray:
-    """HD-SMLM normalisation: clip each (T, H, W) stack to its low–high percentile, scale to −1…1."""
-    lo, hi = np.percentile(stack, [low_pct, high_pct], axis=(-3, -2, -1), keepdims=True)
-    hi = np.maximum(hi, lo + 1e-3)
-    return (2 * (np.clip(stack, lo, hi) - lo) / (hi - lo) - 1).astype(np.float32)
