@@ -51,8 +51,8 @@ class DevicesConfig(_Strict):
     )
     interval: PropertyRef | None = Field(
         PropertyRef(label="Camera", property="Interval-ms"),
-        description="camera property holding the frame interval; null: the "
-        "acquisition loop restarts the sequence with the new intervalMs instead",
+        description="camera property holding the frame interval (optional fast path: it paces hardware-sequenced "
+        "bursts); null: the interval of each time point is kept in software (its start time), on any camera",
     )
 
 

@@ -250,3 +250,30 @@ def test_a_focus_correction_stays_with_its_position_and_other_channels_are_not_i
             assert shift_um == pytest.approx(0.0, abs=1e-6), r
         elif t > t_step:  # (at t_step itself, the slices taken after the result came are corrected too)
             assert shift_um == pytest.approx(0.2, abs=1e-6), r
+
+
+def test_grids_position_sub_sequences_and_autofocus_run_on_the_demo_adapters(tmp_path):
+    """Every kind of useq plan: a position with its own grid sub-sequence, another without, an autofocus
+    plan per position (no image: frames are counted and stored without it), on the C++ demo devices;
+    each tile where the plan (tiles of the camera's field of view) puts it."""
+    daemon = Daemon(demo_adapters_config(tmp_path))
+    body = {"stage_positions": [{"x": 0, "y": 0, "z": 1, "sequence": {"grid_plan": {"rows": 2, "columns": 2}}},
+                                {"x": 2000, "y": 0, "z": 2}],
+            "channels": ["DAPI"], "time_plan": {"interval": 0, "loops": 2},
+            "autofocus_plan": {"autofocus_device_name": "Z", "autofocus_motor_offset": 0, "axes": ["p"]}}
+    try:
+        fov_um = daemon.core.getImageWidth() * daemon.core.getPixelSizeUm()
+        run = daemon.start_acquisition(tmp_path / "grid", sequence=useq.MDASequence(**body))
+        assert run.n_frames == 10
+        assert run.done.wait(60) and run.state == "finished", run.error
+    finally:
+        daemon.close()
+    assert run.summary["frames_saved"] == 10
+    assert run.progress() == {"t": {"done": 2, "of": 2}, "p": {"done": 2, "of": 2}, "c": {"done": 1, "of": 1},
+                              "g": {"done": 4, "of": 4}}
+    rows = _rows(tmp_path / "grid" / "frames.csv")
+    tiles = sorted({(round(float(r["x_um"])), round(float(r["y_um"]))) for r in rows if r["p"] == "0"})
+    half = round(fov_um / 2)
+    assert tiles == sorted([(-half, half), (half, half), (half, -half), (-half, -half)])
+    assert {(round(float(r["x_um"])), float(r["z_um"])) for r in rows if r["p"] == "1"} == {(2000, 2.0)}
+    assert len(list((tmp_path / "grid" / "frames").glob("*.ome.tif"))) == 5  # 4 tiles + 1 position

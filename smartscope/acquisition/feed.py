@@ -31,11 +31,11 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import useq
 from pymmcore_plus.core import iter_sequenced_events
 from pymmcore_plus.core._sequencing import SequencedEvent
 
 if TYPE_CHECKING:
-    import useq
     from pymmcore_plus import CMMCorePlus
 
 #: the event metadata key holding an event's ordinal in the run (0-based)
@@ -80,9 +80,16 @@ class EventFeed:
         self._shift_s = 0.0  # steered start minus planned start, carried to the plan's later events
 
     def __iter__(self) -> Iterator[useq.MDAEvent]:
-        events = (e.model_copy(update={"metadata": {**e.metadata, ORDINAL: k}})
-                  for k, e in enumerate(self._sequence))
-        yield from (self._bursts(events) if self.bursts else self._timed(events))
+        yield from (self._bursts(self._numbered()) if self.bursts else self._timed(self._numbered()))
+
+    def _numbered(self) -> Iterator[useq.MDAEvent]:
+        """The plan's events, each image event with its ordinal among the plan's images (autofocus events
+        take no image and no number)."""
+        ordinal = itertools.count()
+        for e in self._sequence:
+            if isinstance(e.action, useq.AcquireImage | None):
+                e = e.model_copy(update={"metadata": {**e.metadata, ORDINAL: next(ordinal)}})
+            yield e
 
     def _clock_s(self) -> float:
         """The runner's event clock less its paused time: the clock min_start_time is measured on."""

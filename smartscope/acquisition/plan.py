@@ -35,7 +35,7 @@ class PlanError(ValueError):
 class CheckedPlan:
     sequence: useq.MDASequence  # relative Z anchored at the focus position when the plan was checked
     n_frames: int
-    sizes: dict[str, int]  # frames per axis, as useq counts them
+    sizes: dict[str, int]  # the size of each axis the plan's images span (position sub-sequences included)
 
 
 def time_lapse(frames: int, interval_ms: float) -> useq.MDASequence:
@@ -50,11 +50,26 @@ def anchor_relative_z(sequence: useq.MDASequence, z_um: float | None) -> useq.MD
     if plan is None or not plan.is_relative or z_um is None:
         return sequence
     if not sequence.stage_positions:
-        return sequence.model_copy(update={"stage_positions": [useq.Position(z=z_um)]})
+        return sequence.model_copy(update={"stage_positions": (useq.Position(z=z_um),)})
     if all(p.z is not None for p in sequence.stage_positions):
         return sequence
-    positions = [p if p.z is not None else p.model_copy(update={"z": z_um}) for p in sequence.stage_positions]
+    positions = tuple(p if p.z is not None else p.model_copy(update={"z": z_um}) for p in sequence.stage_positions)
     return sequence.model_copy(update={"stage_positions": positions})
+
+
+def _with_field_of_view(sequence: useq.MDASequence, width_um: float, height_um: float) -> useq.MDASequence:
+    """Grid plans (the plan's and its positions' own) with the camera's field of view as the tile size, as
+    pymmcore-plus's engine sets it before a run: the plan is checked, and run, at the real positions."""
+    fov = {"fov_width": width_um, "fov_height": height_um}
+    update: dict = {}
+    if sequence.grid_plan is not None:
+        update["grid_plan"] = sequence.grid_plan.model_copy(update=fov)
+    if any(p.sequence is not None for p in sequence.stage_positions):
+        update["stage_positions"] = tuple(
+            p if p.sequence is None
+            else p.model_copy(update={"sequence": _with_field_of_view(p.sequence, width_um, height_um)})
+            for p in sequence.stage_positions)
+    return sequence.model_copy(update=update) if update else sequence
 
 
 def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEnvelope, *,
@@ -70,10 +85,8 @@ def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEn
         return CheckedPlan(sequence, n, {"t": n})
     focus = core.getFocusDevice()
     sequence = anchor_relative_z(sequence, core.getPosition(focus) if focus else None)
-    if sequence.grid_plan is not None and (pixel_um := core.getPixelSizeUm()):
-        # the tiles' size, as pymmcore-plus's engine sets it before the run (checked at the real positions)
-        fov = {"fov_width": core.getImageWidth() * pixel_um, "fov_height": core.getImageHeight() * pixel_um}
-        sequence = sequence.model_copy(update={"grid_plan": sequence.grid_plan.model_copy(update=fov)})
+    if pixel_um := core.getPixelSizeUm():
+        sequence = _with_field_of_view(sequence, core.getImageWidth() * pixel_um, core.getImageHeight() * pixel_um)
     presets = set(core.getAvailableConfigs(channel_group)) if channel_group else set()
     for i, ch in enumerate(sequence.channels):
         if not channel_group:
@@ -86,10 +99,14 @@ def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEn
             raise PlanError(f"sequence.channels[{i}].config: {ch.config!r} is not a preset of {channel_group!r} "
                             f"(presets: {', '.join(sorted(presets))})")
     z_range = envelope.limits("z_um").range
-    n = 0
+    n_images, last = 0, {}  # images (autofocus events take none); the largest index on each axis
     for n, event in enumerate(itertools.islice(sequence, MAX_PLAN_EVENTS + 1), start=1):
         if n > MAX_PLAN_EVENTS:
             raise PlanError(f"sequence: more than {MAX_PLAN_EVENTS} events; split the experiment into runs")
+        if isinstance(event.action, useq.AcquireImage | None):
+            n_images += 1
+            for axis, i in event.index.items():
+                last[str(axis)] = max(last.get(str(axis), 0), i)
         where = ", ".join(f"{k}={v}" for k, v in event.index.items())
         if event.z_pos is not None and not z_range.min <= event.z_pos <= z_range.max:
             raise PlanError(f"sequence: z = {event.z_pos:g} µm at ({where}) is outside the safety envelope "
@@ -98,6 +115,6 @@ def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEn
             if value is not None and limits is not None and not limits.min <= value <= limits.max:
                 raise PlanError(f"sequence.stage_positions: {axis} = {value:g} µm at ({where}) is outside the "
                                 f"stage limits [{limits.min:g}, {limits.max:g}] (safety.stage_{axis}_um)")
-    if n == 0:
-        raise PlanError("sequence: the plan has no events")
-    return CheckedPlan(sequence, n, {str(k): v for k, v in sequence.sizes.items() if v})
+    if n_images == 0:
+        raise PlanError("sequence: the plan takes no image")
+    return CheckedPlan(sequence, n_images, {axis: i + 1 for axis, i in last.items()})

@@ -74,7 +74,7 @@ class Observation:
     field_area_um2: float
     event_score: float | None = None  # 0..1 when an event model runs, else None
     emitter_count: float | None = None  # emitters in the frame from a counting model, else None
-    index: dict[str, int] = field(default_factory=dict)  # the frame's MDA index (t, p, g, c, z) and "channel"
+    index: dict[str, int] = field(default_factory=dict)  # the frame's MDA index: t, p, g, c, z
 
     @property
     def emitters_per_um2(self) -> float:
