@@ -183,17 +183,22 @@ def test_pause_resume_loses_no_frame(api):
     assert outcomes.count("paused") == outcomes.count("resumed") == 1
 
 
-def test_sequence_time_plan(api):
+@pytest.mark.parametrize("interval_s", [0.02, 0])
+def test_sequence_time_plan(api, interval_s):
+    """A time plan; interval 0 is "as fast as the camera goes" (the exposure, 10 ms here), not an envelope breach."""
     client, daemon = api
-    seq = {"time_plan": {"interval": 0.02, "loops": 15}}
+    seq = {"time_plan": {"interval": interval_s, "loops": 15}}
     r = client.post("/acquisitions", json={"sequence": seq, "name": "seq"}, headers=AUTH)
     assert r.status_code == 201, r.text
-    assert r.json()["frames_requested"] == 15 and r.json()["interval_ms"] == 20
+    assert r.json()["frames_requested"] == 15 and r.json()["interval_ms"] == interval_s * 1000
     wait_done(daemon)
     s = client.get(f"/acquisitions/{r.json()['id']}").json()["summary"]
-    assert s["frames_saved"] == 15 and s["interval_ms"] == 20 and s["sequence"] == seq
+    assert s["frames_saved"] == 15 and s["interval_ms"] == interval_s * 1000 and s["sequence"] == seq
     with open(daemon.storage_root / "seq" / "frames.csv", newline="") as fh:
-        assert {float(row["interval_ms"]) for row in csv.DictReader(fh)} == {20.0}
+        rows = list(csv.DictReader(fh))
+    assert {float(row["interval_ms"]) for row in rows} == {interval_s * 1000}
+    period_ms = np.median(np.diff([float(row["t_s"]) for row in rows])) * 1000
+    assert period_ms == pytest.approx(max(interval_s * 1000, daemon.core.getExposure()), rel=0.2)
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -3,7 +3,8 @@
 - `plan`: the sequence checked against the microscope before anything moves;
 - `feed`: the events handed to the runner one step ahead (steered timing, hardware-sequenced bursts);
 - `engine`: pymmcore-plus's MDAEngine with smartscope's small additions;
-- `handler`: each frame stamped, stored and offered to the inference workers.
+- `handler`: each frame stamped, stored and offered to the inference workers;
+- `run`: one acquisition's record (counters, result tables, latency statistics, summary).
 """
 
 from smartscope.acquisition.engine import SmartEngine

@@ -129,11 +129,6 @@ _PROBLEMS = {
 
 def _info(run) -> AcquisitionInfo:
     elapsed = (run.finished_s or time.time()) - run.started_s
-    files = {k: str(run.out_dir / f) for k, f in (
-        ("frames", run.writer.path.name if run.writer else "frames.ome.tif"), ("frame_states", "frames.csv"),
-        ("localizations", "localizations.csv"),
-        ("inference", "inference.csv"), ("decisions", "decisions.jsonl"), ("summary", "summary.json"),
-        ("report", "report.png"), ("report_data", "report.csv"))}
     return AcquisitionInfo(
         id=run.id, state=run.state, frames_requested=run.n_frames, progress=run.progress(),
         frames_acquired=run.counts.acquired,
@@ -142,7 +137,7 @@ def _info(run) -> AcquisitionInfo:
         acquisition_rate_hz=round(run.counts.acquired / elapsed, 2) if elapsed > 0 else None,
         inference_rate_hz=round(run.inferred / elapsed, 2) if elapsed > 0 else None,
         exposure_ms=run.exposure_ms, interval_ms=run.interval_ms, pauses=run.pauses, started_s=run.started_s,
-        finished_s=run.finished_s, error=run.error, out_dir=str(run.out_dir), files=files, summary=run.summary)
+        finished_s=run.finished_s, error=run.error, out_dir=str(run.out_dir), files=run.files(), summary=run.summary)
 
 
 def _no_frame_yet(what: str) -> HTTPException:

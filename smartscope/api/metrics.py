@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from smartscope.acquisition.run import RUN_STATES
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -77,7 +79,7 @@ class DaemonCollector:
         state = run.state if run is not None else "idle"
         states = GaugeMetricFamily("smartscope_acquisition_state", "1 for the current acquisition state",
                                    labels=["state"])
-        for s in ("idle", "acquiring", "paused", "finishing", "finished", "cancelled", "errored"):
+        for s in ("idle", *RUN_STATES):
             states.add_metric([s], 1.0 if s == state else 0.0)
         yield states
         yield GaugeMetricFamily("smartscope_safe_hold", "1 while the policy engine holds a safe state",

@@ -3,7 +3,8 @@
 The real daemon on the simulated microscope (real-time camera), real worker
 processes running the shipped localization model, at the demo frame size and
 rate (96 px, 20 ms) and at 256 px (the shipped model, then its narrow variant
-localization-w8), with 1 and 2 workers (ONNX Runtime threads: cores / workers). Per stage (service.LATENCY_STAGES: queue, transfer, pre,
+localization-w8), with 1 and 2 workers (ONNX Runtime threads: cores /
+workers). Per stage (acquisition.run.LATENCY_STAGES: queue, transfer, pre,
 inference, post, return) and end to end: p50 / p99 in ms; and what the
 inference stream skipped (storage keeps every frame).
 """
@@ -14,8 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from smartscope.acquisition.run import LATENCY_STAGES
 from smartscope.config import load_config
-from smartscope.service import LATENCY_STAGES, Daemon
+from smartscope.service import Daemon
 
 # (frame px, interval ms, localization model): the demo, then a larger field at the same rate with the
 # shipped model and with its narrow, faster variant

@@ -1,0 +1,210 @@
+"""One acquisition's record: its plan, counters, result tables, latency statistics and summary.
+
+`AcquisitionRun` is what the API and the CLI read about a run. It owns the two
+tables written as results arrive (localizations.csv, inference.csv) and the
+lock that keeps a late result out of closed files, so counters and files never
+disagree. `summarize` is summary.json: the run plus the daemon's view of the
+workers, the policies and the sockets at that moment.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from smartscope.acquisition.handler import FrameCounts
+from smartscope.storage import LocalizationWriter
+from smartscope.transport.protocol import INDEX_AXES
+
+if TYPE_CHECKING:
+    from smartscope.acquisition.handler import FrameHandler
+    from smartscope.acquisition.plan import CheckedPlan
+    from smartscope.control.engine import PolicyEngine
+    from smartscope.storage import FrameWriter
+    from smartscope.transport.protocol import Result
+
+RUN_STATES = ("acquiring", "paused", "finishing", "finished", "cancelled", "errored")
+#: per-frame inference record written next to the data (the report reads it)
+INFERENCE_COLUMNS = ("frame", *INDEX_AXES, "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
+                     "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
+LATENCY_WINDOW = 1_000_000  # frames whose latency the summary's percentiles cover
+#: where a frame's capture → result latency goes (per-stage percentiles in the summary):
+#: queue: capture → handed to ZeroMQ (storage hand-off, header); transfer: → taken off the socket by a
+#: worker (socket queues included); pre / inference / post: the worker's own; return: → the daemon has it.
+#: transfer and return compare two hosts' clocks when the worker runs elsewhere.
+LATENCY_STAGES = ("queue", "transfer", "pre", "inference", "post", "return")
+STAGE_WINDOW = 100_000
+
+
+def _percentiles(values) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}
+
+
+@dataclass
+class AcquisitionRun:
+    id: str
+    n_frames: int
+    out_dir: Path
+    state: str = "acquiring"  # one of RUN_STATES
+    exposure_ms: float | None = None
+    interval_ms: float | None = None
+    sequence: dict[str, Any] | None = None  # the MDASequence it was started with (JSON)
+    plan: CheckedPlan | None = None
+    handler: FrameHandler | None = None
+    inferred: int = 0
+    skipped: int = 0  # frames workers conflated away (reported by sequence number)
+    localizations: int = 0
+    # capture → result latency of the most recent frames (bounded: a run may last days)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    stages_ms: dict[str, deque[float]] = field(
+        default_factory=lambda: {s: deque(maxlen=STAGE_WINDOW) for s in LATENCY_STAGES})
+    decisions_at_start: int = 0
+    started_s: float = field(default_factory=time.time)
+    finished_s: float | None = None
+    error: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    pauses: int = 0
+    resumed_s: float | None = None
+    saved_lasers: dict[str, float | None] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    writer: FrameWriter | None = None
+    locs: LocalizationWriter | None = None
+    inference_fh: Any = None
+    files_closed: bool = False  # set under `lock` when the writers close: late results are ignored
+    inference_csv: Any = None
+    summary: dict[str, Any] | None = None
+    report_error: str | None = None
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        return _percentiles(self.latencies_ms)
+
+    @property
+    def counts(self) -> FrameCounts:
+        return self.handler.counts if self.handler is not None else FrameCounts()
+
+    def progress(self) -> dict[str, dict[str, int]]:
+        """Per axis of the plan: the highest index reached + 1, of the axis' size."""
+        reached = self.handler.reached if self.handler is not None else {}
+        sizes = self.plan.sizes if self.plan is not None else {}
+        return {axis: {"done": reached.get(axis, -1) + 1, "of": n} for axis, n in sizes.items()}
+
+    def open_tables(self) -> None:
+        """localizations.csv and inference.csv, filled by `record` as results arrive."""
+        self.locs = LocalizationWriter(self.out_dir / "localizations.csv")
+        self.inference_fh = open(self.out_dir / "inference.csv", "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self.inference_csv = csv.writer(self.inference_fh)
+        self.inference_csv.writerow(INFERENCE_COLUMNS)
+
+    def count_skipped(self, skipped: list[tuple[str, int]]) -> None:
+        """Count this run's frames in a worker's (acquisition, seq) list of frames it skipped."""
+        with self.lock:
+            if not self.files_closed:
+                self.skipped += sum(acquisition == self.id for acquisition, _ in skipped)
+
+    def record(self, r: Result, locs: np.ndarray, focus_nm: float | None, latency_ms: float, now_s: float,
+               set_point: float | None) -> bool:
+        """Count one frame's result and write its rows; False (nothing done) once the files are closed."""
+        with self.lock:
+            if self.files_closed or self.locs is None:
+                return False
+            self.inferred += 1
+            self.localizations += len(locs)
+            self.latencies_ms.append(latency_ms)
+            if r.stages is not None and r.header.t_sent_s is not None:
+                st = r.stages
+                for name, value_ms in zip(LATENCY_STAGES, (
+                        (r.header.t_sent_s - r.t_capture_s) * 1000, (st.t_received_s - r.header.t_sent_s) * 1000,
+                        st.pre_ms, st.infer_ms, st.post_ms, (now_s - r.t_done_s) * 1000), strict=True):
+                    self.stages_ms[name].append(value_ms)
+            self.locs.write(r.seq, locs, r.background_photons)
+            self.inference_csv.writerow([
+                r.seq, *(getattr(r.header, axis) for axis in INDEX_AXES), f"{r.t_capture_s:.6f}", f"{now_s:.6f}",
+                f"{latency_ms:.3f}", r.n_emitters,
+                "" if r.count_estimate is None else r.count_estimate,
+                "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
+                "" if r.background_photons is None else f"{r.background_photons:.3f}",
+                "" if set_point is None else set_point, r.worker_id])
+        return True
+
+    def files(self) -> dict[str, str]:
+        """The run folder's files by role (the report's two once it is drawn, summary.json once finished)."""
+        names = (("frames", self.writer.path.name if self.writer else "frames.ome.tif"), ("frame_states", "frames.csv"),
+                 ("localizations", "localizations.csv"), ("decisions", "decisions.jsonl"),
+                 ("inference", "inference.csv"), ("report", "report.png"), ("report_data", "report.csv"),
+                 ("summary", "summary.json"))
+        return {role: str(self.out_dir / name) for role, name in names}
+
+    def close_files(self, outcome: str, summarize: Callable[[AcquisitionRun], dict[str, Any]]) -> None:
+        """Close every file (later results are ignored), then settle the state and take the summary.
+
+        A frame writer that fails to close makes the run errored.
+        """
+        with self.lock:
+            self.files_closed = True
+            self.locs.close()
+            self.inference_fh.close()
+            try:
+                self.writer.close()
+            except RuntimeError as e:
+                self.error, outcome = str(e), "errored"
+            self.finished_s = time.time()
+            self.state = outcome
+            self.summary = summarize(self)
+
+
+def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine: PolicyEngine,
+              decisions_total: int, malformed_results: dict[str, int],
+              frame_ring: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's summary (summary.json, /status): `workers` as `WorkerPool.status` gives them."""
+    duration = (run.finished_s or time.time()) - run.started_s
+    providers = sorted({w["provider"] for w in workers.values()})
+    malformed_frames: Counter[str] = Counter()
+    for w in workers.values():
+        malformed_frames.update(w["malformed_frames"])
+    return {
+        "acquisition": run.id,
+        "state": run.state,
+        "error": run.error,
+        "frames_requested": run.n_frames,
+        "progress": run.progress(),
+        "exposure_ms": run.exposure_ms,
+        "interval_ms": run.interval_ms,
+        "sequence": run.sequence,
+        "pauses": run.pauses,
+        "frames_acquired": run.counts.acquired,
+        "frames_saved": run.writer.saved if run.writer else 0,
+        "frames_published": run.counts.published,
+        "frames_inferred": run.inferred,
+        "frames_dropped_inference": run.counts.acquired - run.inferred,
+        "frames_not_sent": run.counts.dropped_inference,
+        "frames_skipped_by_workers": run.skipped,
+        "frames_lost": run.counts.published - run.inferred - run.skipped,
+        "localizations": run.localizations,
+        "latency_ms": run.latency_percentiles(),
+        "latency_stages_ms": {name: _percentiles(v) for name, v in run.stages_ms.items()},
+        "duration_s": round(duration, 3),
+        "inference_rate_hz": round(run.inferred / duration, 2) if duration > 0 else None,
+        "provider": providers[0] if len(providers) == 1 else providers,
+        "workers": sum(w["state"] == "active" for w in workers.values()),
+        "actions": {name: engine.actions.get(name, 0) for name in engine.slots},
+        "policies_enabled": [name for name, slot in engine.slots.items() if slot.enabled],
+        "decisions": decisions_total - run.decisions_at_start,
+        "malformed_frames": dict(malformed_frames),
+        "malformed_results": malformed_results,
+        "frame_ring": frame_ring,
+        "policies": {name: {"enabled": slot.enabled, "params": slot.policy.params.model_dump()}
+                     for name, slot in engine.slots.items()},
+        "files": run.files(),
+    }
