@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
-REPORT_COLUMNS = ("frame", "t_s", "exposure_ms", "interval_ms", "activation_mw", "excitation_mw", "z_um",
-                  "angle_deg", "n_emitters", "set_point_emitters", "focus_nm", "event_score", "latency_ms",
-                  "decisions")
-_FRAME_STATE = ("exposure_ms", "interval_ms", "activation_mw", "excitation_mw", "z_um", "angle_deg")
+REPORT_COLUMNS = ("frame", "t", "p", "g", "c", "z", "t_s", "exposure_ms", "interval_ms", "activation_mw",
+                  "excitation_mw", "z_um", "angle_deg", "n_emitters", "set_point_emitters", "focus_nm", "event_score",
+                  "latency_ms", "decisions")
+# each frame's MDA index (t, p, g, c, z; empty for runs from before it was recorded) and its state at capture
+_FRAME_STATE = ("t", "p", "g", "c", "z", "exposure_ms", "interval_ms", "activation_mw", "excitation_mw", "z_um",
+                "angle_deg")
 _INFERENCE = ("n_emitters", "set_point_emitters", "focus_nm", "event_score", "latency_ms")
 #: which panel marks the decisions on which actuator
 _ACTUATOR_PANEL = {"activation_mw": 1, "excitation_mw": 1, "z_um": 2, "interval_ms": 3, "angle_deg": 5}

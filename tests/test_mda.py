@@ -127,6 +127,24 @@ def test_feed_bursts_until_a_software_interval_is_wanted(config):
         daemon.close()
 
 
+def test_a_paused_burst_switching_to_software_timing_runs_its_rest_first(config):
+    """A burst cut short by a pause (delivered up to ordinal 3) whose rest must then be software-timed:
+    the rest comes first, in order, each its own timed event, then the plan goes on."""
+    config.hardware.realtime = False
+    config.hardware.devices.interval = None
+    daemon = Daemon(config)
+    try:
+        wanted = [None]
+        feed = EventFeed(daemon.core, useq.MDASequence(time_plan={"interval": 0, "loops": 12}),
+                         interval_ms=lambda: wanted[0], camera_paces=False, delivered=lambda: 3, burst_frames=8)
+        events = iter(feed)
+        assert len(next(events).events) == 8
+        wanted[0] = 30.0
+        assert [next(events).index["t"] for _ in range(6)] == [4, 5, 6, 7, 8, 9]
+    finally:
+        daemon.close()
+
+
 def _plan(kind: str) -> tuple[dict, list[str]]:
     """2 positions x 2 channels x 3 z x 4 time points, on each microscope's own channel presets."""
     if kind == "demo adapters":

@@ -33,14 +33,12 @@ from typing import TYPE_CHECKING
 
 import useq
 from pymmcore_plus.core import iter_sequenced_events
-from pymmcore_plus.core._sequencing import SequencedEvent
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
 
 #: the event metadata key holding an event's ordinal in the run (0-based)
 ORDINAL = "smartscope_ordinal"
-AXES = ("t", "p", "g", "c", "z")
 
 
 def is_time_lapse(sequence: useq.MDASequence) -> bool:
@@ -122,7 +120,8 @@ class EventFeed:
         while True:
             wanted_ms = self._interval_ms()
             software_timed = not self._camera_paces and wanted_ms is not None and wanted_ms > 0
-            pending.extend(itertools.islice(events, (1 if software_timed else self._burst_frames) - len(pending)))
+            wanted_n = 1 if software_timed else self._burst_frames
+            pending.extend(itertools.islice(events, max(0, wanted_n - len(pending))))
             if not pending:
                 return
             chunk = [e.model_copy(update={"min_start_time": None, "reset_event_timer": False}) for e in pending]
@@ -135,7 +134,3 @@ class EventFeed:
             done = self._delivered()
             pending = [e for e in pending if e.metadata[ORDINAL] > done]  # cut short by a pause: run again
 
-
-def frames_in(event: useq.MDAEvent) -> int:
-    """Frames an event (a burst or a single image) yields."""
-    return len(event.events) if isinstance(event, SequencedEvent) else 1

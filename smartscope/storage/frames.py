@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import ome_types  # noqa: F401 - imported here, with the daemon: ome-writers would import it at the first run (1.2 s)
 from ome_writers import AcquisitionSettings
 from pymmcore_plus.mda._generator_sequence import GeneratorMDASequence
 from pymmcore_plus.mda._sink import OmeWritersSink
