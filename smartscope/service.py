@@ -18,6 +18,7 @@ inference result, decision or state change is there to be read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -34,7 +35,7 @@ from pymmcore_plus.metadata import summary_metadata
 
 from smartscope.acquisition import EventFeed, FrameHandler, SmartEngine
 from smartscope.acquisition.feed import is_time_lapse, planned_interval_ms
-from smartscope.acquisition.plan import CheckedPlan, check_plan, time_lapse
+from smartscope.acquisition.plan import CheckedPlan, check_plan, sets_z, time_lapse
 from smartscope.acquisition.run import AcquisitionRun, summarize
 from smartscope.config import Range, SmartscopeConfig
 from smartscope.control.actuator import Actuator
@@ -98,7 +99,8 @@ class Daemon:
         shape = (self.core.getImageHeight(), self.core.getImageWidth())
         models = worker_models(config.inference, shape, self.camera.pixel_size_nm)
         self.actuator = Actuator(self.core, config.hardware.devices)
-        self.mda_engine = SmartEngine(self.core, self.actuator)
+        z_range = config.safety.z_um.range
+        self.mda_engine = SmartEngine(self.core, self.actuator, z_range_um=(z_range.min, z_range.max))
         self.core.mda.set_engine(self.mda_engine)
         self.envelope = SafetyEnvelope(config.safety)
         self.decisions = DecisionLog()
@@ -215,25 +217,29 @@ class Daemon:
                 for name in self.engine.slots:
                     self.engine.set_enabled(name, name in policies)
             # a plan that sets Z at every event keeps the focus policy's moves as per-position corrections
-            seq = plan.sequence
-            plan_sets_z = seq.z_plan is not None or any(p.z is not None for p in seq.stage_positions)
-            self.engine.plan_relative = {"z_um": self._correct_focus} if plan_sets_z else {}
+            self.engine.plan_relative = {"z_um": self._correct_focus} if sets_z(plan.sequence) else {}
             self.core.setExposure(exposure_ms)
-            for name, value in initial.items():
-                self.actuator.write(name, value)
-            self.actuator.refresh()
             shape = (self.core.getImageHeight(), self.core.getImageWidth())
             dtype = np.uint16 if self.core.getBytesPerPixel() == 2 else np.uint8
             flat = is_time_lapse(plan.sequence)  # its length is the run's to decide: unbounded t
             run.writer = FrameWriter(out_dir, shape, dtype, self.camera.pixel_size_nm,
                                      sequence=None if flat else plan.sequence, format=self.config.storage.format,
                                      summary_meta=summary_metadata(self.core, mda_sequence=plan.sequence))
-            run.handler = FrameHandler(acquisition_id=run.id, actuator=self.actuator, camera=self.camera,
-                                       writer=run.writer, publisher=self.publisher,
-                                       infer_channel=self.config.inference.channel,
-                                       on_frame=lambda frame, index: setattr(self, "latest_frame", (frame, index)))
-            run.open_tables()
-            self.decisions.set_file(out_dir / "decisions.jsonl")
+            try:  # the files first, then the lasers: a run that cannot store starts nothing
+                run.handler = FrameHandler(
+                    acquisition_id=run.id, actuator=self.actuator, camera=self.camera, writer=run.writer,
+                    publisher=self.publisher, infer_channel=self.config.inference.channel,
+                    on_frame=lambda frame, index: setattr(self, "latest_frame", (frame, index)),
+                    on_storage_error=lambda error: self._storage_failed(run, error))
+                run.open_tables()
+                self.decisions.set_file(out_dir / "decisions.jsonl")
+                for name, value in initial.items():
+                    self.actuator.write(name, value)
+                self.actuator.refresh()
+            except BaseException:
+                self._set_safe()
+                run.writer.close()
+                raise
             self.engine.reset()
             self.run = run
             self.runs[run.id] = run
@@ -242,7 +248,8 @@ class Daemon:
         return run
 
     def _correct_focus(self, _actuator: str, obs: Observation, delta_um: float) -> None:
-        self.mda_engine.correct_focus(obs.index.get("p", 0), delta_um)
+        has_positions = self.run is not None and "p" in self.run.plan.sizes
+        self.mda_engine.correct_focus(obs.index.get("p", 0) if has_positions else None, delta_um)
 
     def _acquire(self, run: AcquisitionRun) -> None:
         """Run the plan through pymmcore-plus's MDA runner, fed event by event (see EventFeed)."""
@@ -252,12 +259,13 @@ class Daemon:
                          interval_ms=(lambda: self.actuator.snapshot()["interval_ms"]) if steered else (lambda: None),
                          delivered=lambda: run.handler.counts.delivered,
                          burst_frames=self.config.acquisition.burst_frames)
+        run.bursts = feed.bursts
         self.mda_engine.plan = run.plan.sequence
         frame_ready = self.core.mda.events.frameReady
         frame_ready.connect(run.handler.frameReady)
         try:
             self.core.mda.run(iter(feed))
-            outcome = "cancelled" if run.stop.is_set() else "finished"
+            outcome = "errored" if run.error else "cancelled" if run.stop.is_set() else "finished"
         except Exception as e:  # the run fails; the daemon lives on
             log.exception("acquisition %s failed", run.id)
             run.error, outcome = f"{type(e).__name__}: {e}", "errored"
@@ -265,9 +273,23 @@ class Daemon:
             frame_ready.disconnect(run.handler.frameReady)
             self.mda_engine.plan = None
         run.state = "finishing"
-        self._drain(run)
-        self._set_safe()
-        self._finish(run, outcome)
+        try:
+            self._drain(run)
+        finally:  # whatever fails here, the lasers go safe and the run ends (the daemon is never left busy)
+            self._set_safe()
+            try:
+                self._finish(run, outcome)
+            finally:
+                run.done.set()
+
+    def _storage_failed(self, run: AcquisitionRun, error: BaseException) -> None:
+        """The frame writer died (e.g. the disk is full): stop the run now, exposing nothing more for nothing."""
+        log.error("acquisition %s: storage failed (%s); stopping the run", run.id, error)
+        run.error = f"storage failed: {error}"
+        run.stop.set()
+        self.core.mda.cancel()
+        if self.core.isSequenceRunning():
+            self.core.stopSequenceAcquisition()
 
     def _drain(self, run: AcquisitionRun, timeout_s: float = 3.0) -> None:
         """Give in-flight inference results a moment to arrive before closing."""
@@ -279,16 +301,17 @@ class Daemon:
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
         run.close_files(outcome, self._summary)
         self.decisions.set_file(None)
-        (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
-        try:  # the report is a view of the files: a failure to draw it never fails the run
+        try:  # summary.json and the report are views of the run: failing to write them (a full disk) fails nothing
+            (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
             from smartscope.report import write_report
 
             write_report(run.out_dir)
         except Exception as e:
-            log.exception("could not draw the report of %s", run.id)
+            log.exception("could not write the summary or the report of %s", run.id)
             run.report_error = f"{type(e).__name__}: {e}"
             run.summary["report_error"] = run.report_error
-            (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
+            with contextlib.suppress(OSError):
+                (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
         run.done.set()
         self._notify()
 
@@ -314,14 +337,21 @@ class Daemon:
             raise WrongState(f"acquisition {run.id} is {run.state}: only an acquiring one can pause")
         runner = self.core.mda
         deadline = time.time() + wait_s
+        paused_since_s = None
         while not run.done.is_set() and time.time() < deadline:
             status = runner.status
             if status.phase == RunState.PAUSED:
-                break
-            if not status.pause_requested:
-                runner.set_paused(True)  # again: a runner still preparing ignores it
-            if self.core.isSequenceRunning():
-                self.core.stopSequenceAcquisition()
+                # confirmed over more than the runner's pause poll: a pause set just as the runner starts an
+                # event is overwritten by it (pymmcore-plus sets ACQUIRING after the wait), and is then asked again
+                paused_since_s = paused_since_s or time.time()
+                if time.time() - paused_since_s > 0.15:
+                    break
+            else:
+                paused_since_s = None
+                if not status.pause_requested:
+                    runner.set_paused(True)  # again: a runner still preparing ignores it
+                if run.bursts and self.core.isSequenceRunning():
+                    self.core.stopSequenceAcquisition()  # a burst stops at once; its rest runs on resume
             time.sleep(0.005)
         if run.done.is_set():
             return run

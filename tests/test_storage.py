@@ -84,3 +84,35 @@ def test_localization_csv_roundtrip(tmp_path):
     assert list(cols) == ["frame", "x [nm]", "y [nm]", "z [nm]", "intensity [photon]", "offset [photon]",
                           "uncertainty [nm]"]
     assert cols["frame"].tolist() == [3.0] and cols["x [nm]"][0] == 100.0 and cols["offset [photon]"][0] == 12.5
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root, as CI has): writes fail with ENOSPC once it is full."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_stops_the_run_with_the_lasers_safe(config, full_disk):
+    """The disk fills mid-run: the run stops at once as errored (saying why), the lasers go safe, and the
+    daemon is free for the next run, instead of acquiring on with frames piling up in memory."""
+    from smartscope.service import Daemon
+
+    config.inference.workers = 0
+    config.storage.root = str(full_disk)
+    daemon = Daemon(config)
+    try:
+        run = daemon.start_acquisition(full_disk / "run", 2000)  # 64² uint16: 16 MB, the disk holds 1 MB
+        assert run.done.wait(60)
+        assert run.state == "errored" and "No space left on device" in run.error
+        assert run.counts.acquired < 400  # stopped at the failure, not at the end of the plan
+        assert daemon.actuator.snapshot()["activation_mw"] == 0 and daemon.actuator.snapshot()["excitation_mw"] == 0
+        assert not daemon.core.mda.is_running()
+    finally:
+        daemon.close()

@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 
 
 class SmartEngine(MDAEngine):
-    def __init__(self, core: CMMCorePlus, actuator: Actuator) -> None:
+    def __init__(self, core: CMMCorePlus, actuator: Actuator, z_range_um: tuple[float, float] | None = None) -> None:
         # restore_initial_state off: the policies' focus and the lasers are the run's own state
         super().__init__(core, restore_initial_state=False)
         self.plan: useq.MDASequence | None = None
         self._actuator = actuator
+        self._z_range_um = z_range_um  # the safety envelope's Z: a plan's Z plus its corrections stays inside
 
     def setup_sequence(self, sequence: useq.MDASequence) -> SummaryMetaV1 | None:
         meta = super().setup_sequence(self.plan if self.plan is not None else sequence)
@@ -48,8 +49,19 @@ class SmartEngine(MDAEngine):
         return meta
 
     def correct_focus(self, position: int | None, delta_um: float) -> None:
-        """Add a focus correction (µm) for one stage position's later frames (its Z from the plan + corrections)."""
+        """Add a focus correction (µm) for one stage position's later frames (its Z from the plan + corrections).
+
+        `position`: the event's p index, None in a plan without positions (pymmcore-plus's key for both).
+        """
         self._z_correction[position] = self._z_correction.get(position, 0.0) + delta_um
+
+    def _set_event_z(self, event: useq.MDAEvent) -> None:
+        """The plan's Z plus the position's corrections (autofocus, focus policy), kept inside the envelope."""
+        if not self.mmcore.getFocusDevice() or self._z_range_um is None:
+            return super()._set_event_z(event)
+        z_um = event.z_pos + self._z_correction.setdefault(event.index.get("p", None), 0.0)
+        low_um, high_um = self._z_range_um
+        self.mmcore.setZPosition(min(max(z_um, low_um), high_um))
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         super().setup_event(event)

@@ -71,7 +71,8 @@ class EventFeed:
         self._delivered = delivered
         self._burst_frames = burst_frames
         self._camera_paces = camera_paces
-        self.bursts = is_time_lapse(sequence) and (camera_paces or planned_interval_ms(sequence) == 0)
+        planned_ms = planned_interval_ms(sequence)  # None for a multi-phase plan: its own timing, event by event
+        self.bursts = is_time_lapse(sequence) and planned_ms is not None and (camera_paces or planned_ms == 0)
         # the time point last started: its t index and its start on the runner's event clock (s)
         self._last_t: int | None = None
         self._last_start_s = 0.0

@@ -41,7 +41,8 @@ class FrameCounts:
 class FrameHandler:
     def __init__(self, *, acquisition_id: str, actuator: Actuator, camera: CameraParams, writer: FrameWriter,
                  publisher: FramePublisher, infer_channel: str | None = None,
-                 on_frame: Callable[[np.ndarray, dict[str, Any]], None] | None = None) -> None:
+                 on_frame: Callable[[np.ndarray, dict[str, Any]], None] | None = None,
+                 on_storage_error: Callable[[BaseException], None] | None = None) -> None:
         self.counts = FrameCounts()
         self._id = acquisition_id
         self._actuator = actuator
@@ -49,6 +50,8 @@ class FrameHandler:
         self._writer = writer
         self._publisher = publisher
         self._on_frame = on_frame
+        self._on_storage_error = on_storage_error
+        self.storage_error: BaseException | None = None  # the writer's failure, reported once
         self._infer_channel = infer_channel  # None: every frame goes to inference
         #: the largest index reached on each axis (progress per axis)
         self.reached: dict[str, int] = {}
@@ -73,8 +76,14 @@ class FrameHandler:
                 state[f"{axis}_um"] = float(value)
         exposure_ms = float(meta.get("exposure_ms") or event.exposure or 0.0)
         channel = event.channel.config if event.channel is not None else ""
-        self._writer.put(frame, {"frame": seq, "t_s": f"{t_capture_s:.6f}", **index, "channel": channel,
-                                 "exposure_ms": exposure_ms, **state}, event, meta, event.metadata.get(ORDINAL))
+        try:
+            self._writer.put(frame, {"frame": seq, "t_s": f"{t_capture_s:.6f}", **index, "channel": channel,
+                                     "exposure_ms": exposure_ms, **state}, event, meta, event.metadata.get(ORDINAL))
+        except RuntimeError as e:  # the writer died: say so once (pymmcore-plus would only log a raise here)
+            if self.storage_error is None:
+                self.storage_error = e
+                if self._on_storage_error is not None:
+                    self._on_storage_error(e)
         header = FrameHeader(acquisition=self._id, seq=seq, t_capture_s=t_capture_s, shape=frame.shape,
                              dtype=str(frame.dtype), exposure_ms=exposure_ms, camera=self._camera, **index,
                              **{k: state.get(k) for k in STATE_FIELDS})

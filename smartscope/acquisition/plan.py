@@ -44,17 +44,25 @@ def time_lapse(frames: int, interval_ms: float) -> useq.MDASequence:
 
 
 def anchor_relative_z(sequence: useq.MDASequence, z_um: float | None) -> useq.MDASequence:
-    """A relative z plan with no Z given by a stage position is relative to the focus now (as in
-    Micro-Manager's MDA window), not to 0 as useq would take it."""
-    plan = sequence.z_plan
-    if plan is None or not plan.is_relative or z_um is None:
+    """A relative z plan (the plan's, or a position's own sub-sequence's) at a position with no Z is relative
+    to the focus now (as in Micro-Manager's MDA window), not to 0 as useq would take it."""
+    def relative(seq: useq.MDASequence | None) -> bool:
+        return seq is not None and seq.z_plan is not None and seq.z_plan.is_relative
+
+    if z_um is None:
         return sequence
     if not sequence.stage_positions:
-        return sequence.model_copy(update={"stage_positions": (useq.Position(z=z_um),)})
-    if all(p.z is not None for p in sequence.stage_positions):
-        return sequence
-    positions = tuple(p if p.z is not None else p.model_copy(update={"z": z_um}) for p in sequence.stage_positions)
+        return sequence.model_copy(update={"stage_positions": (useq.Position(z=z_um),)}) if relative(sequence) \
+            else sequence
+    positions = tuple(p.model_copy(update={"z": z_um}) if p.z is None and (relative(sequence) or relative(p.sequence))
+                      else p for p in sequence.stage_positions)
     return sequence.model_copy(update={"stage_positions": positions})
+
+
+def sets_z(sequence: useq.MDASequence) -> bool:
+    """The plan sets Z at its events (a z plan, or positions with Z, or positions with their own z plan)."""
+    return sequence.z_plan is not None or any(
+        p.z is not None or (p.sequence is not None and p.sequence.z_plan is not None) for p in sequence.stage_positions)
 
 
 def _with_field_of_view(sequence: useq.MDASequence, width_um: float, height_um: float) -> useq.MDASequence:

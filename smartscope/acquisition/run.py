@@ -62,6 +62,7 @@ class AcquisitionRun:
     sequence: dict[str, Any] | None = None  # the MDASequence it was started with (JSON)
     plan: CheckedPlan | None = None
     handler: FrameHandler | None = None
+    bursts: bool = False  # runs as hardware-sequenced bursts (a pause stops the camera at once)
     inferred: int = 0
     skipped: int = 0  # frames workers conflated away (reported by sequence number)
     localizations: int = 0
@@ -151,14 +152,17 @@ class AcquisitionRun:
 
         A frame writer that fails to close makes the run errored.
         """
+        try:  # the frames first, outside the lock: a long flush does not hold up the results thread
+            self.writer.close()
+        except RuntimeError as e:
+            self.error, outcome = self.error or str(e), "errored"
         with self.lock:
             self.files_closed = True
-            self.locs.close()
-            self.inference_fh.close()
             try:
-                self.writer.close()
-            except RuntimeError as e:
-                self.error, outcome = str(e), "errored"
+                self.locs.close()
+                self.inference_fh.close()
+            except OSError as e:
+                self.error, outcome = self.error or f"closing the tables failed: {e}", "errored"
             self.finished_s = time.time()
             self.state = outcome
             self.summary = summarize(self)

@@ -91,7 +91,10 @@ class FrameWriter:
         """Queue one frame (the caller hands it over and must not modify it afterwards).
 
         `ordinal`: the frame's place in the plan (0-based), for a plan written with its dimensions.
+        RuntimeError once writing has failed (e.g. the disk is full): nothing more is queued for nothing.
         """
+        if self.error is not None or not self._thread.is_alive():
+            raise RuntimeError(f"writing {self.path} failed: {self.error or 'the writer stopped'}")
         self._queue.put((frame, state, event, meta or {}, ordinal))
 
     @property
@@ -116,11 +119,11 @@ class FrameWriter:
         except BaseException as e:  # surfaced by close()
             self.error = e
         finally:
-            try:
-                self._sink.close()
-            except Exception as e:
-                self.error = self.error or e
-            self._state_fh.close()
+            for close in (self._sink.close, self._state_fh.close):
+                try:
+                    close()
+                except Exception as e:  # e.g. the disk is full: kept for close() to report
+                    self.error = self.error or e
 
     def close(self, timeout_s: float | None = None) -> int:
         """Finish writing (everything queued is written); returns frames saved."""
