@@ -260,6 +260,7 @@ def test_metrics_prometheus_text(api):
     assert m[("smartscope_frames_acquired_total", ())] == m[("smartscope_frames_saved_total", ())] == 12
     assert m[("smartscope_frames_inferred_total", ())] == 0
     assert m[("smartscope_frames_dropped_total", ())] == 12  # no worker connected: nothing could be sent
+    assert m[("smartscope_frames_lost_total", ())] == m[("smartscope_frames_skipped_total", ())] == 0
     assert m[("smartscope_actuator_moves_total", (("actuator", "activation_mw"), ("source", "api")))] == 1
     assert m[("smartscope_inference_latency_seconds_count", ())] == 0
     assert m[("smartscope_inference_latency_seconds_bucket", (("le", "+Inf"),))] == 0

@@ -139,6 +139,12 @@ class AcquisitionRun:
                 "" if set_point is None else set_point, r.worker_id])
         return True
 
+    @property
+    def lost(self) -> int:
+        """Published frames with neither a result nor a worker's skip: acquired = inferred + skipped + not sent
+        + lost (the one definition the summary, the API and /metrics use)."""
+        return self.counts.published - self.inferred - self.skipped
+
     def files(self) -> dict[str, str]:
         """The run folder's files by role (the report's two once it is drawn, summary.json once finished)."""
         names = (("frames", self.writer.path.name if self.writer else "frames.ome.tif"), ("frame_states", "frames.csv"),
@@ -194,7 +200,7 @@ def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine
         "frames_dropped_inference": run.counts.acquired - run.inferred,
         "frames_not_sent": run.counts.dropped_inference,
         "frames_skipped_by_workers": run.skipped,
-        "frames_lost": run.counts.published - run.inferred - run.skipped,
+        "frames_lost": run.lost,
         "localizations": run.localizations,
         "latency_ms": run.latency_percentiles(),
         "latency_stages_ms": {name: _percentiles(v) for name, v in run.stages_ms.items()},

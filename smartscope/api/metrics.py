@@ -33,12 +33,15 @@ class DaemonCollector:
         runs = list(d.runs.values())
         for name, doc, value in (
             ("frames_acquired", "frames read from the camera", sum(r.counts.acquired for r in runs)),
-            ("frames_saved", "frames written to OME-TIFF", sum(r.writer.saved for r in runs if r.writer)),
+            ("frames_saved", "frames written to storage (OME-TIFF or OME-Zarr)", sum(r.writer.saved for r in runs if r.writer)),
             ("frames_inferred", "frames with an inference result", sum(r.inferred for r in runs)),
             ("frames_dropped", "frames not sent to inference because every worker queue (or every "
-             "shared-memory ring slot) was full (still saved)", sum(r.counts.dropped_inference for r in runs)),
+             "shared-memory ring slot) was full, or of a channel not inferred (still saved)",
+             sum(r.counts.dropped_inference for r in runs)),
             ("frames_skipped", "frames workers skipped for newer ones or could not read (still saved)",
              sum(r.skipped for r in runs)),
+            ("frames_lost", "frames sent to inference with neither a result nor a skip (acquired = inferred + "
+             "skipped + dropped + lost)", sum(r.lost for r in runs)),
             ("localizations", "localizations written", sum(r.localizations for r in runs)),
             ("decisions", "policy engine decisions logged", d.decisions.count),
             ("malformed_results", "result messages from workers that did not decode",
