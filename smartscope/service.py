@@ -50,8 +50,6 @@ from smartscope.transport.protocol import CameraParams
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
 if TYPE_CHECKING:
-    import subprocess
-
     import useq
 
     from smartscope.control.policy import Observation
@@ -134,10 +132,6 @@ class Daemon:
 
     def worker_status(self) -> dict[str, dict[str, Any]]:
         return self.pool.status()
-
-    @property
-    def _procs(self) -> list[subprocess.Popen]:
-        return self.pool.procs
 
     @property
     def latest(self) -> dict[str, Any] | None:

@@ -100,7 +100,7 @@ def test_live_mode_scores_events_without_localizing(tmp_path, event_views):
     config.simulation.camera.width_px = config.simulation.camera.height_px = 64
     config.acquisition.interval_ms = 40
     with running_daemon(config) as daemon:
-        assert ("--event-one-view" in daemon._procs[0].args) == (event_views == "one")  # the setting reaches the worker
+        assert ("--event-one-view" in daemon.pool.procs[0].args) == (event_views == "one")  # the setting reaches the worker
         run = daemon.start_acquisition(tmp_path / "live", 72)
         assert run.done.wait(60)
         assert run.summary["localizations"] == 0 and run.summary["frames_saved"] == 72
@@ -150,5 +150,5 @@ def test_two_workers_share_the_stream_and_every_frame_is_accounted_for(config, t
         else:
             assert s["frame_ring"] is None
         assert s["malformed_frames"] == {} and s["malformed_results"] == {}
-        procs = list(daemon._procs)
+        procs = list(daemon.pool.procs)
     assert all(p.poll() is not None for p in procs)

@@ -80,6 +80,10 @@ def _with_field_of_view(sequence: useq.MDASequence, width_um: float, height_um: 
     return sequence.model_copy(update=update) if update else sequence
 
 
+def _where(event: useq.MDAEvent) -> str:
+    return ", ".join(f"{k}={v}" for k, v in event.index.items())
+
+
 def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEnvelope, *,
                channel_group: str | None, stage_x_um: Range | None, stage_y_um: Range | None) -> CheckedPlan:
     if sequence.time_plan is None and not (sequence.stage_positions or sequence.channels or sequence.z_plan
@@ -115,14 +119,13 @@ def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEn
             n_images += 1
             for axis, i in event.index.items():
                 last[str(axis)] = max(last.get(str(axis), 0), i)
-        where = ", ".join(f"{k}={v}" for k, v in event.index.items())
         if event.z_pos is not None and not z_range.min <= event.z_pos <= z_range.max:
-            raise PlanError(f"sequence: z = {event.z_pos:g} µm at ({where}) is outside the safety envelope "
-                            f"[{z_range.min:g}, {z_range.max:g}] (safety.z_um)")
+            raise PlanError(f"sequence: z = {event.z_pos:g} µm at ({_where(event)}) is outside the safety "
+                            f"envelope [{z_range.min:g}, {z_range.max:g}] (safety.z_um)")
         for axis, value, limits in (("x", event.x_pos, stage_x_um), ("y", event.y_pos, stage_y_um)):
             if value is not None and limits is not None and not limits.min <= value <= limits.max:
-                raise PlanError(f"sequence.stage_positions: {axis} = {value:g} µm at ({where}) is outside the "
-                                f"stage limits [{limits.min:g}, {limits.max:g}] (safety.stage_{axis}_um)")
+                raise PlanError(f"sequence.stage_positions: {axis} = {value:g} µm at ({_where(event)}) is outside "
+                                f"the stage limits [{limits.min:g}, {limits.max:g}] (safety.stage_{axis}_um)")
     if n_images == 0:
         raise PlanError("sequence: the plan takes no image")
     return CheckedPlan(sequence, n_images, {axis: i + 1 for axis, i in last.items()})
