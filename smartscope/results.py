@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from smartscope.control.policy import Observation
-from smartscope.transport.protocol import INDEX_AXES, LOCALIZATION_COLUMNS
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS, STATE_FIELDS
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -130,9 +130,8 @@ class ResultsLoop:
             return
         self.latency_hist.observe(latency_ms)
         h = r.header
-        state = {"activation_mw": h.activation_mw, "excitation_mw": h.excitation_mw, "x_um": h.x_um, "y_um": h.y_um,
-                 "z_um": h.z_um, "interval_ms": h.interval_ms, "angle_deg": h.angle_deg}
-        index = {axis: getattr(h, axis) for axis in INDEX_AXES}
+        state = {name: getattr(h, name) for name in STATE_FIELDS}
+        index = h.index
         area_um2 = h.shape[0] * h.shape[1] * (h.camera.pixel_size_nm / 1000) ** 2
         obs = Observation(seq=r.seq, t_capture_s=r.t_capture_s, n_emitters=r.n_emitters, localizations=locs,
                           background_photons=r.background_photons, state=state, field_area_um2=area_um2,

@@ -108,41 +108,41 @@ def test_a_paused_burst_loses_no_frame_and_keeps_their_order(config, tmp_path, i
     assert run.summary["frames_saved"] == 120 and run.summary["pauses"] == 1
 
 
-def test_feed_bursts_until_a_software_interval_is_wanted(config):
-    """With no camera interval property, a steered interval > 0 turns the bursts into timed events."""
+@pytest.fixture
+def core_without_interval_property(config):
+    """The simulated core, not paced, whose camera interval is not a property (software timing needed)."""
     config.hardware.realtime = False
     config.hardware.devices.interval = None
     daemon = Daemon(config)
     try:
-        wanted = [None]
-        feed = EventFeed(daemon.core, useq.MDASequence(time_plan={"interval": 0, "loops": 30}),
-                         interval_ms=lambda: wanted[0], camera_paces=False, delivered=lambda: 9, burst_frames=10)
-        events = iter(feed)
-        first = next(events)
-        assert len(first.events) == 10 and first.min_start_time is None
-        wanted[0] = 40.0
-        timed = next(events)
-        assert not hasattr(timed, "events") and timed.index["t"] == 10
+        yield daemon.core
     finally:
         daemon.close()
 
 
-def test_a_paused_burst_switching_to_software_timing_runs_its_rest_first(config):
+def test_feed_bursts_until_a_software_interval_is_wanted(core_without_interval_property):
+    """With no camera interval property, a steered interval > 0 turns the bursts into timed events."""
+    wanted = [None]
+    feed = EventFeed(core_without_interval_property, useq.MDASequence(time_plan={"interval": 0, "loops": 30}),
+                     interval_ms=lambda: wanted[0], camera_paces=False, delivered=lambda: 9, burst_frames=10)
+    events = iter(feed)
+    first = next(events)
+    assert len(first.events) == 10 and first.min_start_time is None
+    wanted[0] = 40.0
+    timed = next(events)
+    assert not hasattr(timed, "events") and timed.index["t"] == 10
+
+
+def test_a_paused_burst_switching_to_software_timing_runs_its_rest_first(core_without_interval_property):
     """A burst cut short by a pause (delivered up to ordinal 3) whose rest must then be software-timed:
     the rest comes first, in order, each its own timed event, then the plan goes on."""
-    config.hardware.realtime = False
-    config.hardware.devices.interval = None
-    daemon = Daemon(config)
-    try:
-        wanted = [None]
-        feed = EventFeed(daemon.core, useq.MDASequence(time_plan={"interval": 0, "loops": 12}),
-                         interval_ms=lambda: wanted[0], camera_paces=False, delivered=lambda: 3, burst_frames=8)
-        events = iter(feed)
-        assert len(next(events).events) == 8
-        wanted[0] = 30.0
-        assert [next(events).index["t"] for _ in range(6)] == [4, 5, 6, 7, 8, 9]
-    finally:
-        daemon.close()
+    wanted = [None]
+    feed = EventFeed(core_without_interval_property, useq.MDASequence(time_plan={"interval": 0, "loops": 12}),
+                     interval_ms=lambda: wanted[0], camera_paces=False, delivered=lambda: 3, burst_frames=8)
+    events = iter(feed)
+    assert len(next(events).events) == 8
+    wanted[0] = 30.0
+    assert [next(events).index["t"] for _ in range(6)] == [4, 5, 6, 7, 8, 9]
 
 
 def _plan(kind: str) -> tuple[dict, list[str]]:

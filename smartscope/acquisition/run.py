@@ -131,7 +131,7 @@ class AcquisitionRun:
                     self.stages_ms[name].append(value_ms)
             self.locs.write(r.seq, locs, r.background_photons)
             self.inference_csv.writerow([
-                r.seq, *(getattr(r.header, axis) for axis in INDEX_AXES), f"{r.t_capture_s:.6f}", f"{now_s:.6f}",
+                r.seq, *r.header.index.values(), f"{r.t_capture_s:.6f}", f"{now_s:.6f}",
                 f"{latency_ms:.3f}", r.n_emitters,
                 "" if r.count_estimate is None else r.count_estimate,
                 "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",

@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import useq
-
+from smartscope.acquisition.plan import time_lapse
 from smartscope.bench.transport import _receiver
 from smartscope.config import load_config
 from smartscope.hardware import build_core
@@ -56,10 +55,6 @@ def _config(size_px: int, paced: bool):
     return config
 
 
-def _sequence(frames: int) -> useq.MDASequence:
-    return useq.MDASequence(time_plan={"interval": 0, "loops": frames})
-
-
 class _Clock:
     """Times of the first and last frame (a listener on frameReady costs nothing next to a frame)."""
 
@@ -80,8 +75,7 @@ class _Clock:
 def _plain(size_px: int, frames: int, paced: bool) -> tuple[float, float, float]:
     """(frames/s, CPU s per frame, start-up s)."""
     core, _ = build_core(_config(size_px, paced))
-    core.setExposure(PACED_EXPOSURE_MS)
-    seq = _sequence(frames)
+    seq = time_lapse(frames, 0)
     clock = _Clock()
     core.mda.events.frameReady.connect(clock.frameReady)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -104,7 +98,7 @@ def _smartscope(size_px: int, frames: int, paced: bool) -> tuple[float, float, f
         time.sleep(0.2)  # the connection settles
         with tempfile.TemporaryDirectory() as tmp:
             t0, cpu0 = time.perf_counter(), time.process_time()
-            run = daemon.start_acquisition(Path(tmp) / "run", sequence=_sequence(frames))
+            run = daemon.start_acquisition(Path(tmp) / "run", sequence=time_lapse(frames, 0))
             while run.counts.acquired < frames and not run.done.is_set():
                 time.sleep(0.002)
             cpu_s = (time.process_time() - cpu0) / frames

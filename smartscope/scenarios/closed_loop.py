@@ -24,6 +24,7 @@ import useq
 
 from smartscope.acquisition import EventFeed, SmartEngine
 from smartscope.acquisition.feed import ORDINAL
+from smartscope.acquisition.plan import time_lapse
 from smartscope.config import PolicySpec, SmartscopeConfig
 from smartscope.control.actuator import Actuator
 from smartscope.control.decisions import DecisionLog
@@ -333,7 +334,7 @@ def run_closed_loop(
         threshold=config.inference.detection_threshold if threshold is None else threshold,
         rng=np.random.default_rng([config.hardware.seed, 7]), latency_s=latency_s, delivered=delivered,
         event_score=event_score, emitter_count=emitter_count, until=until)
-    sequence = useq.MDASequence(time_plan={"interval": 0, "loops": n_frames})
+    sequence = time_lapse(n_frames, 0)
     mda_engine = SmartEngine(core, actuator)
     mda_engine.plan = sequence
     core.mda.set_engine(mda_engine)

@@ -99,6 +99,11 @@ class FrameHeader:
     z: int = 0
 
     @property
+    def index(self) -> dict[str, int]:
+        """The frame's MDA index by axis name (INDEX_AXES)."""
+        return {axis: getattr(self, axis) for axis in INDEX_AXES}
+
+    @property
     def stream(self) -> tuple[str, int, int, int, int]:
         """The frames a temporal window may combine: one acquisition, position, grid tile, channel, z slice."""
         return (self.acquisition, self.p, self.g, self.c, self.z)
