@@ -81,20 +81,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
         base = f"http://127.0.0.1:{port}"
         print(f"API on {base} (docs: {base}/docs)", flush=True)
         daemon.storage_root.mkdir(parents=True, exist_ok=True)
-        run = daemon.start_acquisition(out, args.frames)
-        while not run.done.wait(1.0):
-            st = _http("GET", f"{base}/status")
-            latest = st.get("latest") or {}
-            print(f"  frame {st.get('frames_acquired', 0):>6}/{run.n_frames}  inferred {st.get('frames_inferred', 0):>6}"
-                  f"  emitters {latest.get('n_emitters', '-'):>3}  activation {st['actuators'].get('activation_mw') or 0:6.1f} mW"
-                  f"  z {st['actuators'].get('z_um') or 0:+.3f} µm" + (f"  HOLD: {st['hold']}" if st.get("hold") else ""),
-                  flush=True)
+        try:
+            run = daemon.start_acquisition(out, args.frames)
+        except (ValueError, RuntimeError) as e:  # a plan the disk cannot hold, no live worker, ...
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        signalled: list[int] = []
+        with _on_signals(lambda sig, _frame: signalled.append(sig)):
+            while not run.done.wait(1.0) and not signalled:
+                st = _http("GET", f"{base}/status")
+                latest = st.get("latest") or {}
+                print(f"  frame {st.get('frames_acquired', 0):>6}/{run.n_frames}  inferred "
+                      f"{st.get('frames_inferred', 0):>6}  emitters {latest.get('n_emitters', '-'):>3}  activation "
+                      f"{st['actuators'].get('activation_mw') or 0:6.1f} mW  z {st['actuators'].get('z_um') or 0:+.3f} µm"
+                      + (f"  HOLD: {st['hold']}" if st.get("hold") else ""), flush=True)
+            if signalled:
+                print(f"{signal.Signals(signalled[0]).name}: stopping the acquisition (files closed, lasers safe)…",
+                      flush=True)
+                daemon.stop_acquisition(wait_s=60)
         summary = run.summary
         print(json.dumps({k: summary[k] for k in ("state", "frames_acquired", "frames_saved", "frames_inferred",
                                                   "frames_dropped_inference", "latency_ms", "provider",
                                                   "actions", "localizations")}, indent=2))
         print(f"results in {out}/")
-        return 0 if summary["state"] == "finished" else 1
+        if summary["state"] != "finished":
+            print(f"error: the acquisition ended {summary['state']}: {summary['error'] or 'stopped by a signal'}",
+                  file=sys.stderr)
+            return 1
+        return 0
     finally:
         if server is not None:
             server.should_exit = True
@@ -124,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         daemon.spawn_workers()
         app = create_app(daemon, token=token, protect_reads=config.api.protect_reads)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
-        server.capture_signals = lambda: _stop_on_signals(server)
+        server.capture_signals = lambda: _on_signals(server.handle_exit)
         server.run()
         log.info("shutting down: acquisition stopped, files closed, lasers safe, workers told to exit")
     finally:
@@ -133,8 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(server):
-    """SIGTERM/SIGINT end uvicorn's loop (a second SIGINT forces it), then `serve` closes the daemon.
+def _on_signals(handler):
+    """SIGTERM/SIGINT call `handler` (in `serve`: uvicorn's loop ends, a second SIGINT forces it; in `demo`: the
+    run stops), then the daemon closes: the run's files complete, lasers safe, workers told to exit.
 
     uvicorn's own handling re-raises the signal after its shutdown, which
     would kill the process before the daemon stops the run and closes its files.
@@ -142,7 +157,7 @@ def _stop_on_signals(server):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -206,6 +221,7 @@ def _shape_px(text: str) -> tuple[int, int]:
 def cmd_worker(args: argparse.Namespace) -> int:
     from smartscope.inference.session import ModelError
     from smartscope.inference.worker import run_worker
+    from smartscope.transport.keys import client_keys, local_worker_key_files
 
     config = _load(args.config)
     frames, results = config.transport.frames_address, config.transport.results_address
@@ -213,6 +229,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         frames, results = _with_host(frames, args.connect), _with_host(results, args.connect)
     inf = config.inference
     try:
+        if args.server_key or args.client_key:
+            if not (args.server_key and args.client_key):
+                raise ValueError("give both --server-key and --client-key (or neither)")
+            keys = client_keys(Path(args.server_key), Path(args.client_key))
+        elif config.transport.auth == "curve":  # a worker on the daemon's host, with the daemon's config
+            keys = client_keys(*local_worker_key_files(config.transport.resolved_keys_dir()))
+        else:
+            keys = None
         counts = run_worker(args.frames_address or frames, args.results_address or results,
                             model=None if args.no_localization else args.model or inf.model,
                             provider=args.provider or inf.provider,
@@ -221,10 +245,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             event_model=args.event_model or inf.event_model,
                             event_one_view=args.event_one_view or inf.event_views == "one",
                             threads=args.threads or inf.threads_per_worker,
-                            max_batch=args.max_batch or inf.max_batch, warmup_shape=args.warmup)
-    except (ModelError, ValueError) as e:
+                            max_batch=args.max_batch or inf.max_batch, warmup_shape=args.warmup, keys=keys,
+                            parent_pid=args.parent_pid)
+    except (ModelError, ValueError, OSError) as e:  # OSError: e.g. the keys folder cannot be read
         raise SystemExit(f"error: {e}") from None
     log.info("worker done: %s", counts)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """The CURVE keys of the daemon's sockets: list them, or make and authorize one for a worker elsewhere."""
+    from smartscope.transport.keys import add_worker_key, ensure_keys
+
+    keys_dir = _load(args.config).transport.resolved_keys_dir()
+    try:
+        if args.action == "add":
+            secret = add_worker_key(keys_dir, args.name)
+            print(f"worker key {args.name!r} made and authorized. On the worker's host, with these two files:\n"
+                  f"  smartscope worker --connect DAEMON_HOST --server-key {keys_dir / 'server.key'} "
+                  f"--client-key {secret}\n(copy {secret.name} privately; delete "
+                  f"{keys_dir / 'authorized' / (args.name + '.key')} to lock it out)")
+        else:
+            keys_dir = ensure_keys(keys_dir)
+            print(f"keys in {keys_dir}; authorized workers: "
+                  + ", ".join(sorted(p.stem for p in (keys_dir / "authorized").glob("*.key"))))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     return 0
 
 
@@ -374,7 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames run at once when behind (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--warmup", type=_shape_px, default=None, metavar="HxW",
                    help="run the models once on a frame of this size at start")
+    p.add_argument("--server-key", default=None, help="the daemon's public key file (server.key; transport.auth curve)")
+    p.add_argument("--client-key", default=None,
+                   help="this worker's secret key file (from `smartscope keys add NAME`); default: the local worker key")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the daemon) is gone")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("keys", help="the CURVE keys that admit workers (transport.auth: curve)")
+    p.add_argument("action", choices=("list", "add"), help="list the authorized workers, or add a key for one")
+    p.add_argument("name", nargs="?", default=None, help="add: a name for the worker (letters, digits, - _)")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("simulate", help="write a simulated stack and its ground truth")
     p.add_argument("--frames", type=int, required=True)
@@ -425,8 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # pymmcore-plus, once imported, sets the root logger to DEBUG and logs WARNING+ to stderr itself: our handler
+    # keeps our level, and its records are not printed twice
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
+    logging.getLogger("pymmcore-plus").propagate = False
     return args.func(args)
 
 

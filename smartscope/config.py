@@ -8,6 +8,7 @@ half-configured.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -113,22 +114,41 @@ class ActuatorLimits(_Strict):
         "after a move of size d the next move waits d / max_speed_per_s",
     )
     safe_value: float | None = Field(
-        None, description="value set on safe hold / shutdown (lasers: 0)"
+        None, description="value set on safe hold / shutdown (lasers: 0); must lie within range"
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ActuatorLimits:
+        if problems := self._problems():
+            raise ValueError("; ".join(problems))
+        return self
 
-def _limits(lo: float, hi: float, **kw: Any) -> ActuatorLimits:
-    return ActuatorLimits(range=Range(min=lo, max=hi), **kw)
+    def _problems(self) -> list[str]:
+        if self.safe_value is not None and not self.range.min <= self.safe_value <= self.range.max:
+            return [f"safe_value {self.safe_value} is outside range [{self.range.min}, {self.range.max}]"]
+        return []
+
+
+class LaserLimits(ActuatorLimits):
+    """A laser's envelope: no negative power, and a safe value inside the range."""
+
+    def _problems(self) -> list[str]:
+        negative = [f"range.min {self.range.min} is a negative power"] if self.range.min < 0 else []
+        return negative + super()._problems()
+
+
+def _limits(lo: float, hi: float, kind: type[ActuatorLimits] = ActuatorLimits, **kw: Any) -> ActuatorLimits:
+    return kind(range=Range(min=lo, max=hi), **kw)
 
 
 class SafetyConfig(_Strict):
     """The safety envelope: every actuator change is clamped to these."""
 
-    activation_mw: ActuatorLimits = Field(
-        default_factory=lambda: _limits(0, 300, max_step=30, min_period_s=0.05, safe_value=0)
+    activation_mw: LaserLimits = Field(
+        default_factory=lambda: _limits(0, 300, LaserLimits, max_step=30, min_period_s=0.05, safe_value=0)
     )
-    excitation_mw: ActuatorLimits = Field(
-        default_factory=lambda: _limits(0, 100, max_step=10, min_period_s=0.05, safe_value=0)
+    excitation_mw: LaserLimits = Field(
+        default_factory=lambda: _limits(0, 100, LaserLimits, max_step=10, min_period_s=0.05, safe_value=0)
     )
     z_um: ActuatorLimits = Field(
         default_factory=lambda: _limits(-20, 20, max_step=0.2, min_period_s=0.05)
@@ -142,6 +162,10 @@ class SafetyConfig(_Strict):
     stale_after_s: float = Field(
         2.0, gt=0, description="no fresh inference for this long: safe hold"
     )
+    on_inference_loss: Literal["safe", "hold"] = Field(
+        "safe", description="while no inference result comes (every worker dead or stuck) the policies hold; "
+        "safe: the lasers also go to their safe values, and back to where they were when results return; "
+        "hold: the lasers keep their last power")
     stage_x_um: Range | None = Field(None, description="XY stage travel allowed to a plan's positions (x, µm)")
     stage_y_um: Range | None = Field(None, description="XY stage travel allowed to a plan's positions (y, µm)")
 
@@ -157,14 +181,37 @@ class TransportConfig(_Strict):
         "only, Linux); auto: on when frames_address is ipc:// or loopback tcp, where no remote worker can connect"
     )
     ring_slots: int = Field(16, ge=2, description="frames the shared-memory ring lends to workers at once")
+    auth: Literal["curve", "none"] = Field(
+        "curve", description="curve: both sockets take only workers whose key is authorized in keys_dir "
+        "(ZeroMQ CURVE, authenticated and encrypted); none: any process that reaches the ports (loopback only)")
+    keys_dir: str | None = Field(
+        None, description="CURVE keys (made on first start, owner-only); default ~/.config/smartscope/keys")
+
+    @model_validator(mode="after")
+    def _authenticated_off_host(self) -> TransportConfig:
+        if self.auth == "none":
+            open_ = [a for a in (self.frames_address, self.results_address) if not _local_address(a)]
+            if open_:
+                raise ValueError(f"auth none is allowed only on loopback or ipc://, not on {', '.join(open_)}: "
+                                 "any host that reaches the port could steer the lasers with forged results")
+        return self
+
+    def resolved_keys_dir(self) -> Path:
+        from smartscope.transport.keys import default_keys_dir
+
+        return Path(self.keys_dir).expanduser() if self.keys_dir else default_keys_dir()
 
     def ring_enabled(self) -> bool:
         if self.shared_memory != "auto":
             return self.shared_memory == "on"
         if sys.platform != "linux":  # workers map the ring from /dev/shm
             return False
-        address = self.frames_address
-        return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]"))
+        return _local_address(self.frames_address)
+
+
+def _local_address(address: str) -> bool:
+    """Only processes on this host can reach it (ipc, inproc, loopback tcp)."""
+    return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]"))
 
 
 class InferenceConfig(_Strict):
@@ -188,7 +235,13 @@ class InferenceConfig(_Strict):
     channel: str | None = Field(
         None, description="the channel preset whose frames the models read (e.g. SMLM): frames of other channels "
         "are stored, not inferred, so no policy acts on a channel it was not set for; null: every frame")
-    workers: int = Field(1, ge=0, description="worker processes the daemon starts")
+    workers: int = Field(1, ge=0, description="worker processes the daemon starts (and restarts when one dies)")
+    require_workers: bool = Field(
+        True, description="an acquisition starts only with a live inference worker (unless its request says "
+        "otherwise); false for a microscope run without inference")
+    max_respawns: int = Field(
+        5, ge=0, description="a spawned worker that dies is started again after a back-off (0.5 s, doubling); "
+        "after this many failures in a row the daemon stops trying")
     threads_per_worker: int | None = Field(
         None, ge=1, description="ONNX Runtime threads in each worker the daemon starts (default: cores / workers)"
     )
@@ -217,6 +270,15 @@ class ApiConfig(_Strict):
         "empty: CORS closed",
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    allowed_hosts: list[str] | None = Field(
+        None, description="host names the API answers to (the Host header; also the WebSocket's Origin), "
+        "against DNS rebinding; default: loopback names, this machine's name and api.host; ['*']: any")
+
+    def resolved_allowed_hosts(self) -> list[str]:
+        if self.allowed_hosts is not None:
+            return list(self.allowed_hosts)
+        names = ["127.0.0.1", "localhost", "::1", socket.gethostname()]
+        return names + ([self.host] if self.host not in ("0.0.0.0", "::", "") else [])
 
     def resolved_token(self) -> str | None:
         return os.environ.get("SMARTSCOPE_TOKEN") or self.token
@@ -226,6 +288,8 @@ class StorageConfig(_Strict):
     root: str = Field("data", description="acquisitions started over the API go to root/<name or id>")
     format: Literal["tiff", "zarr"] = Field(
         "tiff", description="frames as OME-TIFF (frames.ome.tif) or OME-Zarr (frames.ome.zarr, tensorstore)")
+    reserve_mb: float = Field(
+        100, ge=0, description="a run starts only if the disk holds all its frames and this much besides")
 
 
 class SmartscopeConfig(_Strict):

@@ -49,8 +49,9 @@ def _float(text: str | None) -> float:
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
+    """The table's complete rows (a row torn by a crash has missing fields: left out)."""
     with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+        return [row for row in csv.DictReader(fh) if None not in row.values() and None not in row]
 
 
 def read_decisions(run_dir: Path) -> list[dict[str, Any]]:
@@ -256,6 +257,10 @@ def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
 def write_report(run_dir: Path) -> dict[str, Path]:
     """Write `report.png` and `report.csv` into the run folder; NotARunError if it is not one."""
     run_dir = Path(run_dir)
+    if (run_dir / "frames.csv").is_file() and not (run_dir / "summary.json").is_file():
+        from smartscope.acquisition.run import load_run
+
+        load_run(run_dir)  # a run whose daemon ended during it: its summary.json from what is on disk
     check_run_dir(run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))

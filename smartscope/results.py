@@ -5,7 +5,10 @@ worker pool and gives back the ring slots it names; a frame's result of the
 current run is recorded in the run (localizations.csv, inference.csv, latency),
 becomes the newest per-frame summary (status, live stream) and an
 `Observation` for the policy engine, whose moves are counted for /metrics.
-Between messages the engine checks whether the results have gone stale.
+A result for a frame that is not awaiting one (never sent, or answered
+already: forged or replayed) is rejected and counted in `rejected`. Between
+messages the thread supervises the spawned workers and checks whether the
+results have gone stale; `on_hold` hears each change of the engine's hold.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import bisect
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +28,6 @@ from smartscope.control.policy import Observation
 from smartscope.transport.protocol import LOCALIZATION_COLUMNS, STATE_FIELDS
 
 if TYPE_CHECKING:
-    from collections import Counter
-
     from smartscope.acquisition.run import AcquisitionRun
     from smartscope.control.decisions import DecisionLog
     from smartscope.control.engine import PolicyEngine
@@ -67,7 +69,8 @@ class ResultsLoop:
 
     def __init__(self, receiver: ResultReceiver, publisher: FramePublisher, pool: WorkerPool,
                  engine: PolicyEngine, decisions: DecisionLog, current_run: Callable[[], AcquisitionRun | None],
-                 moves: Counter[tuple[str, str]], stale_after_s: float, notify: Callable[[], None]) -> None:
+                 moves: Counter[tuple[str, str]], stale_after_s: float, notify: Callable[[], None],
+                 on_hold: Callable[[bool], None] = lambda holding: None) -> None:
         self._receiver = receiver
         self._publisher = publisher
         self._pool = pool
@@ -77,6 +80,9 @@ class ResultsLoop:
         self._moves = moves
         self._stale_after_s = stale_after_s
         self._notify = notify
+        self._on_hold = on_hold
+        self._holding = False
+        self.rejected: Counter[str] = Counter()  # results not taken, by reason
         self.latest: dict[str, Any] | None = None  # newest per-frame summary (stream, status)
         self.latest_result: dict[str, Any] | None = None  # ... with its localizations
         self.results_seen = 0  # per-frame summaries so far (the stream counts what it skips)
@@ -104,6 +110,7 @@ class ResultsLoop:
                 if self._closing.is_set():
                     return
                 raise
+            self._pool.supervise(time.time())
             run = self._current_run()
             grace_over = run is not None and (run.resumed_s is None or
                                               time.time() - run.resumed_s > self._stale_after_s)
@@ -112,6 +119,16 @@ class ResultsLoop:
                 self._engine.check_stale()
                 if self._decisions.count != before:
                     self._notify()
+            self._hold_changed()
+
+    def _hold_changed(self) -> None:
+        holding = self._engine.hold_reason is not None
+        if holding != self._holding:
+            self._holding = holding
+            try:
+                self._on_hold(holding)
+            except Exception:
+                log.exception("the safe-hold handler failed")
 
     def _on_result(self, r: Result) -> None:
         now = time.time()
@@ -120,13 +137,20 @@ class ResultsLoop:
             self._publisher.release(r.released)
         run = self._current_run()
         if r.skipped and run is not None:
-            run.count_skipped(r.skipped)
-        if r.kind != "result" or run is None or r.header is None or r.header.acquisition != run.id:
+            if unknown := run.count_skipped(r.skipped):
+                self.rejected["skip_of_unknown_frame"] += unknown
+        if r.kind != "result" or run is None or r.header is None:
+            return
+        if r.header.acquisition != run.id:
+            self.rejected["other_acquisition"] += 1
             return
         locs = np.asarray(r.localizations, dtype=float).reshape(-1, len(LOCALIZATION_COLUMNS))
         focus_nm = float(np.median(locs[:, 2])) if len(locs) else None
         latency_ms = (now - r.t_capture_s) * 1000
-        if not run.record(r, locs, focus_nm, latency_ms, now, self._set_point()):
+        recorded = run.record(r, locs, focus_nm, latency_ms, now, self._set_point())
+        if recorded is None:
+            self.rejected["unknown_or_duplicate_frame"] += 1
+        if not recorded:
             return
         self.latency_hist.observe(latency_ms)
         h = r.header
@@ -149,6 +173,7 @@ class ResultsLoop:
             for entry in self._engine.on_observation(obs, now):
                 if entry["applied"] is not None and entry["applied"] != entry["before"]:
                     self._moves[(entry["actuator"], "policy")] += 1
+        self._hold_changed()
         self._notify()
 
     def _set_point(self) -> float | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -30,14 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import zmq
 from pymmcore_plus.mda import RunState
 from pymmcore_plus.metadata import summary_metadata
 
 from smartscope.acquisition import EventFeed, FrameHandler, SmartEngine
 from smartscope.acquisition.feed import is_time_lapse, planned_interval_ms
 from smartscope.acquisition.plan import CheckedPlan, check_plan, sets_z, time_lapse
-from smartscope.acquisition.run import AcquisitionRun, summarize
-from smartscope.config import Range, SmartscopeConfig
+from smartscope.acquisition.run import AcquisitionRun, load_run, summarize
+from smartscope.config import ConfigError, Range, SmartscopeConfig
 from smartscope.control.actuator import Actuator
 from smartscope.control.decisions import DecisionLog
 from smartscope.control.engine import PolicyEngine, build_policies
@@ -46,6 +48,7 @@ from smartscope.hardware import build_core
 from smartscope.inference.pool import WorkerPool, worker_models
 from smartscope.results import ResultsLoop
 from smartscope.storage import FrameWriter
+from smartscope.transport.keys import local_worker_key_files, server_keys, start_authenticator
 from smartscope.transport.protocol import CameraParams
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
@@ -70,6 +73,10 @@ class WrongState(RuntimeError):
     """The request does not fit the acquisition's state (e.g. resume while acquiring)."""
 
 
+class NoWorkers(RuntimeError):
+    """No inference worker is live, and the run was not asked to start without one."""
+
+
 def camera_params(config: SmartscopeConfig, core) -> CameraParams:
     if config.hardware.mode == "simulated":
         cam = config.simulation.camera
@@ -85,6 +92,15 @@ def camera_params(config: SmartscopeConfig, core) -> CameraParams:
 def _bind_address(socket_address: str) -> str:
     """tcp://host:0 means 'any free port' (tests run many daemons at once)."""
     return socket_address[:-2] + ":*" if socket_address.endswith(":0") else socket_address
+
+
+def _bound(setting: str, address: str, make: Callable[[str], Any]) -> Any:
+    """A socket made by `make` on the address; a port in use is a ConfigError naming the setting."""
+    try:
+        return make(_bind_address(address))
+    except zmq.ZMQError as e:
+        raise ConfigError(f"cannot listen on {address} ({e.strerror}): another program, or another smartscope, "
+                          f"uses it; change transport.{setting} in the config") from None
 
 
 class Daemon:
@@ -105,21 +121,32 @@ class Daemon:
         self.engine = PolicyEngine(build_policies(config.policies), self.envelope, self.actuator,
                                    self.decisions, config.safety.stale_after_s)
         t = config.transport
-        self.publisher = FramePublisher(_bind_address(t.frames_address), t.send_hwm,
-                                        ring_slots=t.ring_slots if t.ring_enabled() else 0,
-                                        ring_slot_bytes=shape[0] * shape[1] * self.core.getBytesPerPixel())
-        self.receiver = ResultReceiver(_bind_address(t.results_address))
+        self.zmq_context = zmq.Context()  # its own: the ZAP handler (CURVE) is per context
+        keys, key_args = None, ()
+        self.authenticator = self.authorized_keys = None
+        if t.auth == "curve":
+            keys = server_keys(t.resolved_keys_dir())
+            self.authenticator, self.authorized_keys = start_authenticator(self.zmq_context, keys)
+            server_key, worker_key = local_worker_key_files(t.resolved_keys_dir())
+            key_args = ("--server-key", str(server_key), "--client-key", str(worker_key))
+        self.publisher = _bound("frames_address", t.frames_address, lambda address: FramePublisher(
+            address, t.send_hwm, ring_slots=t.ring_slots if t.ring_enabled() else 0,
+            ring_slot_bytes=shape[0] * shape[1] * self.core.getBytesPerPixel(), ctx=self.zmq_context, keys=keys))
+        self.receiver = _bound("results_address", t.results_address,
+                               lambda address: ResultReceiver(address, ctx=self.zmq_context, keys=keys))
         self.frames_address = self.publisher.endpoint
         self.results_address = self.receiver.endpoint
-        self.pool = WorkerPool(config.inference, models, shape, self.frames_address, self.results_address)
+        self.pool = WorkerPool(config.inference, models, shape, self.frames_address, self.results_address,
+                               key_args=key_args)
         self.latest_frame: tuple[np.ndarray, dict] | None = None  # newest frame and its state
         self.moves: Counter[tuple[str, str]] = Counter()  # (actuator, source) → moves
         self._listeners: set[Callable[[], None]] = set()
         self.run: AcquisitionRun | None = None
-        self.runs: dict[str, AcquisitionRun] = {}
+        self.runs: dict[str, AcquisitionRun] = self._past_runs()
         self._start_lock = threading.Lock()
         self.results_loop = ResultsLoop(self.receiver, self.publisher, self.pool, self.engine, self.decisions,
-                                        lambda: self.run, self.moves, config.safety.stale_after_s, self._notify)
+                                        lambda: self.run, self.moves, config.safety.stale_after_s, self._notify,
+                                        on_hold=self._on_hold)
         self.results_loop.start()
 
     # -- workers (the pool) and the results thread's view -----------------------
@@ -132,6 +159,18 @@ class Daemon:
 
     def worker_status(self) -> dict[str, dict[str, Any]]:
         return self.pool.status()
+
+    def rejected_results(self) -> dict[str, int]:
+        """Messages on the results socket that were not taken, by reason (never negative, never reset)."""
+        refused = {"unauthorized_key": self.authorized_keys.refused} if self.authorized_keys else {}
+        return {**{f"malformed_{k}": v for k, v in self.receiver.malformed.items()}, **self.results_loop.rejected,
+                **refused, **{k: v for k, v in self.receiver.connections.items() if k != "disconnected"}}
+
+    def transport_status(self) -> dict[str, Any]:
+        """The results socket's guard and the pool's supervision, for /status."""
+        return {"auth": self.config.transport.auth, "results_rejected": self.rejected_results(),
+                "disconnections": self.receiver.connections["disconnected"],
+                "worker_respawns": self.pool.respawns, "worker_exits": self.pool.exits[-10:]}
 
     @property
     def latest(self) -> dict[str, Any] | None:
@@ -166,16 +205,36 @@ class Daemon:
         return check_plan(sequence, self.core, self.envelope, channel_group=self.core.getChannelGroup() or None,
                           stage_x_um=stage_x_um, stage_y_um=stage_y_um)
 
+    def _past_runs(self, limit: int = 1000) -> dict[str, AcquisitionRun]:
+        """The runs in storage.root from earlier daemons, oldest first (the newest `limit`); a run that an
+        earlier daemon did not live to finish is listed as interrupted, with what is on disk."""
+        root = self.storage_root
+        folders = sorted((d for d in root.iterdir() if (d / "frames.csv").is_file()),
+                         key=lambda d: (d / "frames.csv").stat().st_mtime)[-limit:] if root.is_dir() else []
+        runs = {}
+        for folder in folders:
+            try:
+                run = load_run(folder)
+            except (OSError, ValueError) as e:
+                log.warning("run folder %s could not be read: %s", folder, e)
+                continue
+            runs[run.id] = run
+        return runs
+
     def start_acquisition(self, out_dir: Path | None = None, n_frames: int | None = None, *,
                           exposure_ms: float | None = None, interval_ms: float | None = None,
                           sequence: useq.MDASequence | None = None,
-                          policies: list[str] | None = None) -> AcquisitionRun:
+                          policies: list[str] | None = None, require_workers: bool | None = None) -> AcquisitionRun:
         """Start one acquisition in the background; Busy if one is running.
 
         `sequence`: any useq MDASequence (checked by `check_plan`), or the
         short form n_frames/interval_ms (a time-lapse; interval 0: as fast as
         the camera goes). `policies`: the ones that run (the others are
-        disabled). Everything is checked before anything changes.
+        disabled). `require_workers` (default inference.require_workers):
+        NoWorkers unless an inference worker is live. A run that starts with
+        one puts the lasers safe whenever inference is lost (see `_on_hold`);
+        one that starts without leaves them alone (nothing to act on).
+        Everything is checked before anything changes.
         """
         if policies is not None and (unknown := sorted(set(policies) - set(self.engine.slots))):
             raise ValueError(f"unknown policies {unknown}; configured: {sorted(self.engine.slots)}")
@@ -200,13 +259,18 @@ class Daemon:
         with self._start_lock:
             if self.run is not None and not self.run.done.is_set():
                 raise Busy(self.run.id)
+            live = any(w["state"] == "active" for w in self.pool.status().values())
+            if not live and (self.config.inference.require_workers if require_workers is None else require_workers):
+                raise NoWorkers("no inference worker is live (see /status workers): the policies would have "
+                                "nothing to act on; wait for one, or start with require_workers false")
             run_id = uuid.uuid4().hex[:12]
             out_dir = Path(out_dir) if out_dir is not None else self.storage_root / run_id
+            self._check_free_space(out_dir, plan.n_frames)
             out_dir.mkdir(parents=True, exist_ok=True)
             run = AcquisitionRun(id=run_id, n_frames=plan.n_frames, out_dir=out_dir, exposure_ms=exposure_ms,
                                  interval_ms=interval_ms, plan=plan,
                                  sequence=sequence.model_dump(mode="json", exclude_unset=True),
-                                 decisions_at_start=self.decisions.count)
+                                 decisions_at_start=self.decisions.count, inference_at_start=live)
             if policies is not None:
                 for name in self.engine.slots:
                     self.engine.set_enabled(name, name in policies)
@@ -240,6 +304,47 @@ class Daemon:
             threading.Thread(target=self._acquire, args=(run,), name=f"acq-{run.id}", daemon=True).start()
         self._notify()
         return run
+
+    def _check_free_space(self, out_dir: Path, n_frames: int) -> None:
+        """ValueError unless the disk holds every frame of the plan and storage.reserve_mb besides."""
+        frame_bytes = self.core.getImageWidth() * self.core.getImageHeight() * self.core.getBytesPerPixel()
+        need = n_frames * frame_bytes + self.config.storage.reserve_mb * 1e6
+        probe = next(d for d in (out_dir, *out_dir.parents) if d.exists())
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise ValueError(f"the plan needs {need / 1e9:.3f} GB ({n_frames} frames of {frame_bytes} bytes, plus "
+                             f"storage.reserve_mb {self.config.storage.reserve_mb}); {free / 1e9:.3f} GB free on "
+                             f"{probe}: free some space or acquire fewer frames")
+
+    def _on_hold(self, holding: bool) -> None:
+        """The results thread saw the policy engine enter or leave its hold (no fresh inference result).
+
+        With safety.on_inference_loss 'safe' the lasers go to their safe values for the hold and come back to
+        where they were when fresh results return (a run that started without workers is left alone).
+        """
+        run = self.run
+        if run is None or not run.inference_at_start or self.config.safety.on_inference_loss != "safe":
+            return
+        if holding and run.state == "acquiring" and not run.lasers_before_hold:
+            lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
+            run.lasers_before_hold = {n: self.actuator.snapshot()[n] for n in lasers}
+            self._set_safe()
+            log.error("acquisition %s: no fresh inference (%s); lasers safe until results return",
+                      run.id, self.engine.hold_reason)
+            self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
+                                   "outcome": "lasers_safe", "reason": "inference lost: lasers at their safe values"})
+        elif not holding and run.lasers_before_hold:
+            saved, run.lasers_before_hold = run.lasers_before_hold, {}
+            if run.state == "paused":  # resume brings them back
+                run.saved_lasers.update(saved)
+            elif run.state == "acquiring":  # ending: the lasers stay safe
+                for name, value in saved.items():
+                    if value is not None:
+                        self.actuator.write(name, value)
+                self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
+                                       "outcome": "lasers_restored", "values": saved,
+                                       "reason": "inference back: lasers restored to their values before the hold"})
+                log.info("acquisition %s: inference back, lasers restored", run.id)
 
     def _correct_focus(self, _actuator: str, obs: Observation, delta_um: float) -> None:
         has_positions = self.run is not None and "p" in self.run.plan.sizes
@@ -425,7 +530,8 @@ class Daemon:
         workers = self.pool.status()
         base = {"state": "idle" if run is None else run.state,
                 "provider": sorted({w["provider"] for w in workers.values() if w["state"] == "active"}),
-                "workers": workers, "hold": self.engine.hold_reason, "engine": self.engine.status(),
+                "workers": workers, "transport": self.transport_status(), "hold": self.engine.hold_reason,
+                "engine": self.engine.status(),
                 "actuators": self.actuator.snapshot(), "latest": self.latest}
         if run is not None:
             base.update({"acquisition": run.id, **{k: v for k, v in self._summary(run).items()
@@ -443,3 +549,6 @@ class Daemon:
         self.results_loop.close()
         self.publisher.close()
         self.receiver.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.zmq_context.term()

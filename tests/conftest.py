@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import math
+import tempfile
 
 import pytest
 
 from smartscope.config import SmartscopeConfig, load_config
+
+_KEYS_DIR = tempfile.mkdtemp(prefix="smartscope-test-keys-") + "/keys"  # made by the first daemon, shared
 
 
 def small_config() -> SmartscopeConfig:
@@ -14,6 +17,8 @@ def small_config() -> SmartscopeConfig:
     cfg.transport.results_address = "tcp://127.0.0.1:0"
     cfg.simulation.camera.width_px = cfg.simulation.camera.height_px = 64
     cfg.acquisition.exposure_ms = cfg.acquisition.interval_ms = 10
+    cfg.inference.require_workers = False  # most tests drive the acquisition alone; tests/test_faults.py does not
+    cfg.transport.keys_dir = _KEYS_DIR
     return cfg
 
 

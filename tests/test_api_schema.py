@@ -39,10 +39,10 @@ def _cheap(case):
     return case
 
 
-def _operation_test(op, base: str, seen: collections.Counter, daemon):
-    name = f"{op.method.upper()} {op.path}"
+def _in_process(daemon):
+    """(before, stop) hooks on a daemon in this process."""
 
-    def before() -> None:  # the state in which the operation can succeed, so generation reaches 2xx too
+    def before(name: str) -> None:  # the state in which the operation can succeed, so generation reaches 2xx too
         run = daemon.run
         running = run is not None and not run.done.is_set()
         if name in ("POST /acquisitions/current/pause", "POST /acquisitions/current/resume",
@@ -51,10 +51,20 @@ def _operation_test(op, base: str, seen: collections.Counter, daemon):
         if name == "POST /acquisitions/current/resume" and daemon.run.state == "acquiring":
             daemon.pause_acquisition()
 
+    return before, daemon.stop_acquisition
+
+
+def _operation_test(op, base: str, seen: collections.Counter, hooks, max_examples: int = MAX_EXAMPLES):
+    name = f"{op.method.upper()} {op.path}"
+    before_hook, stop = hooks
+
+    def before() -> None:
+        before_hook(name)
+
     strategy = op.as_strategy()
     if name == "POST /acquisitions":
         strategy = strategy.map(_cheap)
-    examples = 3 if name.startswith("POST /acquisitions/current/") else MAX_EXAMPLES  # no parameters
+    examples = 3 if name.startswith("POST /acquisitions/current/") else max_examples  # no parameters
 
     @given(case=strategy)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
@@ -67,7 +77,7 @@ def _operation_test(op, base: str, seen: collections.Counter, daemon):
                                           timeout=30)
         seen[response.status_code] += 1
         if name == "POST /acquisitions" and response.status_code == 201:
-            daemon.stop_acquisition()  # the next case may start one too
+            stop()  # the next case may start one too
 
     return check
 
@@ -92,7 +102,7 @@ def test_generated_requests_get_no_5xx_and_match_the_schema(live_api):
     assert len(operations) >= 15
     for op in operations:
         check = _operation_test(op, base, statuses.setdefault(f"{op.method.upper()} {op.path}",
-                                                              collections.Counter()), daemon)
+                                                              collections.Counter()), _in_process(daemon))
         check()
         daemon.stop_acquisition()  # an acquisition a case started must not outlive its operation
     elapsed = time.perf_counter() - t0
@@ -103,3 +113,100 @@ def test_generated_requests_get_no_5xx_and_match_the_schema(live_api):
                "POST /acquisitions/current/pause", "POST /acquisitions/current/resume",
                "GET /policies/{name}", "GET /frames/latest.png"):
         assert statuses[op][200] + statuses[op][201] >= 1, op  # generation reached the happy path too
+
+
+# -- the daemon as a lab runs it: `smartscope serve`, fuzzed at length -------------------------------------
+
+CASES_GOAL = 5000
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_the_serving_daemon_survives_5000_generated_requests(tmp_path):
+    """`smartscope serve` on loopback with its worker, every operation fuzzed with the token (>= 5000 cases):
+    no 5xx, no response outside the schema, the daemon alive throughout and its RSS under 500 MB."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+    import yaml
+
+    from smartscope.config import load_config
+
+    cfg = load_config().model_dump(mode="json")
+    cfg["simulation"]["camera"]["width_px"] = cfg["simulation"]["camera"]["height_px"] = 64
+    cfg["acquisition"]["exposure_ms"] = cfg["acquisition"]["interval_ms"] = 20
+    cfg["transport"].update(frames_address="tcp://127.0.0.1:0", results_address="tcp://127.0.0.1:0",
+                            keys_dir=str(tmp_path / "keys"))
+    cfg["storage"]["root"] = str(tmp_path / "data")
+    cfg["storage"]["reserve_mb"] = 0
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    port = 18000 + os.getpid() % 1000
+    daemon = subprocess.Popen([sys.executable, "-m", "smartscope", "serve", "--config", str(tmp_path / "c.yaml"),
+                               "--port", str(port)], env={**os.environ, "SMARTSCOPE_TOKEN": TOKEN},
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
+    base = f"http://127.0.0.1:{port}"
+    rss_mb: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5) and daemon.poll() is None:
+            rss_mb.append(_rss_mb(daemon.pid))
+
+    try:
+        client = httpx.Client(base_url=base, headers=AUTH, timeout=30)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if client.get("/status").json()["workers"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        threading.Thread(target=sample, daemon=True).start()
+
+        def before(name: str) -> None:
+            state = client.get("/status").json()["state"]
+            running = state in ("acquiring", "paused", "finishing")
+            if name in ("POST /acquisitions/current/pause", "POST /acquisitions/current/resume",
+                        "POST /acquisitions/current/stop") and not running:
+                client.post("/acquisitions", json={"frames": 300})
+            if name == "POST /acquisitions/current/resume" and client.get("/status").json()["state"] == "acquiring":
+                client.post("/acquisitions/current/pause")
+
+        def stop() -> None:
+            client.post("/acquisitions/current/stop")
+
+        schema = schemathesis.openapi.from_url(base + "/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        per_operation = CASES_GOAL // (len(operations) - 3) + 1
+        statuses: dict[str, collections.Counter] = {}
+        t0 = time.perf_counter()
+        for op in operations:
+            name = f"{op.method.upper()} {op.path}"
+            _operation_test(op, base, statuses.setdefault(name, collections.Counter()), (before, stop),
+                            max_examples=per_operation)()
+            stop()
+            assert daemon.poll() is None, f"the daemon died during {name}"
+        cases = sum(sum(c.values()) for c in statuses.values())
+        elapsed = time.perf_counter() - t0
+    finally:
+        done.set()
+        daemon.send_signal(2)
+        daemon.wait(60)
+    figures = {"cases": cases, "seconds": round(elapsed, 1), "rss_mb_max": round(max(rss_mb), 1),
+               "rss_mb_first": round(rss_mb[0], 1), "server_errors": sum(
+                   n for c in statuses.values() for code, n in c.items() if code >= 500)}
+    print("schemathesis soak:", json.dumps(figures))
+    assert cases >= CASES_GOAL and figures["server_errors"] == 0
+    assert max(rss_mb) < 500, figures
+    assert daemon.returncode == 0

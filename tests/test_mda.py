@@ -28,6 +28,7 @@ def demo_adapters_config(tmp_path, policies=()):
     config.transport.frames_address = "tcp://127.0.0.1:0"
     config.transport.results_address = "tcp://127.0.0.1:0"
     config.inference.workers = 0
+    config.inference.require_workers = False
     config.storage.root = str(tmp_path)
     config.policies = list(policies)
     return config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -106,13 +108,27 @@ def test_a_full_disk_stops_the_run_with_the_lasers_safe(config, full_disk):
 
     config.inference.workers = 0
     config.storage.root = str(full_disk)
+    config.storage.reserve_mb = 0
     daemon = Daemon(config)
     try:
-        run = daemon.start_acquisition(full_disk / "run", 2000)  # 64² uint16: 16 MB, the disk holds 1 MB
+        run = daemon.start_acquisition(full_disk / "run", 100)  # 64² uint16: 0.8 MB, the disk holds 1 MB ...
+        filler = shutil.disk_usage(full_disk).free - 64 * 1024  # ... until something else fills it
+        (full_disk / "other").write_bytes(b"x" * filler)
         assert run.done.wait(60)
         assert run.state == "errored" and "No space left on device" in run.error
-        assert run.counts.acquired < 400  # stopped at the failure, not at the end of the plan
+        assert run.counts.acquired < 90  # stopped at the failure, not at the end of the plan
         assert daemon.actuator.snapshot()["activation_mw"] == 0 and daemon.actuator.snapshot()["excitation_mw"] == 0
         assert not daemon.core.mda.is_running()
     finally:
         daemon.close()
+
+
+def test_the_demo_refuses_a_run_the_disk_cannot_hold_in_one_sentence(full_disk, tmp_path):
+    """Free space is checked before anything moves: the demo exits non-zero with one sentence, no traceback."""
+    done = subprocess.run([sys.executable, "-m", "smartscope", "demo", "--frames", "1000", "--out",
+                           str(full_disk / "run")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)})
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "free on" in errors[0] and "Traceback" not in done.stderr, done.stderr
+    assert not (full_disk / "run").exists()

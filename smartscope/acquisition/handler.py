@@ -11,7 +11,9 @@ each drop is counted).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +40,38 @@ class FrameCounts:
     delivered: int = -1  # ordinal (in the plan) of the newest frame
 
 
+class Awaiting:
+    """Frames sent to the workers and not answered yet: a result is taken once, for a frame that was sent
+    (a forged, replayed or duplicated result finds nothing). Bounded: frames lost without an answer are
+    forgotten oldest first beyond MAX_FRAMES."""
+
+    MAX_FRAMES = 1 << 16
+
+    def __init__(self) -> None:
+        self._seqs: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, seq: int) -> None:
+        with self._lock:
+            self._seqs[seq] = None
+            if len(self._seqs) > self.MAX_FRAMES:
+                self._seqs.popitem(last=False)
+
+    def take(self, seq: int) -> bool:
+        with self._lock:
+            return self._seqs.pop(seq, False) is None
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+
 class FrameHandler:
     def __init__(self, *, acquisition_id: str, actuator: Actuator, camera: CameraParams, writer: FrameWriter,
                  publisher: FramePublisher, infer_channel: str | None = None,
                  on_frame: Callable[[np.ndarray, dict[str, Any]], None] | None = None,
                  on_storage_error: Callable[[BaseException], None] | None = None) -> None:
         self.counts = FrameCounts()
+        self.awaiting = Awaiting()
         self._id = acquisition_id
         self._actuator = actuator
         self._camera = camera
@@ -88,9 +116,12 @@ class FrameHandler:
                              dtype=str(frame.dtype), exposure_ms=exposure_ms, camera=self._camera, **index,
                              **{k: state.get(k) for k in STATE_FIELDS})
         to_infer = self._infer_channel is None or channel in ("", self._infer_channel)
+        if to_infer:
+            self.awaiting.add(seq)  # before the send: a fast worker may answer before publish returns
         if to_infer and self._publisher.publish(header, frame):
             counts.published += 1
         else:
+            self.awaiting.take(seq)
             counts.dropped_inference += 1
         if self._on_frame is not None:
             self._on_frame(frame, {"frame": seq, **index, "channel": channel})

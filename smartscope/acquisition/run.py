@@ -9,7 +9,9 @@ workers, the policies and the sockets at that moment.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -22,6 +24,7 @@ import numpy as np
 
 from smartscope.acquisition.handler import FrameCounts
 from smartscope.storage import LocalizationWriter
+from smartscope.storage.frames import frames_on_disk
 from smartscope.transport.protocol import INDEX_AXES
 
 if TYPE_CHECKING:
@@ -31,7 +34,10 @@ if TYPE_CHECKING:
     from smartscope.storage import FrameWriter
     from smartscope.transport.protocol import Result
 
-RUN_STATES = ("acquiring", "paused", "finishing", "finished", "cancelled", "errored")
+RUN_STATES = ("acquiring", "paused", "finishing", "finished", "cancelled", "errored", "interrupted")
+#: what an interrupted run's summary says happened
+INTERRUPTED = ("the daemon ended during the run (killed, crashed or power lost): the counts are what is on disk; "
+               "frames.csv lists every frame saved, up to the frames in flight")
 #: per-frame inference record written next to the data (the report reads it)
 INFERENCE_COLUMNS = ("frame", *INDEX_AXES, "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
                      "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
@@ -77,7 +83,9 @@ class AcquisitionRun:
     stop: threading.Event = field(default_factory=threading.Event)
     pauses: int = 0
     resumed_s: float | None = None
-    saved_lasers: dict[str, float | None] = field(default_factory=dict)
+    saved_lasers: dict[str, float | None] = field(default_factory=dict)  # laser powers before a pause
+    inference_at_start: bool = True  # a worker was live at start: the lasers go safe while inference is lost
+    lasers_before_hold: dict[str, float | None] = field(default_factory=dict)  # ... before inference was lost
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     writer: FrameWriter | None = None
@@ -93,7 +101,15 @@ class AcquisitionRun:
 
     @property
     def counts(self) -> FrameCounts:
-        return self.handler.counts if self.handler is not None else FrameCounts()
+        if self.handler is not None:
+            return self.handler.counts
+        s = self.summary or {}  # a run of an earlier daemon (load_run)
+        return FrameCounts(acquired=s.get("frames_acquired", 0), published=s.get("frames_published", 0),
+                           dropped_inference=s.get("frames_not_sent", 0))
+
+    @property
+    def frames_saved(self) -> int:
+        return self.writer.saved if self.writer is not None else int((self.summary or {}).get("frames_saved", 0))
 
     def progress(self) -> dict[str, dict[str, int]]:
         """Per axis of the plan: the highest index reached + 1, of the axis' size."""
@@ -108,18 +124,26 @@ class AcquisitionRun:
         self.inference_csv = csv.writer(self.inference_fh)
         self.inference_csv.writerow(INFERENCE_COLUMNS)
 
-    def count_skipped(self, skipped: list[tuple[str, int]]) -> None:
-        """Count this run's frames in a worker's (acquisition, seq) list of frames it skipped."""
+    def count_skipped(self, skipped: list[tuple[str, int]]) -> int:
+        """Count this run's frames in a worker's (acquisition, seq) list of frames it skipped; returns how
+        many of them were not frames awaiting an answer (never sent, or answered already)."""
         with self.lock:
-            if not self.files_closed:
-                self.skipped += sum(acquisition == self.id for acquisition, _ in skipped)
+            if self.files_closed:
+                return 0
+            mine = [seq for acquisition, seq in skipped if acquisition == self.id]
+            answered = sum(self.handler.awaiting.take(seq) for seq in mine)
+            self.skipped += answered
+            return len(mine) - answered
 
     def record(self, r: Result, locs: np.ndarray, focus_nm: float | None, latency_ms: float, now_s: float,
-               set_point: float | None) -> bool:
-        """Count one frame's result and write its rows; False (nothing done) once the files are closed."""
+               set_point: float | None) -> bool | None:
+        """Count one frame's result and write its rows; False (nothing done) once the files are closed, None
+        (rejected) for a frame that is not awaiting a result: never sent, or answered already."""
         with self.lock:
             if self.files_closed or self.locs is None:
                 return False
+            if not self.handler.awaiting.take(r.seq):
+                return None
             self.inferred += 1
             self.localizations += len(locs)
             self.latencies_ms.append(latency_ms)
@@ -194,7 +218,7 @@ def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine
         "sequence": run.sequence,
         "pauses": run.pauses,
         "frames_acquired": run.counts.acquired,
-        "frames_saved": run.writer.saved if run.writer else 0,
+        "frames_saved": run.frames_saved,
         "frames_published": run.counts.published,
         "frames_inferred": run.inferred,
         "frames_dropped_inference": run.counts.acquired - run.inferred,
@@ -204,6 +228,7 @@ def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine
         "localizations": run.localizations,
         "latency_ms": run.latency_percentiles(),
         "latency_stages_ms": {name: _percentiles(v) for name, v in run.stages_ms.items()},
+        "started_s": run.started_s,
         "duration_s": round(duration, 3),
         "inference_rate_hz": round(run.inferred / duration, 2) if duration > 0 else None,
         "provider": providers[0] if len(providers) == 1 else providers,
@@ -218,3 +243,61 @@ def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine
                      for name, slot in engine.slots.items()},
         "files": run.files(),
     }
+
+
+def _data_rows(path: Path) -> tuple[int, list[str] | None, list[str] | None]:
+    """(rows after the header, first row, last complete row) of a CSV table; (0, None, None) if missing."""
+    if not path.is_file():
+        return 0, None, None
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        n, first, last = 0, None, None
+        for row in reader:
+            if header is not None and len(row) == len(header):  # a row cut by the crash is not counted
+                n, first, last = n + 1, first or row, row
+    return n, first, last
+
+
+def load_run(out_dir: Path) -> AcquisitionRun | None:
+    """A run folder of an earlier daemon as a run record: its summary.json, or, for a run the daemon did not
+    live to finish (no summary.json), what is on disk, marked `interrupted` (and its summary.json written,
+    so `smartscope report` works on it). None if the folder holds no run."""
+    import json
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "frames.csv").is_file():
+        return None
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if summary is None:
+        saved, first, last = _data_rows(out_dir / "frames.csv")
+        inferred = _data_rows(out_dir / "inference.csv")[0]
+        started_s = float(first[1]) if first else (out_dir / "frames.csv").stat().st_mtime
+        finished_s = float(last[1]) if last else started_s
+        tiffs = [out_dir / "frames.ome.tif"] if (out_dir / "frames.ome.tif").is_file() else \
+            sorted((out_dir / "frames").glob("*.ome.tif"))
+        summary = {"acquisition": out_dir.name, "state": "interrupted", "error": INTERRUPTED,
+                   "frames_requested": None, "frames_acquired": saved, "frames_saved": saved,
+                   "frames_on_disk": sum(frames_on_disk(t) for t in tiffs) if tiffs else None,
+                   "frames_inferred": inferred, "localizations": _data_rows(out_dir / "localizations.csv")[0],
+                   "decisions": sum(1 for _ in open(out_dir / "decisions.jsonl", "rb"))
+                   if (out_dir / "decisions.jsonl").is_file() else 0,
+                   "started_s": started_s, "duration_s": round(finished_s - started_s, 3)}
+        logging.getLogger("smartscope").warning(
+            "acquisition in %s was interrupted (the daemon ended during it): %d frames on disk", out_dir, saved)
+        with contextlib.suppress(OSError):  # listed all the same; the next start tries again
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    started_s = float(summary.get("started_s") or (out_dir / "frames.csv").stat().st_mtime)
+    run = AcquisitionRun(id=str(summary.get("acquisition") or out_dir.name),
+                         n_frames=int(summary.get("frames_requested") or summary.get("frames_saved") or 0),
+                         out_dir=out_dir, state=str(summary.get("state", "interrupted")),
+                         exposure_ms=summary.get("exposure_ms"), interval_ms=summary.get("interval_ms"),
+                         sequence=summary.get("sequence"), inferred=int(summary.get("frames_inferred") or 0),
+                         localizations=int(summary.get("localizations") or 0), started_s=started_s,
+                         finished_s=started_s + float(summary.get("duration_s") or 0), error=summary.get("error"),
+                         files_closed=True, summary=summary)
+    run.done.set()
+    return run

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, WebSocket, status
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -39,7 +40,7 @@ from smartscope.api.models import (
     StartAcquisition,
 )
 from smartscope.api.stream import STREAM_MESSAGE_DOC, serve_stream
-from smartscope.service import Busy, Daemon, WrongState
+from smartscope.service import Busy, Daemon, NoWorkers, WrongState
 from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 
 _bearer = HTTPBearer(auto_error=False)
@@ -132,12 +133,22 @@ def _info(run) -> AcquisitionInfo:
     return AcquisitionInfo(
         id=run.id, state=run.state, frames_requested=run.n_frames, progress=run.progress(),
         frames_acquired=run.counts.acquired,
-        frames_saved=run.writer.saved if run.writer else 0, frames_inferred=run.inferred,
+        frames_saved=run.frames_saved, frames_inferred=run.inferred,
         frames_dropped=run.counts.dropped_inference,
         acquisition_rate_hz=round(run.counts.acquired / elapsed, 2) if elapsed > 0 else None,
         inference_rate_hz=round(run.inferred / elapsed, 2) if elapsed > 0 else None,
         exposure_ms=run.exposure_ms, interval_ms=run.interval_ms, pauses=run.pauses, started_s=run.started_s,
         finished_s=run.finished_s, error=run.error, out_dir=str(run.out_dir), files=run.files(), summary=run.summary)
+
+
+def _host_of(url: str) -> str:
+    """The host name of an origin or URL (no scheme, port or brackets)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
 
 
 def _no_frame_yet(what: str) -> HTTPException:
@@ -183,6 +194,9 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    allowed_hosts = api_cfg.resolved_allowed_hosts()
+    if "*" not in allowed_hosts:  # DNS rebinding: a hostile name resolving to 127.0.0.1 is refused by its Host
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     registry = build_registry(daemon)
 
     @app.get("/health", tags=["status"], response_model=Health)
@@ -213,9 +227,12 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
         try:
             run = daemon.start_acquisition(out_dir, body.frames,
                                            exposure_ms=body.exposure_ms, interval_ms=body.interval_ms,
-                                           sequence=body.sequence, policies=body.policies)
+                                           sequence=body.sequence, policies=body.policies,
+                                           require_workers=body.require_workers)
         except Busy as e:
             raise HTTPException(status.HTTP_409_CONFLICT, {"message": str(e), "running": e.running_id}) from e
+        except NoWorkers as e:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
         except ValueError as e:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
         return _info(run)
@@ -414,6 +431,12 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     @app.websocket("/stream")
     async def stream(websocket: WebSocket, max_rate_hz: Annotated[float, Query(gt=0, le=100)] = 10.0,
                      token: Annotated[str | None, Query()] = None) -> None:
+        origin = websocket.headers.get("origin")
+        if origin is not None and origin not in cors_origins and _host_of(origin) not in allowed_hosts:
+            # a page of another site open in the user's browser: browsers send its Origin and let it connect
+            await websocket.send_denial_response(JSONResponse(
+                {"detail": f"origin {origin} is not allowed (api.cors_origins, api.allowed_hosts)"}, status_code=403))
+            return
         if protect_reads:
             supplied = token
             header = websocket.headers.get("authorization", "")

@@ -47,8 +47,15 @@ class DaemonCollector:
             ("malformed_results", "result messages from workers that did not decode",
              sum(d.receiver.malformed.values())),
             ("acquisitions", "acquisitions started", len(runs)),
+            ("worker_respawns", "inference workers started again after one died", d.pool.respawns),
         ):
             yield CounterMetricFamily(f"smartscope_{name}", doc, value=value)
+        rejected = CounterMetricFamily("smartscope_results_rejected", "messages on the results socket not taken, "
+                                       "by reason (malformed, forged or duplicate, unauthenticated)",
+                                       labels=["reason"])
+        for reason, n in sorted(d.rejected_results().items()):
+            rejected.add_metric([reason], n)
+        yield rejected
 
         h = d.latency_hist
         buckets = [(b if b == "+Inf" else str(float(b) / 1000), n) for b, n in h.cumulative()]

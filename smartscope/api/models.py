@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from useq import MDASequence
 
 MAX_PLATE_WELLS = 1536
-RunState = Literal["acquiring", "paused", "finishing", "finished", "cancelled", "errored"]
+RunState = Literal["acquiring", "paused", "finishing", "finished", "cancelled", "errored", "interrupted"]
 
 
 class StartAcquisition(BaseModel):
@@ -38,6 +38,9 @@ class StartAcquisition(BaseModel):
     policies: list[str] | None = Field(
         None, description="the policies that run in this acquisition (the others are disabled; the choice "
         "stays until changed); default: leave the current enabled set", examples=[["illumination", "focus"]])
+    require_workers: StrictBool | None = Field(
+        None, description="refuse to start (409) unless an inference worker is live; false: acquire anyway "
+        "(frames stored, no policy acts, the lasers keep their power); default: inference.require_workers")
 
     @field_validator("sequence", mode="before")
     @classmethod
@@ -110,7 +113,7 @@ class PolicyUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid",
                               json_schema_extra={"examples": [{"enabled": True, "params": {"set_point_emitters": 20}}]})
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
     params: dict[str, Any] | None = Field(None, description="parameters to change (see params_schema)")
 
 

@@ -35,6 +35,7 @@ from smartscope.bench.transport import _receiver
 from smartscope.config import load_config
 from smartscope.hardware import build_core
 from smartscope.service import Daemon
+from smartscope.transport.keys import client_keys, local_worker_key_files
 
 SIZE_PX = 256
 REPEATS = 5
@@ -50,6 +51,7 @@ def _config(size_px: int, paced: bool):
     config.simulation.camera.width_px = config.simulation.camera.height_px = size_px
     config.transport.frames_address = config.transport.results_address = "tcp://127.0.0.1:0"
     config.inference.workers = 0
+    config.inference.require_workers = False  # the bench's receiver stands in for a worker
     config.policies = []
     config.acquisition.burst_frames = 1000
     return config
@@ -85,13 +87,15 @@ def _plain(size_px: int, frames: int, paced: bool) -> tuple[float, float, float]
 
 def _smartscope(size_px: int, frames: int, paced: bool) -> tuple[float, float, float, dict]:
     """(frames/s, CPU s per frame, start-up s, counts)."""
-    daemon = Daemon(_config(size_px, paced))
+    config = _config(size_px, paced)
+    daemon = Daemon(config)
+    keys = client_keys(*local_worker_key_files(config.transport.resolved_keys_dir()))
     clock = _Clock()
     daemon.core.mda.events.frameReady.connect(clock.frameReady)
     spawn = mp.get_context("spawn")
     ready, out = spawn.Event(), spawn.Queue()
     receiver = spawn.Process(target=_receiver, args=(daemon.frames_address, daemon.results_address, "ours",
-                                                     frames, ready, out), daemon=True)
+                                                     frames, ready, out, keys), daemon=True)
     receiver.start()
     try:
         ready.wait(30)

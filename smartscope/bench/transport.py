@@ -25,6 +25,7 @@ import time
 import numpy as np
 import zmq
 
+from smartscope.transport.keys import ClientKeys, connect_curve
 from smartscope.transport.protocol import (
     CameraParams,
     FrameHeader,
@@ -55,10 +56,14 @@ def _header(seq: int, shape: tuple[int, int]) -> FrameHeader:
                        angle_deg=0.0, camera=CAMERA)
 
 
-def _receiver(address: str, back_address: str, mode: str, n: int, ready, out) -> None:
-    """Receive n frames, as a worker would take them; report (frames, seconds from first to last)."""
+def _receiver(address: str, back_address: str, mode: str, n: int, ready, out, keys: ClientKeys | None = None) -> None:
+    """Receive n frames, as a worker would take them (with its CURVE keys, when given); report (frames, seconds
+    from first to last)."""
     ctx = zmq.Context()
     pull, back = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    if keys is not None:
+        connect_curve(pull, keys)
+        connect_curve(back, keys)
     pull.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
     pull.connect(address)
     back.connect(back_address)

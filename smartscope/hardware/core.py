@@ -6,6 +6,7 @@ only, so the demo and a real microscope share one code path.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pymmcore_plus import CMMCorePlus
@@ -71,7 +72,8 @@ def build_core(config: SmartscopeConfig) -> tuple[CMMCorePlus, SimulatedMicrosco
 def _simulated_core(config: SmartscopeConfig) -> tuple[SimulatedCore, SimulatedMicroscope]:
     devs, safety = config.hardware.devices, config.safety
     scope = SimulatedMicroscope(config.simulation, seed=config.hardware.seed, keep_truth=config.hardware.keep_truth)
-    core = SimulatedCore()
+    # Python devices only: no Micro-Manager folder to search for (pymmcore-plus logs an ERROR when none is found)
+    core = SimulatedCore(mm_path=str(Path(__file__).parent))
     core.loadPyDevice(devs.camera, SimCamera(scope, realtime=config.hardware.realtime))
     if devs.focus:
         core.loadPyDevice(devs.focus, SimFocus(scope))

@@ -5,7 +5,10 @@ one or many machines share the frame stream (PUSH/PULL load-balances). Each
 announces itself (hello: host, provider, models, threads), sends a heartbeat
 while idle and says bye at exit, so the daemon can show every worker in its
 status. A malformed message is counted per reason and dropped; the worker
-never dies of bad input. It exits on SIGTERM/SIGINT or when `stop` is set.
+never dies of bad input. It exits on SIGTERM/SIGINT or when `stop` is set,
+and a worker the daemon spawned (`parent_pid`) exits within a second of the
+daemon's death, however it died. With `keys` both sockets are CURVE clients of
+the daemon (transport/keys.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from smartscope.inference.counting import count_frame
 from smartscope.inference.events import EventWindow, event_map, persistent_score
 from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_frame, window_input
 from smartscope.inference.session import LoadedModel, load_model
+from smartscope.transport.keys import ClientKeys, connect_curve
 from smartscope.transport.protocol import (
     LOCALIZATION_COLUMNS,
     FrameHeader,
@@ -58,7 +62,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                threshold: float = 0.5, stop: threading.Event | None = None,
                threads: int | None = None, counting_model: str | None = None,
                event_model: str | None = None, event_one_view: bool = False, max_batch: int | None = None,
-               warmup_shape: tuple[int, int] | None = None) -> dict[str, int]:
+               warmup_shape: tuple[int, int] | None = None, keys: ClientKeys | None = None,
+               parent_pid: int | None = None) -> dict[str, int]:
     """Serve until stopped; returns counts (frames, results, skipped, malformed).
 
     When frames arrive faster than the models run, the worker conflates: it
@@ -117,10 +122,13 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     pull.setsockopt(zmq.RCVHWM, max(2, max_batch))  # enough waiting frames to fill a batch
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-    pull.connect(frames_address)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 64)
     push.setsockopt(zmq.LINGER, 500)
+    if keys is not None:
+        connect_curve(pull, keys)
+        connect_curve(push, keys)
+    pull.connect(frames_address)
     push.connect(results_address)
     ring = RingReader()
     counts = {"frames": 0, "results": 0, "skipped": 0}
@@ -193,6 +201,9 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     poller.register(pull, zmq.POLLIN)
     try:
         while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("worker %s: the daemon (pid %d) is gone; exiting", worker_id, parent_pid)
+                break
             if time.monotonic() - last_sent[0] > HEARTBEAT_S:  # also when only malformed messages come
                 send("heartbeat")
             if not poller.poll(200):

@@ -14,8 +14,11 @@
   by a thread of their own, so a slow disk never holds up the camera. A
   frame the camera did not deliver (a gap in the plan's order) is skipped in
   the sink, so every later frame still lands at its own index.
-- **After a crash.** OME-TIFF: the pages written so far are a readable
-  multi-page TIFF (the OME-XML is written at close). OME-Zarr: every frame is
+- **After a crash.** OME-TIFF: the pixels of every frame written are on
+  disk, one after the other behind the first page (tifffile's contiguous
+  writes: the other pages' tags and the OME-XML are written at close); a
+  reader of such a cut file sees one page, `frames_on_disk` and
+  `read_frames` see them all. OME-Zarr: every frame is
   its own chunk, written as it comes, under metadata written at the start, so
   a reader sees each frame written before the crash and the fill value (0)
   for the rest. `frames.csv` is flushed with every frame.
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import ome_types  # noqa: F401 - imported here, with the daemon: ome-writers would import it at the first run (1.2 s)
+import tifffile
 from ome_writers import AcquisitionSettings
 from pymmcore_plus.mda._generator_sequence import GeneratorMDASequence
 from pymmcore_plus.mda._sink import OmeWritersSink
@@ -132,3 +136,38 @@ class FrameWriter:
         if self.error is not None:
             raise RuntimeError(f"writing {self.path} failed: {self.error}") from self.error
         return self.saved
+
+
+def _contiguous_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype, int] | None:
+    """(offset of the first frame, frame shape, dtype, frames whose bytes are on disk) of an OME-TIFF cut short
+    by a crash (one page, written contiguously); None for a file closed properly (all its pages are there)."""
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.pages) > 1:
+            return None
+        page = tif.pages[0]
+        if not page.is_contiguous or page.is_ome and tif.series[0].shape != page.shape:
+            return None
+        offset, shape, dtype, frame_bytes = page.dataoffsets[0], page.shape, page.dtype, page.nbytes
+    return offset, shape, dtype, (Path(path).stat().st_size - offset) // frame_bytes
+
+
+def frames_on_disk(path: Path) -> int:
+    """Frames whose pixels an OME-TIFF holds, also when the writer was killed before it could close the file."""
+    layout = _contiguous_layout(path)
+    if layout is not None:
+        return layout[3]
+    with tifffile.TiffFile(path) as tif:
+        return len(tif.pages)
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Every frame in an OME-TIFF as (frames, y, x), memory-mapped where possible; a file cut short by a crash
+    gives the frames that are wholly on disk."""
+    layout = _contiguous_layout(path)
+    if layout is None:
+        try:
+            return tifffile.memmap(path, mode="r")
+        except ValueError:  # compressed or not contiguous
+            return tifffile.imread(path)
+    offset, shape, dtype, n = layout
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n, *shape))

@@ -1,4 +1,11 @@
-"""The daemon's two sockets: frames out to the worker pool, results back in."""
+"""The daemon's two sockets: frames out to the worker pool, results back in.
+
+Both bind; with `keys` (transport.auth: curve) both are CURVE servers, so only
+workers whose key the daemon authorized can take frames or send results
+(transport/keys.py). Results are bounded in size (MAX_RESULT_BYTES: ZeroMQ
+drops the connection of a peer that sends more; counted as `disconnected`)
+and every message that is not a valid result is counted by reason.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from collections import Counter
 import numpy as np
 import zmq
 
+from smartscope.transport.keys import ServerKeys, serve_curve
 from smartscope.transport.protocol import (
     FrameHeader,
     MalformedMessage,
@@ -35,10 +43,13 @@ class FramePublisher:
     the socket; frames larger than a slot travel inline.
     """
 
-    def __init__(self, address: str, hwm: int, *, ring_slots: int = 0, ring_slot_bytes: int = 0) -> None:
-        self._socket = zmq.Context.instance().socket(zmq.PUSH)
+    def __init__(self, address: str, hwm: int, *, ring_slots: int = 0, ring_slot_bytes: int = 0,
+                 ctx: zmq.Context | None = None, keys: ServerKeys | None = None) -> None:
+        self._socket = (ctx or zmq.Context.instance()).socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            serve_curve(self._socket, keys)
         self._socket.bind(address)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ring = None
@@ -86,22 +97,51 @@ class FramePublisher:
 
 
 class ResultReceiver:
-    """PULL results from all workers; malformed ones are counted and dropped."""
+    """PULL results from all workers; malformed ones are counted and dropped.
 
-    def __init__(self, address: str) -> None:
-        self._socket = zmq.Context.instance().socket(zmq.PULL)
+    A socket monitor counts the connections ZeroMQ ends on its own, which
+    never reach `recv`: a failed CURVE handshake (`unauthenticated`) and a
+    peer cut off for a message over MAX_RESULT_BYTES or a protocol error
+    (`disconnected`, which also counts workers that exit).
+    """
+
+    def __init__(self, address: str, *, ctx: zmq.Context | None = None, keys: ServerKeys | None = None) -> None:
+        ctx = ctx or zmq.Context.instance()
+        self._socket = ctx.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_RESULT_BYTES)
+        if keys is not None:
+            serve_curve(self._socket, keys)
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
         self._socket.bind(address)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self.malformed: Counter[str] = Counter()
+        self.connections: Counter[str] = Counter()  # unauthenticated, handshake_failed, disconnected
+
+    def _read_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            reason = ("unauthenticated" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                      "disconnected" if event == zmq.EVENT_DISCONNECTED else "handshake_failed")
+            self.connections[reason] += 1
 
     def receive(self, timeout_ms: int) -> list[Result]:
         """Every result waiting now (after up to timeout_ms for the first)."""
         results: list[Result] = []
-        if not self._poller.poll(timeout_ms):
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._monitor in ready:
+            self._read_monitor()
+        if self._socket not in ready:
             return results
         while True:
             try:
@@ -114,4 +154,6 @@ class ResultReceiver:
                 self.malformed[e.reason] += 1
 
     def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close()
         self._socket.close()
