@@ -534,7 +534,8 @@ class Daemon:
                 "engine": self.engine.status(),
                 "actuators": self.actuator.snapshot(), "latest": self.latest}
         if run is not None:
-            base.update({"acquisition": run.id, **{k: v for k, v in self._summary(run).items()
+            summary = run.summary if run.summary is not None else self._summary(run)  # None until it ends
+            base.update({"acquisition": run.id, **{k: v for k, v in summary.items()
                                                    if k.startswith(("frames", "latency", "actions", "local"))},
                          "frames_pending_storage": run.writer.pending if run.writer else 0})
         return base

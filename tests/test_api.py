@@ -369,3 +369,26 @@ def test_acquisition_chooses_which_policies_run(api):
     assert enabled == {name: name == "focus" for name in before}
     assert daemon.runs[r.json()["id"]].done.wait(30)
     assert client.get(f"/acquisitions/{r.json()['id']}").json()["summary"]["policies_enabled"] == ["focus"]
+
+
+def test_only_this_host_and_its_pages_reach_the_api(api):
+    """DNS rebinding and cross-site pages: a request naming another host is refused (400) before any route,
+    a WebSocket from another site's page (its Origin) is refused (403); this host's own pages connect."""
+    client, daemon = api
+    assert client.get("/status", headers={"Host": "evil.example"}).status_code == 400
+    r = client.post("/acquisitions", json={"frames": 5}, headers={**AUTH, "Host": "rebound.example:8000"})
+    assert r.status_code == 400 and daemon.run is None
+    ws = str(client.base_url).replace("http", "ws") + "/stream"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws, additional_headers={"Origin": "https://evil.example"}, open_timeout=5)
+    assert refused.value.response.status_code == 403
+    with connect(ws, additional_headers={"Origin": str(client.base_url)}, open_timeout=5) as conn:
+        assert json.loads(conn.recv(timeout=5))["state"] == "idle"
+
+
+def test_booleans_are_booleans(api):
+    client, daemon = api
+    for not_a_bool in (0, 1, "false", "yes"):
+        r = client.patch("/policies/illumination", json={"enabled": not_a_bool}, headers=AUTH)
+        assert r.status_code == 422, not_a_bool
+    assert daemon.engine.slots["illumination"].enabled

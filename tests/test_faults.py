@@ -377,3 +377,24 @@ def test_a_worker_on_another_host_joins_with_its_own_key_and_is_locked_out_witho
             (keys_dir / "authorized" / secret.name.replace(".key_secret", ".key")).unlink(missing_ok=True)
     finally:
         daemon.close()
+
+
+def test_a_plan_over_the_event_limit_is_refused_before_it_is_walked(config):
+    """10⁶ events asked for in a few bytes: refused from the plan's axes alone, naming the limit, without
+    walking (or holding) a single event."""
+    import useq
+
+    from smartscope.acquisition.plan import MAX_PLAN_EVENTS, PlanError
+
+    daemon = Daemon(config)
+    try:
+        plan = useq.MDASequence(time_plan={"interval": 1, "loops": 10_000}, z_plan={"range": 4, "step": 0.04},
+                                channels=["SMLM"])
+        with pytest.raises(PlanError, match=f"1010000 events, more than {MAX_PLAN_EVENTS} "
+                                            r"\(10000 t x 1 p x 1 c x 101 z\)"):
+            daemon.check_plan(plan)
+        with pytest.raises(PlanError, match="more than"):
+            daemon.start_acquisition(None, sequence=plan, require_workers=False)
+        assert daemon.run is None
+    finally:
+        daemon.close()

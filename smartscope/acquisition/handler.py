@@ -61,6 +61,10 @@ class Awaiting:
         with self._lock:
             return self._seqs.pop(seq, False) is None
 
+    def clear(self) -> None:
+        with self._lock:
+            self._seqs.clear()
+
     def __len__(self) -> int:
         return len(self._seqs)
 

@@ -10,6 +10,7 @@ alone, so a 10⁵-frame SMLM run costs nothing to check.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -110,6 +111,12 @@ def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEn
         if ch.config not in presets:
             raise PlanError(f"sequence.channels[{i}].config: {ch.config!r} is not a preset of {channel_group!r} "
                             f"(presets: {', '.join(sorted(presets))})")
+    if not any(pos.sequence for pos in sequence.stage_positions):  # the count is the axes' product: no walk
+        n_events = math.prod(n for n in sequence.sizes.values() if n)
+        if n_events > MAX_PLAN_EVENTS:
+            raise PlanError(f"sequence: {n_events} events, more than {MAX_PLAN_EVENTS} "
+                            f"({' x '.join(f'{n} {axis}' for axis, n in sequence.sizes.items() if n)}); "
+                            "split the experiment into runs")
     z_range = envelope.limits("z_um").range
     n_images, last = 0, {}  # images (autofocus events take none); the largest index on each axis
     for n, event in enumerate(itertools.islice(sequence, MAX_PLAN_EVENTS + 1), start=1):

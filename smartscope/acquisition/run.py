@@ -14,7 +14,7 @@ import csv
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,19 +41,37 @@ INTERRUPTED = ("the daemon ended during the run (killed, crashed or power lost):
 #: per-frame inference record written next to the data (the report reads it)
 INFERENCE_COLUMNS = ("frame", *INDEX_AXES, "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
                      "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
-LATENCY_WINDOW = 1_000_000  # frames whose latency the summary's percentiles cover
+LATENCY_WINDOW = 100_000  # the most recent frames whose latencies the summary's percentiles cover
 #: where a frame's capture → result latency goes (per-stage percentiles in the summary):
 #: queue: capture → handed to ZeroMQ (storage hand-off, header); transfer: → taken off the socket by a
 #: worker (socket queues included); pre / inference / post: the worker's own; return: → the daemon has it.
 #: transfer and return compare two hosts' clocks when the worker runs elsewhere.
 LATENCY_STAGES = ("queue", "transfer", "pre", "inference", "post", "return")
-STAGE_WINDOW = 100_000
 
 
-def _percentiles(values) -> dict[str, float | None]:
-    if not values:
+class Window:
+    """The last `size` values (ms) in a float32 ring: 4 bytes a frame and bounded, where a deque of Python
+    floats costs 32 bytes a frame (a run of days at 100 frames/s must not grow the daemon)."""
+
+    def __init__(self, size: int = LATENCY_WINDOW) -> None:
+        self._values = np.empty(size, dtype=np.float32)
+        self._n = 0
+
+    def append(self, value: float) -> None:
+        self._values[self._n % len(self._values)] = value
+        self._n += 1
+
+    def values(self) -> np.ndarray:
+        return self._values[:min(self._n, len(self._values))]
+
+    def __len__(self) -> int:
+        return min(self._n, len(self._values))
+
+
+def _percentiles(window: Window) -> dict[str, float | None]:
+    if not len(window):
         return {"p50": None, "p99": None}
-    p50, p99 = np.percentile(values, [50, 99])
+    p50, p99 = np.percentile(window.values(), [50, 99])
     return {"p50": round(float(p50), 2), "p99": round(float(p99), 2)}
 
 
@@ -73,9 +91,8 @@ class AcquisitionRun:
     skipped: int = 0  # frames workers conflated away (reported by sequence number)
     localizations: int = 0
     # capture → result latency of the most recent frames (bounded: a run may last days)
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    stages_ms: dict[str, deque[float]] = field(
-        default_factory=lambda: {s: deque(maxlen=STAGE_WINDOW) for s in LATENCY_STAGES})
+    latencies_ms: Window = field(default_factory=Window)
+    stages_ms: dict[str, Window] = field(default_factory=lambda: {s: Window() for s in LATENCY_STAGES})
     decisions_at_start: int = 0
     started_s: float = field(default_factory=time.time)
     finished_s: float | None = None
@@ -196,6 +213,10 @@ class AcquisitionRun:
             self.finished_s = time.time()
             self.state = outcome
             self.summary = summarize(self)
+            # what only a running run needs goes: the daemon keeps every run's record for its whole life
+            self.latencies_ms, self.stages_ms = Window(1), {name: Window(1) for name in LATENCY_STAGES}
+            if self.handler is not None:
+                self.handler.awaiting.clear()
 
 
 def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine: PolicyEngine,
