@@ -398,3 +398,46 @@ def test_a_plan_over_the_event_limit_is_refused_before_it_is_walked(config):
         assert daemon.run is None
     finally:
         daemon.close()
+
+
+def test_a_stage_that_refuses_a_move_ends_the_run_errored_with_the_lasers_safe(config, tmp_path):
+    """The configured travel is wider than the stage really goes: the move is refused by the device mid-run;
+    the run ends errored with the device's words, the lasers go safe, and the next run starts."""
+    from smartscope.config import Range
+
+    config.safety.stage_x_um = Range(min=0, max=100_000)
+    daemon = Daemon(config)
+    try:
+        run = daemon.start_acquisition(tmp_path / "a", sequence=__import__("useq").MDASequence(
+            stage_positions=[(5, 5), (50_000, 5)], time_plan={"interval": 0, "loops": 3}), require_workers=False)
+        assert run.done.wait(60)
+        assert run.state == "errored" and "slide" in run.error.lower(), run.error
+        assert run.counts.acquired == 1  # (t0, p0), then the move to p1 is refused
+        assert daemon.actuator.snapshot()["activation_mw"] == 0 and daemon.actuator.snapshot()["excitation_mw"] == 0
+        again = daemon.start_acquisition(tmp_path / "b", 5, require_workers=False)
+        assert again.done.wait(30) and again.state == "finished"
+    finally:
+        daemon.close()
+
+
+def test_an_oversized_result_costs_its_sender_the_connection_and_nothing_else(config, tmp_path):
+    """A peer with the workers' key sends a 17 MiB message: ZeroMQ cuts it off (MAX_RESULT_BYTES), nothing of
+    it is taken, the cut is counted, and results keep flowing from the others."""
+    from smartscope.transport.sockets import MAX_RESULT_BYTES
+
+    daemon = Daemon(config)
+    ctx = zmq.Context()
+    keys = client_keys(*local_worker_key_files(config.transport.resolved_keys_dir()))
+    try:
+        big, small = _peer(ctx, daemon.results_address, keys), _peer(ctx, daemon.results_address, keys)
+        small.send(encode_result(Result(kind="hello", worker_id="small:1", provider="CPU", model="x")))
+        _until(lambda: "small:1" in daemon.pool.workers, 10, "the well-behaved peer is heard")
+        before = daemon.receiver.connections["disconnected"]
+        big.send(b"{" + b" " * (MAX_RESULT_BYTES + (1 << 20)) + b"}")
+        _until(lambda: daemon.receiver.connections["disconnected"] > before, 10, "the oversized sender is cut off")
+        small.send(encode_result(Result(kind="heartbeat", worker_id="small:1", provider="CPU", model="x")))
+        _until(lambda: daemon.pool.workers["small:1"]["last_seen_s"] > time.time() - 1, 10, "the other goes on")
+        assert set(daemon.pool.workers) == {"small:1"} and sum(daemon.receiver.malformed.values()) == 0
+    finally:
+        ctx.destroy(0)
+        daemon.close()

@@ -12,6 +12,11 @@ Focus corrections are kept per stage position, the way pymmcore-plus keeps
 hardware-autofocus corrections (added to every Z the plan sets at that
 position): a focus policy's move at position p shifts p's later frames, and
 no other position's.
+
+A stage that refuses a move, or a channel preset that cannot be set, ends
+the run (the daemon then sets the lasers safe and marks it errored), where
+pymmcore-plus would log a warning and image on at the wrong field or with
+the wrong light, labelled as the plan says.
 """
 
 from __future__ import annotations
@@ -62,6 +67,21 @@ class SmartEngine(MDAEngine):
         z_um = event.z_pos + self._z_correction.setdefault(event.index.get("p", None), 0.0)
         low_um, high_um = self._z_range_um
         self.mmcore.setZPosition(min(max(z_um, low_um), high_um))
+
+    def _set_event_xy_position(self, event: useq.MDAEvent) -> None:
+        """Move the XY stage where the plan says; a refusal raises (see the module docstring)."""
+        if (event.x_pos is None and event.y_pos is None) or not self.mmcore.getXYStageDevice():
+            return super()._set_event_xy_position(event)  # nothing to move, or no stage (logged there)
+        x_um, y_um = event.x_pos, event.y_pos
+        if x_um is None or y_um is None:
+            now_x, now_y = self.mmcore.getXYPosition()
+            x_um, y_um = now_x if x_um is None else x_um, now_y if y_um is None else y_um
+        self.mmcore.setXYPosition(x_um, y_um)
+
+    def _set_event_channel(self, event: useq.MDAEvent) -> None:
+        """Set the event's channel preset; a failure raises (see the module docstring)."""
+        if event.channel is not None and (event.channel.group, event.channel.config) != self.mmcore._last_config:  # noqa: SLF001
+            self.mmcore.setConfig(event.channel.group, event.channel.config)
 
     def setup_event(self, event: useq.MDAEvent) -> None:
         super().setup_event(event)
