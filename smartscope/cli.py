@@ -355,6 +355,18 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from smartscope.render import render_table
+
+    try:
+        stats = render_table(Path(args.locs), Path(args.out), pixel_nm=args.pixel_nm, blur_nm=args.blur_nm,
+                             colour_by_z=args.colour_by_z)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(stats))
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------
 
 
@@ -470,6 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_events)
 
     from smartscope.bench import BENCHMARKS
+
+    p = sub.add_parser("render", help="an SMLM image from a localization table (PNG to look at, TIFF to measure)")
+    p.add_argument("locs", help="ThunderSTORM-style CSV (x [nm], y [nm][, z [nm]])")
+    p.add_argument("--out", required=True, help="sr.png (8-bit view) or sr.tif (float32, pixel size in its metadata)")
+    p.add_argument("--pixel-nm", type=float, default=10.0, help="render pixel size")
+    p.add_argument("--blur-nm", type=float, default=None, help="Gaussian blur σ (default: the render pixel, ≥ 10 nm)")
+    p.add_argument("--colour-by-z", action="store_true", help="colour by the z [nm] column (RGB)")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="a benchmark that prints numbers and writes JSON")
     p.add_argument("name", choices=BENCHMARKS)

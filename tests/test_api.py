@@ -392,3 +392,21 @@ def test_booleans_are_booleans(api):
         r = client.patch("/policies/illumination", json={"enabled": not_a_bool}, headers=AUTH)
         assert r.status_code == 422, not_a_bool
     assert daemon.engine.slots["illumination"].enabled
+
+
+@pytest.mark.parametrize(("sequence", "where"), [
+    ({"stage_positions": {"plate": {"rows": 1000, "columns": 1000, "well_spacing": 9}, "a1_center_xy": [0, 0]}},
+     "sequence.stage_positions.plate"),
+    ({"stage_positions": [{"x": 1, "y": 1}, {"x": 2, "y": 2, "sequence": {"stage_positions": {
+        "plate": {"rows": 127077476, "columns": 136951106, "well_spacing": 9}, "a1_center_xy": [0, 0]}}}]},
+     "sequence.stage_positions[1].sequence.stage_positions.plate"),
+])
+def test_a_plate_of_millions_of_wells_is_refused_before_it_is_expanded(api, sequence, where):
+    """A few bytes asking for 10⁶–10¹⁶ wells (useq would allocate them while validating the body; fuzzing
+    found the nested one at 124 PiB): 422 naming where, nothing allocated, nothing started."""
+    client, daemon = api
+    rss_before_mb = int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+    r = client.post("/acquisitions", json={"sequence": sequence}, headers=AUTH)
+    assert r.status_code == 422 and f"{where}: " in r.text and "at most 1536" in r.text
+    assert int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6 - rss_before_mb < 50
+    assert daemon.run is None

@@ -10,21 +10,25 @@ request bodies over `api.max_body_bytes` get 413 before anything reads them.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import re
 import secrets
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, WebSocket, status
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
+from smartscope.api.console import add_console
 from smartscope.api.images import auto_contrast, png_bytes
+from smartscope.api.live_render import RECENT_RESULTS, LiveRenders, RecentResults
 from smartscope.api.metrics import CONTENT_TYPE, build_registry, metrics_text
 from smartscope.api.models import (
     AcquisitionInfo,
@@ -40,8 +44,9 @@ from smartscope.api.models import (
     StartAcquisition,
 )
 from smartscope.api.stream import STREAM_MESSAGE_DOC, serve_stream
+from smartscope.render import to_uint8, write_render_tiff
 from smartscope.service import Busy, Daemon, NoWorkers, WrongState
-from smartscope.transport.protocol import LOCALIZATION_COLUMNS
+from smartscope.transport.protocol import INDEX_AXES, LOCALIZATION_COLUMNS
 
 _bearer = HTTPBearer(auto_error=False)
 DeviceLabel = Annotated[str, Path(description="Micro-Manager device label",
@@ -185,7 +190,7 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
     reads = APIRouter(dependencies=read_deps, responses=problems(404, 422, *((401, 403) if protect_reads else ())))
     writes = APIRouter(dependencies=[Depends(require_token)], responses=problems(401, 403, 404, 409, 413, 422))
     app = FastAPI(
-        title="smartscope", version="0.1.0",
+        title="smartscope", version="0.1.0", docs_url=None, redoc_url=None,  # served offline by add_console
         description="Control API of a smart microscope: acquisitions, devices, policies, decisions, results, "
                     "metrics.\n\nWrites need `Authorization: Bearer <token>`"
                     + ("; so do reads." if protect_reads else "; reads are open.")
@@ -283,6 +288,9 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
         latest = daemon.latest_result
         if latest is None:
             raise _no_frame_yet("inference result")
+        return _result_body(latest)
+
+    def _result_body(latest: dict[str, Any]) -> LatestResult:
         run = daemon.runs.get(latest["acquisition"])
         locs = np.asarray(latest["localizations"], dtype=float).reshape(-1, len(LOCALIZATION_COLUMNS))
         return LatestResult(
@@ -292,9 +300,29 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
             localizations=[Localization(**dict(zip(LOCALIZATION_COLUMNS, map(float, row), strict=True)))
                            for row in locs])
 
+    recent_results = RecentResults()
+    daemon.subscribe(lambda: recent_results.add(daemon.latest_result))
+
+    @reads.get("/results/{frame}", tags=["results"], response_model=LatestResult)
+    def result_of_frame(frame: Annotated[int, Path(ge=0, description="frame number (X-Frame of /frames/latest.png)")],
+                        acquisition: Annotated[str | None, Query(description="default: the current one")] = None,
+                        ) -> LatestResult:
+        """The inference result of one recent frame (the last RECENT_RESULTS kept), so that a frame and its own
+        localizations can be shown together; 404 for a frame not inferred (skipped under load, a channel the
+        models do not read) or no longer kept."""
+        acquisition = acquisition or (daemon.run.id if daemon.run else None)
+        result = recent_results.get(acquisition, frame)
+        if result is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND,
+                                f"no result for frame {frame} of acquisition {acquisition!r} among the last "
+                                f"{RECENT_RESULTS}: not inferred (skipped under load, or a channel the models do "
+                                "not read), not yet, or no longer kept")
+        return _result_body(result)
+
     @reads.get("/frames/latest.png", tags=["results"], response_class=Response,
                responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                                "description": "8-bit PNG, percentile stretch; headers X-Frame, X-Acquisition"}})
+                                "description": "8-bit PNG, percentile stretch; headers X-Frame, X-Acquisition, "
+                                               "X-Index (the MDA index and channel name, JSON)"}})
     def latest_frame(low_percentile: Annotated[float, Query(ge=0, le=50)] = 0.5,
                      high_percentile: Annotated[float, Query(ge=50, le=100)] = 99.5) -> Response:
         """The newest frame for a quick look (auto-contrast: percentiles stretched to black..white)."""
@@ -306,9 +334,76 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
                                 "low_percentile must be below high_percentile")
         frame, state = latest
         run = daemon.run
+        index = {k: state.get(k) for k in (*INDEX_AXES, "channel") if k in state}
         return Response(png_bytes(auto_contrast(frame, low_percentile, high_percentile)), media_type="image/png",
                         headers={"X-Frame": str(state.get("frame")), "Cache-Control": "no-store",
+                                 "X-Index": json.dumps(index),
                                  "X-Acquisition": run.id if run else ""})
+
+    renders = LiveRenders()
+
+    def _run_or_404(run_id: str):
+        run = daemon.runs.get(run_id)
+        if run is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no acquisition {run_id!r} (see GET /acquisitions)")
+        return run
+
+    @reads.get("/acquisitions/{run_id}/render.{fmt}", tags=["acquisitions"], response_class=Response,
+               responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                            "image/tiff": {"schema": {"type": "string", "format": "binary"}}},
+                                "description": "png: 8-bit view; tif: float32 localizations per pixel, ImageJ "
+                                               "TIFF with the pixel size. Headers X-Localizations, X-Extent-Nm "
+                                               "(x0,y0,x1,y1), X-Field-Nm (the camera field), X-Pixel-Nm"}})
+    def render(run_id: str, fmt: Literal["png", "tif"],
+               pixel_nm: Annotated[float, Query(ge=0.5, le=10_000, description="render pixel size")] = 10.0,
+               blur_nm: Annotated[float | None, Query(ge=0, le=10_000, description="Gaussian σ; default: "
+                                                      "the render pixel, at least 10 nm")] = None,
+               x0_nm: Annotated[float | None, Query(description="region (all four or none); default: "
+                                                    "the camera field")] = None,
+               y0_nm: float | None = None, x1_nm: float | None = None, y1_nm: float | None = None,
+               colour_by_z: Annotated[bool, Query(description="RGB, coloured by z over the run's z range")] = False,
+               position: Annotated[int | None, Query(ge=0, description="only this MDA stage position")] = None,
+               channel: Annotated[int | None, Query(ge=0, description="only this MDA channel (index)")] = None,
+               saturate_percentile: Annotated[float, Query(ge=50, le=100, description="png: the percentile "
+                                                           "of lit pixels shown white")] = 99.5) -> Response:
+        """The run's localizations so far as a super-resolution image (Gaussian-blurred histogram), live while
+        it runs; the same renderer as `smartscope render`."""
+        run = _run_or_404(run_id)
+        field_nm = (0.0, 0.0, daemon.core.getImageWidth() * daemon.camera.pixel_size_nm,
+                    daemon.core.getImageHeight() * daemon.camera.pixel_size_nm)
+        region = (x0_nm, y0_nm, x1_nm, y1_nm)
+        if all(v is None for v in region):
+            extent = field_nm
+        elif any(v is None for v in region) or not (x1_nm > x0_nm and y1_nm > y0_nm):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                "give all of x0_nm, y0_nm, x1_nm, y1_nm with x1_nm > x0_nm and y1_nm > y0_nm, "
+                                "or none (the camera field)")
+        else:
+            extent = region
+        try:
+            image, n = renders.render(run.id, run.out_dir, extent, pixel_nm, blur_nm, colour_by_z, position, channel)
+        except ValueError as e:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+        headers = {"X-Localizations": str(n), "X-Extent-Nm": ",".join(f"{v:g}" for v in extent),
+                   "X-Field-Nm": ",".join(f"{v:g}" for v in field_nm), "X-Pixel-Nm": f"{pixel_nm:g}",
+                   "Cache-Control": "no-store"}
+        if fmt == "png":
+            return Response(png_bytes(to_uint8(image, saturate_percentile)), media_type="image/png", headers=headers)
+        buf = io.BytesIO()
+        write_render_tiff(buf, image, pixel_nm)
+        return Response(buf.getvalue(), media_type="image/tiff", headers={
+            **headers, "Content-Disposition": f'attachment; filename="{run.id}-render.tif"'})
+
+    @reads.get("/acquisitions/{run_id}/report.png", tags=["acquisitions"], response_class=FileResponse,
+               responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                                "description": "the run's report figure (drawn when it ends)"}})
+    def report(run_id: str) -> FileResponse:
+        run = _run_or_404(run_id)
+        path = run.out_dir / "report.png"
+        if not path.exists():
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"acquisition {run_id!r} has no report: "
+                                + (run.report_error or "it is drawn when the run ends"))
+        return FileResponse(path, media_type="image/png")
 
     # -- devices ---------------------------------------------------------------
 
@@ -452,5 +547,6 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
 
     app.include_router(reads)
     app.include_router(writes)
+    add_console(app)
 
     return app

@@ -11,6 +11,20 @@ MAX_PLATE_WELLS = 1536
 RunState = Literal["acquiring", "paused", "finishing", "finished", "cancelled", "errored", "interrupted"]
 
 
+def _plates(raw: Any, where: str, depth: int = 0):
+    """(path, plate dict) of every well plate in a raw (unvalidated) sequence, sub-sequences included."""
+    if not isinstance(raw, dict) or depth > 32:  # deeper than any real plan; the body limit bounds the rest
+        return
+    positions = raw.get("stage_positions")
+    if isinstance(positions, dict):
+        if isinstance(positions.get("plate"), dict):
+            yield f"{where}.stage_positions.plate", positions["plate"]
+        positions = positions.get("positions") if isinstance(positions.get("positions"), list) else []
+    for i, position in enumerate(positions if isinstance(positions, list) else []):
+        if isinstance(position, dict):
+            yield from _plates(position.get("sequence"), f"{where}.stage_positions[{i}].sequence", depth + 1)
+
+
 class StartAcquisition(BaseModel):
     """A time-lapse (`frames` + `interval_ms`), or any useq-schema `sequence` (an MDA experiment)."""
 
@@ -46,14 +60,12 @@ class StartAcquisition(BaseModel):
     @classmethod
     def _plate_of_real_size(cls, raw: Any) -> Any:
         """useq expands every well of a plate while the body is validated: a few bytes asking for a
-        10⁶-well plate would take the daemon's memory. Refused before that, by its size."""
-        positions = raw.get("stage_positions") if isinstance(raw, dict) else None
-        plate = positions.get("plate") if isinstance(positions, dict) else None
-        if isinstance(plate, dict):
+        10⁶-well plate would take the daemon's memory. Refused before that, by its size, wherever it is
+        (the plan's positions, or a position's own sub-sequence, at any depth)."""
+        for where, plate in _plates(raw, "sequence"):
             rows, columns = plate.get("rows"), plate.get("columns")
             if all(isinstance(n, int | float) for n in (rows, columns)) and rows * columns > MAX_PLATE_WELLS:
-                raise ValueError(f"sequence.stage_positions.plate: {rows} x {columns} wells; at most "
-                                 f"{MAX_PLATE_WELLS} (a 1536-well plate)")
+                raise ValueError(f"{where}: {rows} x {columns} wells; at most {MAX_PLATE_WELLS} (a 1536-well plate)")
         return raw
 
     @model_validator(mode="after")
