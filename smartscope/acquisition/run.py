@@ -42,6 +42,8 @@ INTERRUPTED = ("the daemon ended during the run (killed, crashed or power lost):
 INFERENCE_COLUMNS = ("frame", *INDEX_AXES, "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
                      "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
 LATENCY_WINDOW = 100_000  # the most recent frames whose latencies the summary's percentiles cover
+#: the result tables reach the disk at least this often: the live SR image reads them, and a crash loses no more
+TABLE_FLUSH_S = 0.5
 #: where a frame's capture → result latency goes (per-stage percentiles in the summary):
 #: queue: capture → handed to ZeroMQ (storage hand-off, header); transfer: → taken off the socket by a
 #: worker (socket queues included); pre / inference / post: the worker's own; return: → the daemon has it.
@@ -112,6 +114,7 @@ class AcquisitionRun:
     inference_csv: Any = None
     summary: dict[str, Any] | None = None
     report_error: str | None = None
+    _tables_flushed_s: float = 0.0
 
     def latency_percentiles(self) -> dict[str, float | None]:
         return _percentiles(self.latencies_ms)
@@ -178,6 +181,10 @@ class AcquisitionRun:
                 "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
                 "" if r.background_photons is None else f"{r.background_photons:.3f}",
                 "" if set_point is None else set_point, r.worker_id])
+            if now_s - self._tables_flushed_s > TABLE_FLUSH_S:
+                self.locs.flush()
+                self.inference_fh.flush()
+                self._tables_flushed_s = now_s
         return True
 
     @property

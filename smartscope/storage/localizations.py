@@ -32,6 +32,9 @@ class LocalizationWriter:
             self._csv.writerow([frame, f"{x:.2f}", f"{y:.2f}", f"{z:.2f}", f"{ph:.1f}", f"{bg:.2f}", f"{unc:.2f}"])
             self.rows += 1
 
+    def flush(self) -> None:
+        self._fh.flush()
+
     def close(self) -> None:
         self._fh.close()
 
