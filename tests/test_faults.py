@@ -391,8 +391,15 @@ def test_a_plan_over_the_event_limit_is_refused_before_it_is_walked(config):
         plan = useq.MDASequence(time_plan={"interval": 1, "loops": 10_000}, z_plan={"range": 4, "step": 0.04},
                                 channels=["SMLM"])
         with pytest.raises(PlanError, match=f"1010000 events, more than {MAX_PLAN_EVENTS} "
-                                            r"\(10000 t x 1 p x 1 c x 101 z\)"):
+                                            r"\(10000 t x 101 z\)"):
             daemon.check_plan(plan)
+        # a grid useq would build whole to size it (3 TiB of indices; found by fuzzing), in a sub-sequence too
+        grid = {"rows": 206880, "columns": 2028885}
+        with pytest.raises(PlanError, match=r"419735728800 events, more than .*\(419735728800 g\)"):
+            daemon.check_plan(useq.MDASequence(grid_plan=grid))
+        with pytest.raises(PlanError, match=r"sequence\.stage_positions\[1\]\.sequence: 419735728800 events"):
+            daemon.check_plan(useq.MDASequence(stage_positions=[(1, 1), {"x": 2, "y": 2, "sequence": {
+                "grid_plan": grid}}]))
         with pytest.raises(PlanError, match="more than"):
             daemon.start_acquisition(None, sequence=plan, require_workers=False)
         assert daemon.run is None

@@ -39,6 +39,36 @@ class CheckedPlan:
     sizes: dict[str, int]  # the size of each axis the plan's images span (position sub-sequences included)
 
 
+def _axis_lengths(sequence: useq.MDASequence) -> dict[str, int]:
+    """Each axis' length from the plan's own arithmetic (useq's `sizes` would build every grid position first:
+    a 10⁵ x 10⁶ grid is terabytes)."""
+    lengths = {"t": sequence.time_plan.num_timepoints() if sequence.time_plan else 1,
+               "p": len(sequence.stage_positions) or 1,
+               "g": sequence.grid_plan.num_positions() if sequence.grid_plan else 1,
+               "c": len(sequence.channels) or 1,
+               "z": sequence.z_plan.num_positions() if sequence.z_plan else 1}
+    return {axis: int(n) for axis, n in lengths.items()}
+
+
+def _check_event_count(sequence: useq.MDASequence, where: str = "sequence") -> None:
+    """PlanError if the plan holds more than MAX_PLAN_EVENTS events, counted without building one of them
+    (positions' sub-sequences counted as nested in their position)."""
+    try:
+        lengths = _axis_lengths(sequence)
+        subs = [(i, pos.sequence) for i, pos in enumerate(sequence.stage_positions) if pos.sequence is not None]
+        for i, sub in subs:
+            _check_event_count(sub, f"{where}.stage_positions[{i}].sequence")
+        per_position = math.prod(n for axis, n in lengths.items() if axis != "p")
+        n_events = per_position * (lengths["p"] - len(subs)) + sum(
+            per_position * math.prod(_axis_lengths(sub).values()) for _, sub in subs)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise PlanError(f"{where}: cannot count the plan's events: {e}") from None
+    if n_events > MAX_PLAN_EVENTS:
+        shape = " x ".join(f"{n} {axis}" for axis, n in lengths.items() if n > 1) or "1"
+        raise PlanError(f"{where}: {n_events} events, more than {MAX_PLAN_EVENTS} ({shape}); split the experiment "
+                        "into runs")
+
+
 def time_lapse(frames: int, interval_ms: float) -> useq.MDASequence:
     """The short form {frames, interval_ms} as the MDASequence it stands for."""
     return useq.MDASequence(time_plan={"interval": interval_ms / 1000, "loops": frames})
@@ -111,12 +141,7 @@ def check_plan(sequence: useq.MDASequence, core: CMMCorePlus, envelope: SafetyEn
         if ch.config not in presets:
             raise PlanError(f"sequence.channels[{i}].config: {ch.config!r} is not a preset of {channel_group!r} "
                             f"(presets: {', '.join(sorted(presets))})")
-    if not any(pos.sequence for pos in sequence.stage_positions):  # the count is the axes' product: no walk
-        n_events = math.prod(n for n in sequence.sizes.values() if n)
-        if n_events > MAX_PLAN_EVENTS:
-            raise PlanError(f"sequence: {n_events} events, more than {MAX_PLAN_EVENTS} "
-                            f"({' x '.join(f'{n} {axis}' for axis, n in sequence.sizes.items() if n)}); "
-                            "split the experiment into runs")
+    _check_event_count(sequence)
     z_range = envelope.limits("z_um").range
     n_images, last = 0, {}  # images (autofocus events take none); the largest index on each axis
     for n, event in enumerate(itertools.islice(sequence, MAX_PLAN_EVENTS + 1), start=1):
