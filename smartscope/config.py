@@ -290,6 +290,9 @@ class StorageConfig(_Strict):
         "tiff", description="frames as OME-TIFF (frames.ome.tif) or OME-Zarr (frames.ome.zarr, tensorstore)")
     reserve_mb: float = Field(
         100, ge=0, description="a run starts only if the disk holds all its frames and this much besides")
+    max_pending_mb: float = Field(
+        1024, gt=0, description="frames waiting for the disk at most (memory); beyond it the camera waits, and a "
+        "disk that stays behind for 10 s stops the run")
 
 
 class SmartscopeConfig(_Strict):

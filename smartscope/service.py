@@ -282,6 +282,7 @@ class Daemon:
             flat = is_time_lapse(plan.sequence)  # its length is the run's to decide: unbounded t
             run.writer = FrameWriter(out_dir, shape, dtype, self.camera.pixel_size_nm,
                                      sequence=None if flat else plan.sequence, format=self.config.storage.format,
+                                     max_pending_bytes=self.config.storage.max_pending_mb * 1e6,
                                      summary_meta=summary_metadata(self.core, mda_sequence=plan.sequence))
             try:  # the files first, then the lasers: a run that cannot store starts nothing
                 run.handler = FrameHandler(

@@ -149,6 +149,7 @@ def test_the_serving_daemon_survives_5000_generated_requests(tmp_path):
                             keys_dir=str(tmp_path / "keys"))
     cfg["storage"]["root"] = str(tmp_path / "data")
     cfg["storage"]["reserve_mb"] = 0
+    cfg["storage"]["max_pending_mb"] = 64  # frames waiting for the disk: part of the 500 MB the daemon may hold
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     port = 18000 + os.getpid() % 1000
     daemon = subprocess.Popen([sys.executable, "-m", "smartscope", "serve", "--config", str(tmp_path / "c.yaml"),

@@ -132,3 +132,27 @@ def test_the_demo_refuses_a_run_the_disk_cannot_hold_in_one_sentence(full_disk, 
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "free on" in errors[0] and "Traceback" not in done.stderr, done.stderr
     assert not (full_disk / "run").exists()
+
+
+def test_frames_waiting_for_the_disk_are_bounded(tmp_path, monkeypatch):
+    """A camera faster than the disk: at most max_pending frames wait in memory (put waits for room), and a disk
+    that stays behind past STALL_S makes put raise instead of letting the daemon's memory fill (fuzzing found
+    18 GB: a channel exposure of 1e-311 ms)."""
+    from smartscope.storage import frames as frames_mod
+
+    frame = np.zeros((2048, 2048), np.uint16)  # 8 MB: each takes the writer milliseconds
+    w = FrameWriter(tmp_path / "ok", frame.shape, np.uint16, 100, max_pending_bytes=3 * frame.nbytes)
+    assert w.max_pending == 3
+    peak = 0
+    for i in range(12):
+        w.put(frame, {"frame": i})
+        peak = max(peak, w.pending)
+    assert peak <= 3 and w.close() == 12
+
+    monkeypatch.setattr(frames_mod, "STALL_S", 0.0)  # no patience: a full queue raises at once
+    w = FrameWriter(tmp_path / "slow", frame.shape, np.uint16, 100, max_pending_bytes=2 * frame.nbytes)
+    with pytest.raises(RuntimeError, match="storage cannot keep up: 2 frames have waited"):
+        for i in range(50):  # back to back: the writer is still on the first when the queue is full
+            w.put(frame, {"frame": i})
+    assert w.pending <= 2
+    assert w.close() >= 2

@@ -109,6 +109,8 @@ class FrameHandler:
         exposure_ms = float(meta.get("exposure_ms") or event.exposure or 0.0)
         channel = event.channel.config if event.channel is not None else ""
         try:
+            if self.storage_error is not None:  # the run is stopping: nothing more to queue, no wait
+                raise self.storage_error
             self._writer.put(frame, {"frame": seq, "t_s": f"{t_capture_s:.6f}", **index, "channel": channel,
                                      "exposure_ms": exposure_ms, **state}, event, meta, event.metadata.get(ORDINAL))
         except RuntimeError as e:  # the writer died: say so once (pymmcore-plus would only log a raise here)

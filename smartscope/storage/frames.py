@@ -10,8 +10,12 @@
   ome-writers recommends for event-driven data. Either way `frames.csv` gives
   every saved frame, in the order taken, its MDA index (t, p, g, c, z), the
   channel preset and the acquisition state at capture.
-- **Never drops, never stalls.** Frames are queued without bound and written
-  by a thread of their own, so a slow disk never holds up the camera. A
+- **Never drops, bounded memory.** Frames are queued and written by a thread
+  of their own, so a slow disk does not hold up the camera; the queue holds
+  at most `max_pending_bytes` (storage.max_pending_mb). Beyond that `put`
+  waits for the disk (the camera is slowed to what the disk takes), and after
+  STALL_S without room it raises: the run then stops, rather than a camera
+  faster than the disk filling the daemon's memory. A
   frame the camera did not deliver (a gap in the plan's order) is skipped in
   the sink, so every later frame still lands at its own index.
 - **After a crash.** OME-TIFF: the pixels of every frame written are on
@@ -49,6 +53,7 @@ STATE_COLUMNS = ("frame", "t_s", "t", "p", "g", "c", "z", "channel", "exposure_m
 #: storage.format → (ome-writers format, file name in the run folder)
 FORMATS = {"tiff": ("ome-tiff", "frames.ome.tif"), "zarr": ("ome-zarr", "frames.ome.zarr")}
 _END = object()
+STALL_S = 10.0  # a full queue this long: the disk cannot keep up, and `put` raises
 
 
 class _Sink(OmeWritersSink):
@@ -66,7 +71,7 @@ class FrameWriter:
 
     def __init__(self, out_dir: Path, shape: tuple[int, int], dtype: np.dtype, pixel_size_nm: float, *,
                  sequence: useq.MDASequence | None = None, summary_meta: dict[str, Any] | None = None,
-                 format: Literal["tiff", "zarr"] = "tiff") -> None:  # noqa: A002
+                 format: Literal["tiff", "zarr"] = "tiff", max_pending_bytes: float = 1 << 30) -> None:  # noqa: A002
         ome_format, name = FORMATS[format]
         self.path = Path(out_dir) / name
         self.state_path = Path(out_dir) / "frames.csv"
@@ -81,7 +86,9 @@ class FrameWriter:
             self.path = self.path.with_name(name.split(".")[0])
         self._ordered = sequence is not None  # frames land at their index in the plan: gaps are skipped
         self._next_ordinal = 0
-        self._queue: queue.Queue = queue.Queue()
+        frame_bytes = height * width * np.dtype(dtype).itemsize
+        self.max_pending = max(2, int(max_pending_bytes // frame_bytes))
+        self._queue: queue.Queue = queue.Queue(maxsize=self.max_pending)
         self.saved = 0
         self.error: BaseException | None = None
         self._state_fh = open(self.state_path, "w", newline="", encoding="utf-8")  # noqa: SIM115
@@ -99,7 +106,11 @@ class FrameWriter:
         """
         if self.error is not None or not self._thread.is_alive():
             raise RuntimeError(f"writing {self.path} failed: {self.error or 'the writer stopped'}")
-        self._queue.put((frame, state, event, meta or {}, ordinal))
+        try:
+            self._queue.put((frame, state, event, meta or {}, ordinal), timeout=STALL_S)
+        except queue.Full:
+            raise RuntimeError(f"storage cannot keep up: {self.max_pending} frames have waited for the disk for "
+                               f"{STALL_S:g} s (storage.max_pending_mb); acquire slower or onto a faster disk") from None
 
     @property
     def pending(self) -> int:
@@ -131,7 +142,12 @@ class FrameWriter:
 
     def close(self, timeout_s: float | None = None) -> int:
         """Finish writing (everything queued is written); returns frames saved."""
-        self._queue.put(_END)
+        while self._thread.is_alive():  # room for the end mark as the writer drains (none if it died)
+            try:
+                self._queue.put(_END, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         self._thread.join(timeout_s)
         if self.error is not None:
             raise RuntimeError(f"writing {self.path} failed: {self.error}") from self.error
