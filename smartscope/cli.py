@@ -367,6 +367,34 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- analyze -------------------------------------------------------------------
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from smartscope.analysis import AnalysisError, analyze
+    from smartscope.analysis.commands import settings_from_args
+
+    try:
+        summary = analyze(args.inputs, Path(args.out), settings_from_args(args), scheduler=args.scheduler,
+                          workers=args.workers)
+    except (AnalysisError, ValidationError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({k: v for k, v in summary.items() if k != "settings"}))
+    return 0
+
+
+def cmd_analysis_step(args: argparse.Namespace) -> int:
+    from smartscope.analysis.commands import run_step
+
+    try:
+        print(json.dumps(run_step(args.command, args)))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------
 
 
@@ -481,8 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     p.set_defaults(func=cmd_events)
 
-    from smartscope.bench import BENCHMARKS
-
     p = sub.add_parser("render", help="an SMLM image from a localization table (PNG to look at, TIFF to measure)")
     p.add_argument("locs", help="ThunderSTORM-style CSV (x [nm], y [nm][, z [nm]])")
     p.add_argument("--out", required=True, help="sr.png (8-bit view) or sr.tif (float32, pixel size in its metadata)")
@@ -490,6 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur-nm", type=float, default=None, help="Gaussian blur σ (default: the render pixel, ≥ 10 nm)")
     p.add_argument("--colour-by-z", action="store_true", help="colour by the z [nm] column (RGB)")
     p.set_defaults(func=cmd_render)
+
+    from smartscope.analysis.commands import add_analyze_arguments, add_step_arguments
+
+    p = sub.add_parser("analyze", help="the offline SMLM pipeline: localize, drift, merge, filter, FRC (local or Dask)")
+    add_analyze_arguments(p)
+    p.set_defaults(func=cmd_analyze)
+    for step, text in (("drift", "RCC drift correction of a localization CSV"),
+                       ("merge", "merge each blink's localizations over consecutive frames"),
+                       ("filter", "keep localizations by photons and uncertainty"),
+                       ("frc", "Fourier ring correlation resolution of a localization CSV")):
+        p = sub.add_parser(step, help=text)
+        add_step_arguments(step, p)
+        p.set_defaults(func=cmd_analysis_step)
+
+    from smartscope.bench import BENCHMARKS
 
     p = sub.add_parser("bench", help="a benchmark that prints numbers and writes JSON")
     p.add_argument("name", choices=BENCHMARKS)

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("acquisition", "transport", "latency", "simulation", "localization", "counting", "events", "policies")
+BENCHMARKS = ("acquisition", "transport", "latency", "simulation", "localization", "counting", "events", "policies",
+              "analyze")
 
 
 def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False) -> dict[str, Any]:
