@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from smartscope.control.policy import Observation
+from smartscope.memory import TRIM_EVERY_S, release_free_memory
 from smartscope.transport.protocol import LOCALIZATION_COLUMNS, STATE_FIELDS
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class ResultsLoop:
                     return
                 raise
             self._pool.supervise(time.time())
+            release_free_memory(every_s=TRIM_EVERY_S)
             run = self._current_run()
             grace_over = run is not None and (run.resumed_s is None or
                                               time.time() - run.resumed_s > self._stale_after_s)

@@ -46,6 +46,7 @@ from smartscope.control.engine import PolicyEngine, build_policies
 from smartscope.control.safety import SafetyEnvelope
 from smartscope.hardware import build_core
 from smartscope.inference.pool import WorkerPool, worker_models
+from smartscope.memory import release_free_memory
 from smartscope.results import ResultsLoop
 from smartscope.storage import FrameWriter
 from smartscope.transport.keys import local_worker_key_files, server_keys, start_authenticator
@@ -400,6 +401,7 @@ class Daemon:
 
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
         run.close_files(outcome, self._summary)
+        release_free_memory()
         self.decisions.set_file(None)
         try:  # summary.json and the report are views of the run: failing to write them (a full disk) fails nothing
             (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))

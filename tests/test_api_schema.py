@@ -165,6 +165,8 @@ def test_the_serving_daemon_survives_5000_generated_requests(tmp_path):
         while not done.wait(0.2) and daemon.poll() is None:
             rss_mb.append(_rss_mb(daemon.pid))
             peak_mb_by_operation[current[0]] = max(peak_mb_by_operation[current[0]], round(rss_mb[-1]))
+            if rss_mb[-1] > 2000:  # far over the bound: stop it before it takes the machine
+                daemon.kill()
 
     try:
         client = httpx.Client(base_url=base, headers=AUTH, timeout=30)
@@ -197,6 +199,7 @@ def test_the_serving_daemon_survives_5000_generated_requests(tmp_path):
         t0 = time.perf_counter()
         for op in operations:
             name = current[0] = f"{op.method.upper()} {op.path}"
+            print(f"fuzzing {name} (daemon RSS {rss_mb[-1] if rss_mb else 0:.0f} MB)", file=sys.stderr, flush=True)
             _operation_test(op, base, statuses.setdefault(name, collections.Counter()), (before, stop),
                             max_examples=per_operation)()
             stop()

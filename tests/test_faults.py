@@ -448,3 +448,4 @@ def test_an_oversized_result_costs_its_sender_the_connection_and_nothing_else(co
     finally:
         ctx.destroy(0)
         daemon.close()
+

@@ -222,6 +222,7 @@ class AcquisitionRun:
             self.summary = summarize(self)
             # what only a running run needs goes: the daemon keeps every run's record for its whole life
             self.latencies_ms, self.stages_ms = Window(1), {name: Window(1) for name in LATENCY_STAGES}
+            self.locs = self.inference_fh = self.inference_csv = None
             if self.handler is not None:
                 self.handler.awaiting.clear()
 

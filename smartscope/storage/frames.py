@@ -139,6 +139,8 @@ class FrameWriter:
                     close()
                 except Exception as e:  # e.g. the disk is full: kept for close() to report
                     self.error = self.error or e
+            # its buffers, OME model and file buffers go: the daemon keeps every run's record, not its writer
+            self._sink = self._state_fh = self._state = None
 
     def close(self, timeout_s: float | None = None) -> int:
         """Finish writing (everything queued is written); returns frames saved."""

@@ -1,0 +1,36 @@
+"""Giving freed memory back to the operating system, so a daemon that runs for weeks stays its size.
+
+glibc's malloc keeps freed memory in per-thread arenas, and every acquisition
+starts threads of its own (the run, its frame writer, ome-writers'): measured
+on the demo, the daemon grew 2 MB per short run and about 0.6 MB per minute of
+acquisition although Python's own heap stayed flat. `malloc_trim(0)` hands the
+free pages back (0.19 MB per run after it). Elsewhere than glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+
+TRIM_EVERY_S = 60.0
+
+_libc = None
+_last_trim_s = 0.0
+
+
+def release_free_memory(now_s: float | None = None, every_s: float = 0.0) -> None:
+    """malloc_trim(0) (glibc), at most once per `every_s` seconds."""
+    global _libc, _last_trim_s
+    now_s = time.monotonic() if now_s is None else now_s
+    if now_s - _last_trim_s < every_s:
+        return
+    _last_trim_s = now_s
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
