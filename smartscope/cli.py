@@ -304,6 +304,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {"width": args.width} if args.width else {}
     if options and args.model != "localization":
         raise SystemExit("error: --width applies to the localization model only")
+    if args.init:
+        if args.model != "events":
+            raise SystemExit("error: --init applies to the events model only")
+        options["init"] = Path(args.init)
     card = train_and_export(seed=args.seed, out_dir=out_dir, steps=args.steps, **options)
     print(json.dumps(card["metrics"], indent=2))
     return 0
@@ -402,7 +406,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from smartscope.bench import run_benchmark
 
     try:
-        run_benchmark(args.name, Path(args.json) if args.json else None, quick=args.quick)
+        options = {"world": args.world} if args.world else {}
+        if options and args.name not in ("events", "localization"):
+            raise ValueError("--world applies to the events and localization benchmarks only")
+        if args.frames is not None:
+            if args.name != "soak":
+                raise ValueError("--frames applies to the soak benchmark only")
+            options["frames"] = args.frames
+        run_benchmark(args.name, Path(args.json) if args.json else None, quick=args.quick, **options)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return 0
@@ -486,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None,
                    help="localization only: U-Net width (default 16; 8 gives the faster localization-w8)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")
+    p.add_argument("--init", default=None, help="events only: fine-tune from this events ONNX (same architecture)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("localize", help="localize every frame of a recorded stack (ThunderSTORM CSV)")
@@ -536,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    p.add_argument("--world", choices=("simulator", "independent"), default=None,
+                   help="events, localization: independent adds the held-out world (smartscope.simulation.heldout) "
+                        "beside the simulator's figures, in one run")
+    p.add_argument("--frames", type=_positive_int, default=None, help="soak: frames of the long run (default 100000)")
     p.set_defaults(func=cmd_bench)
     return parser
 

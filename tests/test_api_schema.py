@@ -208,6 +208,9 @@ def test_the_serving_daemon_survives_5000_generated_requests(tmp_path):
         elapsed = time.perf_counter() - t0
     finally:
         done.set()
+        if daemon.poll() is not None:  # it died: say how
+            print("daemon exited", daemon.returncode, "peak RSS (MB) by operation:", dict(peak_mb_by_operation),
+                  (tmp_path / "serve.log").read_text()[-3000:], file=sys.stderr)
         daemon.send_signal(2)
         daemon.wait(60)
     figures = {"cases": cases, "seconds": round(elapsed, 1), "rss_mb_max": round(max(rss_mb), 1),

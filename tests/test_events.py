@@ -13,15 +13,18 @@ from smartscope.inference.events import (
     card_run,
     detect_events,
     event_map,
+    event_window_for,
     link_tracks,
     mirror_views,
     normalise_window,
+    pad_window,
     persistent,
     persistent_score,
     score_events,
 )
 from smartscope.inference.session import load_model
-from smartscope.training.episodes import evaluate, held_out_episodes
+from smartscope.simulation.heldout import edge_touching_field
+from smartscope.training.episodes import evaluate, held_out_episodes, random_microscope, simulate_episode
 
 
 def test_score_events_exact_outcomes():
@@ -184,3 +187,62 @@ def test_one_view_runs_the_window_alone(model):
     one = event_map(model, window, one_view=True)
     np.testing.assert_allclose(one, model.run(normalise_window(window)[None])[0, 0], atol=1e-6)
     assert np.abs(one - event_map(model, window)).max() > 1e-3  # the mirror views do change the map
+
+
+def test_short_windows_repeat_the_oldest_frame_from_min_window_frames_on():
+    """Frames every 100 ms, spacing 300 ms, 3-frame windows given from the first frame."""
+    window = EventWindow(3, 0.3, min_window_frames=1)
+    frame = {k: np.full((4, 4), float(k), np.float32) for k in range(6)}
+    out = {k: window.push("run-a", round(0.1 * k, 3), frame[k]) for k in range(6)}
+    assert [w[:, 0, 0].tolist() for w in out.values()] == [
+        [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 3, 4], [0, 3, 5]]
+    assert window.push("run-b", 1.0, frame[1])[:, 0, 0].tolist() == [1, 1, 1]  # a new stream starts over
+    two = EventWindow(3, 0.0, min_window_frames=2)
+    assert two.push("a", 0.0, frame[0]) is None and two.push("a", 1.0, frame[1])[:, 0, 0].tolist() == [0, 0, 1]
+    assert pad_window(np.stack([frame[2]]), 3).shape == (3, 4, 4)
+
+
+# The shipped model (v2) was not trained on short windows, so its card does not ask for them: with them it
+# gave 39 detections above threshold on 3 edge-touching held-out fields of 6 frames (2 with full windows). The
+# v3 candidate trained for them (and for borders) scored in-distribution F1 0.906 / 0.893 against v2's
+# 0.910 / 0.938 on the same episodes, so it was not shipped (models/README.md, events). strict: these
+# tests fail as soon as a shipped card passes them, and the marks must go.
+SHORT_WINDOWS_NOT_SHIPPED = pytest.mark.xfail(
+    strict=True, reason="the shipped events card (v2) has no min_window_frames: no score before 4 keyframes")
+BORDER_NOT_FIXED = pytest.mark.xfail(
+    strict=True, reason="the shipped events model (v2) fires at borders: on 6 edge-touching held-out fields, "
+                        "8 detections above threshold, 4 within 1 um of the border (v3 candidate: 0)")
+
+
+@SHORT_WINDOWS_NOT_SHIPPED
+@pytest.mark.parametrize("n_frames", [1, 2, 5])
+def test_the_first_frame_of_a_stack_has_a_score(model, n_frames):
+    """The worker's window as the card sets it: every frame of a 1-, 2- or 5-frame stack
+    gets an event map, its score a probability."""
+    scope, interval_ms = random_microscope(np.random.default_rng(n_frames))
+    frames, _ = simulate_episode(scope, n_frames, interval_ms)
+    window = event_window_for(model.card)
+    scores = []
+    for t, frame in enumerate(frames):
+        w = window.push("stack", t * interval_ms / 1000, frame)
+        assert w is not None and w.shape == (model.card["frames"], *frame.shape)
+        scores.append(detect_events(event_map(model, w), model.card["threshold"])[0])
+    assert len(scores) == n_frames and all(0.0 <= s <= 1.0 for s in scores)
+
+
+@BORDER_NOT_FIXED
+def test_no_detection_near_the_border_of_an_edge_touching_field_without_events(model):
+    """Held-out fields (another simulator) whose tubules cross every edge, no event:
+    no detection above the card's threshold within 1 µm of the border."""
+    for seed in range(3):
+        stack, pixel_nm, interval_ms = edge_touching_field(seed, n_frames=6)
+        band_px = 1000 / pixel_nm
+        h, w = stack.shape[1:]
+        window = event_window_for(model.card)
+        for t, frame in enumerate(stack):
+            x = window.push(seed, t * interval_ms / 1000, frame)
+            if x is None:
+                continue
+            peaks = detect_events(event_map(model, x), model.card["threshold"])[1]
+            near = [p for p in peaks if min(p[0], p[1], w - p[0], h - p[1]) < band_px]
+            assert not near, f"field {seed}, frame {t}: {near}"

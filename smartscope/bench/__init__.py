@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("acquisition", "transport", "latency", "simulation", "localization", "counting", "events", "policies",
-              "analyze")
+              "analyze", "soak")
 
 
-def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False, **options: Any) -> dict[str, Any]:
+    """Run one benchmark; `options` (e.g. world="independent") go to its run() where given."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}")
     module = importlib.import_module(f"smartscope.bench.{name}")
     t0 = time.time()
-    results = module.run(quick=quick)
+    results = module.run(quick=quick, **options)
     report = {"benchmark": name, "quick": quick, "machine": {"python": platform.python_version(),
               "processor": platform.processor() or platform.machine()},
-              "seconds": round(time.time() - t0, 2), "results": results}
+              "seconds": round(time.time() - t0, 2), **options, "results": results}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2, default=float))

@@ -62,26 +62,50 @@ class EventWindow:
     0.05-0.07; with frames 500 ms apart, 0.85). When frames come slower than the
     spacing, every frame is a keyframe and the window is consecutive. frames − 1
     keyframes and the newest frame are kept, whatever the frame rate.
+
+    A window that is not full yet (start of a stack, a new position or
+    acquisition) is given from `min_window_frames` frames on (the card's; the
+    newest frame counts): its oldest frame stands in for the ones still
+    missing (`pad_window`), as the model that sets it was trained. Without it
+    (older cards) only full windows are given.
     """
 
-    def __init__(self, frames: int, spacing_s: float) -> None:
+    def __init__(self, frames: int, spacing_s: float, min_window_frames: int | None = None) -> None:
         self.spacing_s = spacing_s
+        self.frames = frames
+        self.min_window_frames = frames if min_window_frames is None else max(1, min(min_window_frames, frames))
         self._keyframes: deque[tuple[float, np.ndarray]] = deque(maxlen=frames - 1)
         self._stream: object = None
 
     def push(self, stream: object, t_s: float, photons: np.ndarray) -> np.ndarray | None:
         """Add a frame of `stream` (an acquisition) taken at t_s; the (frames, H, W) window
-        ending in it, or None until there are enough keyframes. A new stream or frame
-        shape starts over."""
+        ending in it, or None until it holds min_window_frames frames. A new stream or
+        frame shape starts over."""
         if stream != self._stream or (self._keyframes and self._keyframes[-1][1].shape != photons.shape):
             self._keyframes.clear()
             self._stream = stream
         window = None
-        if len(self._keyframes) == self._keyframes.maxlen:
-            window = np.stack([p for _, p in self._keyframes] + [photons])
+        if len(self._keyframes) + 1 >= self.min_window_frames:
+            window = pad_window(np.stack([p for _, p in self._keyframes] + [photons]), self.frames)
         if not self._keyframes or t_s - self._keyframes[-1][0] >= self.spacing_s * (1 - 1e-6):
             self._keyframes.append((t_s, photons))
         return window
+
+
+def pad_window(window: np.ndarray, frames: int) -> np.ndarray:
+    """(k, H, W) frames, oldest first, k <= frames → (frames, H, W): the oldest repeated in front.
+
+    A repeated frame shows no change, which is what the model learns a missing
+    past to look like (training draws such short windows, `training.events`)."""
+    missing = frames - len(window)
+    return window if missing <= 0 else np.concatenate([np.repeat(window[:1], missing, axis=0), window])
+
+
+def event_window_for(card: dict, spacing: bool = True) -> EventWindow:
+    """The EventWindow a card asks for: its frames, window_spacing_ms (unless `spacing`
+    is False: consecutive frames) and min_window_frames (default: full windows only)."""
+    spacing_s = float(card.get("window_spacing_ms", 0.0)) / 1000 if spacing else 0.0
+    return EventWindow(int(card["frames"]), spacing_s, card.get("min_window_frames"))
 
 
 Run = Callable[[np.ndarray], np.ndarray]  # normalised (N, frames, H, W) windows → (N, 1, H, W) event maps
