@@ -449,3 +449,21 @@ def test_an_oversized_result_costs_its_sender_the_connection_and_nothing_else(co
         ctx.destroy(0)
         daemon.close()
 
+
+
+def test_no_camera_sequence_outlives_a_stopped_run(config, tmp_path):
+    """A stop that lands as a burst starts: the camera's sequence is stopped with the run (fuzzing found one
+    left running, filling 1.4 GB of buffer with frames no one read)."""
+    import useq
+
+    config.storage.root = str(tmp_path)
+    daemon = Daemon(config)
+    try:
+        for i in range(30):
+            daemon.start_acquisition(None, sequence=useq.MDASequence(time_plan={"interval": 0, "loops": 300}),
+                                     require_workers=False)
+            time.sleep(0.005 * (i % 8))  # before, at and after the burst's start
+            run = daemon.stop_acquisition()
+            assert run.done.is_set() and not daemon.core.isSequenceRunning(), i
+    finally:
+        daemon.close()
