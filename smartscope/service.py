@@ -62,6 +62,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartscope")
 
 
+#: run records the daemon keeps in memory (GET /acquisitions); older runs stay on disk
+RUNS_KEPT = 1000
+
+
 class Busy(RuntimeError):
     """An acquisition is already driving the hardware."""
 
@@ -206,7 +210,7 @@ class Daemon:
         return check_plan(sequence, self.core, self.envelope, channel_group=self.core.getChannelGroup() or None,
                           stage_x_um=stage_x_um, stage_y_um=stage_y_um)
 
-    def _past_runs(self, limit: int = 1000) -> dict[str, AcquisitionRun]:
+    def _past_runs(self, limit: int = RUNS_KEPT) -> dict[str, AcquisitionRun]:
         """The runs in storage.root from earlier daemons, oldest first (the newest `limit`); a run that an
         earlier daemon did not live to finish is listed as interrupted, with what is on disk."""
         root = self.storage_root
@@ -303,6 +307,8 @@ class Daemon:
             self.engine.reset()
             self.run = run
             self.runs[run.id] = run
+            while len(self.runs) > RUNS_KEPT:  # the oldest records go (their folders stay, listed at the next start)
+                self.runs.pop(next(iter(self.runs)))
             threading.Thread(target=self._acquire, args=(run,), name=f"acq-{run.id}", daemon=True).start()
         self._notify()
         return run
@@ -412,7 +418,6 @@ class Daemon:
 
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
         run.close_files(outcome, self._summary)
-        release_free_memory()
         self.decisions.set_file(None)
         try:  # summary.json and the report are views of the run: failing to write them (a full disk) fails nothing
             (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
@@ -425,6 +430,8 @@ class Daemon:
             run.summary["report_error"] = run.report_error
             with contextlib.suppress(OSError):
                 (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
+        run.keep_record_only()
+        release_free_memory()
         run.done.set()
         self._notify()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import threading
 import time
@@ -200,6 +201,16 @@ class AcquisitionRun:
                  ("inference", "inference.csv"), ("report", "report.png"), ("report_data", "report.csv"),
                  ("summary", "summary.json"))
         return {role: str(self.out_dir / name) for role, name in names}
+
+    def keep_record_only(self) -> None:
+        """After summary.json is written: drop what only the running run and its file needed (the plan and the
+        sequence, up to the API's body limit each), so the daemon can list thousands of runs. The summary in
+        memory keeps everything but the sequence (summary.json has it)."""
+        if self.plan is not None:
+            self.plan = dataclasses.replace(self.plan, sequence=None)
+        self.sequence = None
+        if self.summary is not None:
+            self.summary = {k: v for k, v in self.summary.items() if k != "sequence"}
 
     def close_files(self, outcome: str, summarize: Callable[[AcquisitionRun], dict[str, Any]]) -> None:
         """Close every file (later results are ignored), then settle the state and take the summary.

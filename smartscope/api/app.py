@@ -271,6 +271,8 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
 
     @reads.get("/acquisitions", tags=["acquisitions"], response_model=list[AcquisitionInfo])
     def list_runs() -> list[AcquisitionInfo]:
+        """Every run the daemon knows (the newest 1000), each summary without its sequence (GET /acquisitions/{id}
+        has it)."""
         return [_info(r) for r in list(daemon.runs.values())]
 
     @reads.get("/acquisitions/{run_id}", tags=["acquisitions"], response_model=AcquisitionInfo)
@@ -278,7 +280,13 @@ def create_app(daemon: Daemon, *, token: str | None, protect_reads: bool | None 
         run = daemon.runs.get(run_id)
         if run is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no acquisition {run_id!r}")
-        return _info(run)
+        info = _info(run)
+        if run.done.is_set():  # the whole summary, its sequence too, from summary.json (the list keeps it short)
+            try:
+                info.summary = json.loads((run.out_dir / "summary.json").read_text())
+            except (OSError, ValueError):
+                pass
+        return info
 
     # -- results ---------------------------------------------------------------
 
