@@ -34,3 +34,15 @@ def release_free_memory(now_s: float | None = None, every_s: float = 0.0) -> Non
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+def forget_iterated_plans() -> None:
+    """useq caches every MDASequence it iterates, each axis built whole (functools.cache, unbounded): a daemon
+    that runs for weeks would keep every plan ever checked or run (fuzzing: about 1 MB a plan). The caches
+    only save recomputation, so clearing them at any time is safe."""
+    from useq import _iter_sequence
+
+    for name in ("_iter_axis", "_sizes", "_used_axes"):
+        cached = getattr(_iter_sequence, name, None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()

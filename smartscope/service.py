@@ -46,7 +46,7 @@ from smartscope.control.engine import PolicyEngine, build_policies
 from smartscope.control.safety import SafetyEnvelope
 from smartscope.hardware import build_core
 from smartscope.inference.pool import WorkerPool, worker_models
-from smartscope.memory import release_free_memory
+from smartscope.memory import forget_iterated_plans, release_free_memory
 from smartscope.results import ResultsLoop
 from smartscope.storage import FrameWriter
 from smartscope.transport.keys import local_worker_key_files, server_keys, start_authenticator
@@ -201,6 +201,7 @@ class Daemon:
 
     def check_plan(self, sequence: useq.MDASequence) -> CheckedPlan:
         """The plan as it will run, or PlanError naming the field (nothing moves)."""
+        forget_iterated_plans()
         safety = self.config.safety
         stage_x_um, stage_y_um = safety.stage_x_um, safety.stage_y_um
         if self.scope is not None:  # the simulated stage's travel is the slide, unless the config narrows it
@@ -431,6 +432,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
         run.keep_record_only()
+        forget_iterated_plans()
         release_free_memory()
         run.done.set()
         self._notify()
