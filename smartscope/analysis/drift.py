@@ -106,14 +106,19 @@ def _per_frame(centres: np.ndarray, drift_nm: np.ndarray, n_frames: int) -> np.n
     return make_interp_spline(centres, drift_nm, k=k)(frames)
 
 
+def _segment_renderings(table: dict[str, np.ndarray], n_frames: int, s: DriftSettings):
+    """(segment bounds, their renderings' FFTs, padding, rendering shape) for the correlations."""
+    bounds = segment_bounds(n_frames, s.segment_frames)
+    _check(table, bounds)
+    ffts, pad = _renderings(table, bounds, s)
+    return bounds, ffts, pad, (ffts[0].shape[0], (ffts[0].shape[1] - 1) * 2)
+
+
 def estimate_drift(table: dict[str, np.ndarray], n_frames: int, settings: DriftSettings | None = None,
                    ) -> np.ndarray:
     """RCC drift (n_frames, 2) [x_nm, y_nm] per frame, relative to frame 0."""
     s = settings or DriftSettings()
-    bounds = segment_bounds(n_frames, s.segment_frames)
-    _check(table, bounds)
-    ffts, pad = _renderings(table, bounds, s)
-    shape = (ffts[0].shape[0], (ffts[0].shape[1] - 1) * 2)
+    bounds, ffts, pad, shape = _segment_renderings(table, n_frames, s)
     n = len(bounds)
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     shifts = np.array([_shift_nm(ffts[i], ffts[j], shape, pad, s.pixel_nm) for i, j in pairs])
@@ -136,10 +141,7 @@ def drift_cross_correlation(table: dict[str, np.ndarray], n_frames: int, setting
                             ) -> np.ndarray:
     """The baseline: each segment correlated with the first only; (n_frames, 2) like `estimate_drift`."""
     s = settings or DriftSettings()
-    bounds = segment_bounds(n_frames, s.segment_frames)
-    _check(table, bounds)
-    ffts, pad = _renderings(table, bounds, s)
-    shape = (ffts[0].shape[0], (ffts[0].shape[1] - 1) * 2)
+    bounds, ffts, pad, shape = _segment_renderings(table, n_frames, s)
     segment_drift = np.array([_shift_nm(ffts[0], f, shape, pad, s.pixel_nm) for f in ffts])
     return _reference_to_frame_zero(_per_frame(_centres(bounds), segment_drift, n_frames))
 
