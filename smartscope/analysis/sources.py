@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from smartscope.inference.offline import StackError, _pixel_size_nm
+from smartscope.inference.offline import StackError, camera_tiff_pixel_nm
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _ZARR_UNIT_NM = {"micrometer": 1000.0, "nanometer": 1.0, "millimeter": 1e6}
@@ -93,10 +93,7 @@ def _tiff_stack(path: Path) -> Stack:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            if tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB:
-                raise StackError(f"{path}: RGB / multi-sample images are not camera frames; save a single-channel "
-                                 "stack")
-            shape, dtype, pixel_nm = series.shape, series.dtype, _pixel_size_nm(tif)
+            shape, dtype, pixel_nm = series.shape, series.dtype, camera_tiff_pixel_nm(tif, path)
             one_page = len(tif.pages) == 1
     except (tifffile.TiffFileError, OSError, ValueError) as e:
         if isinstance(e, StackError):

@@ -37,15 +37,11 @@ def open_stack(path: Path) -> tuple[np.ndarray, float | None]:
         raise StackError(f"{path}: no such file")
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            if tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB:
-                raise StackError(f"{path}: RGB / multi-sample images (axes {series.axes}) are not camera "
-                                 "frames; save a single-channel stack")
-            pixel_nm = _pixel_size_nm(tif)
+            pixel_nm = camera_tiff_pixel_nm(tif, path)
             try:
                 data = tifffile.memmap(path, series=0, mode="r")
             except ValueError:  # compressed or not contiguous: read it
-                data = series.asarray()
+                data = tif.series[0].asarray()
     except tifffile.TiffFileError as e:
         raise StackError(f"{path}: cannot be read as TIFF ({e})") from e
     if data.ndim == 2:
@@ -56,6 +52,14 @@ def open_stack(path: Path) -> tuple[np.ndarray, float | None]:
     if data.dtype.kind not in "uif":
         raise StackError(f"{path}: pixel type {data.dtype} is not camera data (need uint8/16/32 or float)")
     return data, pixel_nm
+
+
+def camera_tiff_pixel_nm(tif: tifffile.TiffFile, path: Path) -> float | None:
+    """StackError unless the TIFF holds single-channel camera frames; their pixel size (nm) if the metadata says."""
+    if tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB:
+        raise StackError(f"{path}: RGB / multi-sample images (axes {tif.series[0].axes}) are not camera frames; "
+                         "save a single-channel stack")
+    return _pixel_size_nm(tif)
 
 
 def _pixel_size_nm(tif: tifffile.TiffFile) -> float | None:
