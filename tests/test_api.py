@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 import uvicorn
+from conftest import small_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
@@ -44,6 +45,23 @@ def serve(app, **uvicorn_kw):
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+@contextmanager
+def served_daemon_with_a_worker(storage_root):
+    """The simulated microscope with one real worker, its API on loopback: (base URL, client, daemon). The
+    activation starts far too low, so the illumination policy has work to do and decisions flow."""
+    config = small_config()
+    config.acquisition.activation_mw = 2.0
+    config.storage.root = str(storage_root)
+    daemon = Daemon(config)
+    try:
+        daemon.spawn_workers(1)
+        daemon.wait_for_workers(1)
+        with serve(create_app(daemon, token=TOKEN)) as base, httpx.Client(base_url=base, timeout=30) as client:
+            yield base, client, daemon
+    finally:
+        daemon.close()
 
 
 def make_daemon(config, tmp_path) -> Daemon:

@@ -7,31 +7,17 @@ import json
 import threading
 import time
 
-import httpx
 import pytest
-from conftest import small_config
-from test_api import AUTH, TOKEN, _metrics, serve
+from test_api import AUTH, _metrics, served_daemon_with_a_worker
 from websockets.sync.client import connect
-
-from smartscope.api import create_app
-from smartscope.service import Daemon
 
 FRAMES = 150  # at 10 ms: 1.5 s of acquisition
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    config = small_config()
-    config.acquisition.activation_mw = 2.0  # the illumination policy has work to do: decisions flow
-    config.storage.root = str(tmp_path_factory.mktemp("stream"))
-    daemon = Daemon(config)
-    try:
-        daemon.spawn_workers(1)
-        daemon.wait_for_workers(1)
-        with serve(create_app(daemon, token=TOKEN)) as base, httpx.Client(base_url=base, timeout=30) as client:
-            yield base, client, daemon
-    finally:
-        daemon.close()
+    with served_daemon_with_a_worker(tmp_path_factory.mktemp("stream")) as served:
+        yield served
 
 
 def _listen(url: str, out: list, ready: threading.Event, stop: threading.Event) -> None:

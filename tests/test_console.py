@@ -10,13 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import small_config
-from test_api import AUTH, TOKEN, serve
-
-from smartscope.api import create_app
-from smartscope.service import Daemon
+from test_api import AUTH, TOKEN, served_daemon_with_a_worker
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[test]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -43,22 +38,13 @@ SR_SPOTS = """() => { const c = document.getElementById('sr');
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory):
-    config = small_config()
-    config.acquisition.activation_mw = 2.0  # the illumination policy has work to do: decisions flow
-    config.storage.root = str(tmp_path_factory.mktemp("console"))
-    daemon = Daemon(config)
-    try:
-        daemon.spawn_workers(1)
-        daemon.wait_for_workers(1)
-        with serve(create_app(daemon, token=TOKEN)) as base, httpx.Client(base_url=base, timeout=30) as client, \
-                sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            try:
-                yield base, client, daemon, browser
-            finally:
-                browser.close()
-    finally:
-        daemon.close()
+    with served_daemon_with_a_worker(tmp_path_factory.mktemp("console")) as (base, client, daemon), \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield base, client, daemon, browser
+        finally:
+            browser.close()
 
 
 def _shot(page, name: str) -> None:
