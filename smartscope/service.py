@@ -335,9 +335,7 @@ class Daemon:
         if run is None or not run.inference_at_start or self.config.safety.on_inference_loss != "safe":
             return
         if holding and run.state == "acquiring" and not run.lasers_before_hold:
-            lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
-            run.lasers_before_hold = {n: self.actuator.snapshot()[n] for n in lasers}
-            self._set_safe()
+            run.lasers_before_hold = self._lasers_safe()
             log.error("acquisition %s: no fresh inference (%s); lasers safe until results return",
                       run.id, self.engine.hold_reason)
             self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
@@ -347,9 +345,7 @@ class Daemon:
             if run.state == "paused":  # resume brings them back
                 run.saved_lasers.update(saved)
             elif run.state == "acquiring":  # ending: the lasers stay safe
-                for name, value in saved.items():
-                    if value is not None:
-                        self.actuator.write(name, value)
+                self._restore_lasers(saved)
                 self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
                                        "outcome": "lasers_restored", "values": saved,
                                        "reason": "inference back: lasers restored to their values before the hold"})
@@ -477,9 +473,7 @@ class Daemon:
             time.sleep(0.005)
         if run.done.is_set():
             return run
-        lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
-        run.saved_lasers = {n: self.actuator.snapshot()[n] for n in lasers}
-        self._set_safe()
+        run.saved_lasers = self._lasers_safe()
         run.pauses += 1
         frame = run.counts.acquired - 1
         self.decisions.append({"t_s": time.time(), "frame": frame, "policy": None, "outcome": "paused",
@@ -494,9 +488,7 @@ class Daemon:
         run = self._current()
         if run.state != "paused":
             raise WrongState(f"acquisition {run.id} is {run.state}: only a paused one can resume")
-        for name, value in run.saved_lasers.items():
-            if value is not None:
-                self.actuator.write(name, value)
+        self._restore_lasers(run.saved_lasers)
         run.resumed_s = time.time()
         self.decisions.append({"t_s": run.resumed_s, "frame": run.counts.acquired, "policy": None,
                                "outcome": "resumed", "reason": "resume requested: lasers restored"})
@@ -530,6 +522,18 @@ class Daemon:
                 listener()
             except Exception:  # a listener's failure is its own; the data path carries on
                 log.exception("stream listener failed")
+
+    def _lasers_safe(self) -> dict[str, float | None]:
+        """Every actuator to its safe value; returns the lasers' powers before, for `_restore_lasers`."""
+        lasers = [n for n in ("activation_mw", "excitation_mw") if n in self.actuator.available()]
+        before = {n: self.actuator.snapshot()[n] for n in lasers}
+        self._set_safe()
+        return before
+
+    def _restore_lasers(self, powers: dict[str, float | None]) -> None:
+        for name, value in powers.items():
+            if value is not None:
+                self.actuator.write(name, value)
 
     def _set_safe(self) -> None:
         """Lasers (and anything else with a safe value) to their safe value."""
