@@ -121,7 +121,7 @@ def test_workers_exit_by_themselves_when_the_daemon_is_killed(tmp_path):
     demo = subprocess.Popen([sys.executable, "-m", "smartscope", "demo", "--config", str(cfg), "--frames", "100000",
                              "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _until(lambda: (out / "frames.csv").is_file() and len((out / "frames.csv").read_bytes().splitlines()) > 150,
+        _until(lambda: (out / "frames.csv").is_file() and len((out / "frames.csv").read_bytes().splitlines()) > 151,
                90, "the demo acquires")
         workers = _children_of(demo.pid)
         assert len(workers) == 1

@@ -323,7 +323,7 @@ def load_run(out_dir: Path) -> AcquisitionRun | None:
                    "frames_requested": None, "frames_acquired": saved, "frames_saved": saved,
                    "frames_on_disk": sum(frames_on_disk(t) for t in tiffs) if tiffs else None,
                    "frames_inferred": inferred, "localizations": _data_rows(out_dir / "localizations.csv")[0],
-                   "decisions": sum(1 for _ in open(out_dir / "decisions.jsonl", "rb"))
+                   "decisions": (out_dir / "decisions.jsonl").read_bytes().count(b"\n")
                    if (out_dir / "decisions.jsonl").is_file() else 0,
                    "started_s": started_s, "duration_s": round(finished_s - started_s, 3)}
         logging.getLogger("smartscope").warning(
