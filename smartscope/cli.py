@@ -233,7 +233,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             if not (args.server_key and args.client_key):
                 raise ValueError("give both --server-key and --client-key (or neither)")
             keys = client_keys(Path(args.server_key), Path(args.client_key))
-        elif config.transport.auth == "curve":  # a worker on the daemon's host, with the daemon's config
+        elif config.transport.auth == "curve" and not args.no_auth:  # on the daemon's host, with its config
             keys = client_keys(*local_worker_key_files(config.transport.resolved_keys_dir()))
         else:
             keys = None
@@ -413,6 +413,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.name != "soak":
                 raise ValueError("--frames applies to the soak benchmark only")
             options["frames"] = args.frames
+        if args.baseline is not None:
+            if args.name != "latency":
+                raise ValueError("--baseline applies to the latency benchmark only")
+            options["baseline"] = args.baseline
+        if args.provider is not None:
+            if args.name != "latency":
+                raise ValueError("--provider applies to the latency benchmark only")
+            options["provider"] = args.provider
         run_benchmark(args.name, Path(args.json) if args.json else None, quick=args.quick, **options)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -474,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", default=None, help="the daemon's public key file (server.key; transport.auth curve)")
     p.add_argument("--client-key", default=None,
                    help="this worker's secret key file (from `smartscope keys add NAME`); default: the local worker key")
+    p.add_argument("--no-auth", action="store_true", help="connect without CURVE (the daemon's transport.auth: none)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the daemon) is gone")
     p.set_defaults(func=cmd_worker)
 
@@ -552,6 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events, localization: independent adds the held-out world (smartscope.simulation.heldout) "
                         "beside the simulator's figures, in one run")
     p.add_argument("--frames", type=_positive_int, default=None, help="soak: frames of the long run (default 100000)")
+    p.add_argument("--baseline", default=None, metavar="JSON",
+                   help="latency: this bench's JSON from another version, printed beside each case")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default=None,
+                   help="latency: the workers' ONNX Runtime execution provider (default: the config's, auto)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -235,6 +235,10 @@ class InferenceConfig(_Strict):
     channel: str | None = Field(
         None, description="the channel preset whose frames the models read (e.g. SMLM): frames of other channels "
         "are stored, not inferred, so no policy acts on a channel it was not set for; null: every frame")
+    catch_up: bool = Field(
+        True, description="after a run that ended by itself, with a localization model: send the frames the live "
+        "stream replaced (every worker busy) to the workers from the run's files, so localizations.csv covers every "
+        "frame; a stop skips it")
     workers: int = Field(1, ge=0, description="worker processes the daemon starts (and restarts when one dies)")
     require_workers: bool = Field(
         True, description="an acquisition starts only with a live inference worker (unless its request says "

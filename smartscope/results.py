@@ -152,7 +152,7 @@ class ResultsLoop:
         recorded = run.record(r, locs, focus_nm, latency_ms, now, self._set_point())
         if recorded is None:
             self.rejected["unknown_or_duplicate_frame"] += 1
-        if not recorded:
+        if not recorded or r.seq in run.catch_up_seqs:  # a catch-up result is a table row, not a live observation
             return
         self.latency_hist.observe(latency_ms)
         h = r.header

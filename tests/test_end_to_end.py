@@ -54,7 +54,8 @@ def test_closed_loop_end_to_end(config, tmp_path):
         s = json.loads((tmp_path / "up" / "summary.json").read_text())
         assert s["state"] == "finished"
         assert s["frames_acquired"] == s["frames_saved"] == 150
-        assert s["frames_inferred"] >= 100 and s["frames_inferred"] + s["frames_dropped_inference"] == 150
+        assert s["frames_inferred"] >= 50 and s["frames_inferred"] + s["frames_dropped_inference"] == 150
+        assert s["frames_inferred"] + s["frames_inferred_catch_up"] == 150  # the rest after the run
         assert s["provider"] == "CPUExecutionProvider"
         assert s["latency_ms"]["p50"] is not None and 0 < s["latency_ms"]["p50"] < s["latency_ms"]["p99"] + 1e-9
         stack = tifffile.imread(tmp_path / "up" / "frames.ome.tif")
@@ -98,16 +99,16 @@ def test_live_mode_scores_events_without_localizing(tmp_path, event_views):
     config = load_config(bundled_path("configs") / "live-demo.yaml")
     config.inference.event_views = event_views
     config.simulation.camera.width_px = config.simulation.camera.height_px = 64
-    config.acquisition.interval_ms = 40
+    config.acquisition.interval_ms = 60  # the 3-view event model keeps up on a busy 2-core machine
     with running_daemon(config) as daemon:
         assert ("--event-one-view" in daemon.pool.procs[0].args) == (event_views == "one")  # the setting reaches the worker
         run = daemon.start_acquisition(tmp_path / "live", 72)
         assert run.done.wait(60)
         assert run.summary["localizations"] == 0 and run.summary["frames_saved"] == 72
         scores = [float(r["event_score"]) for r in _inference_rows(tmp_path / "live") if r["event_score"] != ""]
-        # every frame once the window holds its keyframes, window_spacing_ms apart (from frame 40 here)
+        # every frame once the window holds its keyframes, window_spacing_ms apart
         card = read_card("events.onnx")[1]
-        assert len(scores) >= 72 - first_event_window_frame(card, 40) - 3 and all(0.0 <= s <= 1.0 for s in scores)
+        assert len(scores) >= 72 - first_event_window_frame(card, 60) - 3 and all(0.0 <= s <= 1.0 for s in scores)
 
 
 def test_real_micromanager_demo_adapters_through_the_same_loop(tmp_path):
@@ -140,15 +141,43 @@ def test_two_workers_share_the_stream_and_every_frame_is_accounted_for(config, t
         s = run.summary
         assert s["frames_saved"] == 120 and s["workers"] == 2
         assert s["frames_inferred"] + s["frames_skipped_by_workers"] + s["frames_lost"] == s["frames_published"]
-        assert s["frames_lost"] == 0 and s["frames_inferred"] >= 60
+        assert s["frames_lost"] == 0 and s["frames_inferred"] >= 30
+        assert s["frames_inferred"] + s["frames_inferred_catch_up"] == 120  # the rest after the run
         assert all(daemon.status()["workers"][w]["results"] > 0 for w in workers)
         assert set(s["latency_stages_ms"]) == {"queue", "transfer", "pre", "inference", "post", "return"}
         assert all(v["p50"] is not None and v["p50"] >= 0 for v in s["latency_stages_ms"].values())
         assert s["latency_stages_ms"]["inference"]["p50"] < s["latency_ms"]["p99"]
         if shared_memory == "on":
-            assert s["frame_ring"]["written"] == s["frames_published"] and s["frame_ring"]["lent"] == 0
+            caught_up = s["catch_up"]["frames_offered"] if s["catch_up"] else 0
+            assert s["frame_ring"]["written"] == s["frames_published"] + caught_up and s["frame_ring"]["lent"] == 0
         else:
             assert s["frame_ring"] is None
         assert s["malformed_frames"] == {} and s["malformed_results"] == {}
         procs = list(daemon.pool.procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_frames_the_live_stream_replaced_are_localized_after_the_run(config, tmp_path):
+    """256² frames every 10 ms outrun one worker: live, most frames are replaced by newer ones; the catch-up then
+    sends each of them from the TIFF, so inference.csv and localizations.csv cover every frame, each result
+    marked live or catch_up, with the live path's counts and latencies left as they were."""
+    config.simulation.camera.width_px = config.simulation.camera.height_px = 256
+    config.acquisition.exposure_ms = config.acquisition.interval_ms = 10
+    config.acquisition.activation_mw = 20.0
+    config.policies = []
+    with running_daemon(config) as daemon:
+        run = daemon.start_acquisition(tmp_path / "run", 60)
+        assert run.done.wait(120)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["state"] == "finished" and s["frames_saved"] == 60
+    assert s["frames_not_sent"] > 0  # replaced live: a busy worker is never queued for
+    assert s["frames_inferred"] + s["frames_skipped_by_workers"] + s["frames_not_sent"] + s["frames_lost"] == 60
+    assert s["catch_up"]["frames_offered"] == 60 - s["frames_inferred"] and s["catch_up"]["not_done"] is None
+    assert s["frames_inferred_catch_up"] == s["catch_up"]["frames_inferred"] == 60 - s["frames_inferred"]
+    rows = _inference_rows(tmp_path / "run")
+    assert sorted(int(r["frame"]) for r in rows) == list(range(60))
+    assert sum(r["path"] == "live" for r in rows) == s["frames_inferred"]
+    located = {int(f) for f in read_localizations(tmp_path / "run" / "localizations.csv")["frame"]}
+    assert len(located) > 50  # ~10 emitters a frame: nearly every frame has localizations
+    caught = {int(r["frame"]) for r in rows if r["path"] == "catch_up"}
+    assert caught and caught <= set(range(60))

@@ -25,7 +25,7 @@ from smartscope.report import read_decisions
 from smartscope.service import Daemon, NoWorkers
 from smartscope.storage.frames import read_frames
 from smartscope.transport.keys import ClientKeys, client_keys, connect_curve, local_worker_key_files
-from smartscope.transport.protocol import Result, decode_frame, encode_result
+from smartscope.transport.protocol import Result, decode_frame, encode_ready, encode_result
 
 
 def _until(condition, timeout_s: float, what: str, poll_s: float = 0.05):
@@ -245,9 +245,10 @@ def test_results_for_frames_never_sent_or_sent_twice_are_rejected(config, tmp_pa
     daemon = Daemon(config)
     ctx = zmq.Context()
     keys = client_keys(*local_worker_key_files(config.transport.resolved_keys_dir()))
-    pull = ctx.socket(zmq.PULL)
+    pull = ctx.socket(zmq.DEALER)
     connect_curve(pull, keys)
     pull.connect(daemon.frames_address)
+    pull.send(encode_ready(1))  # as a worker asks for a frame
     push = _peer(ctx, daemon.results_address, keys)
     try:
         push.send(encode_result(Result(kind="hello", worker_id="peer:1", provider="CPU", model="x")))

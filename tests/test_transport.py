@@ -73,22 +73,65 @@ def test_malformed_frames_are_named_by_reason(parts, reason):
     assert e.value.reason == reason
 
 
-def test_publisher_drops_without_workers_and_never_blocks():
+def test_without_a_worker_each_frame_replaces_the_last_and_nothing_blocks():
     pub = FramePublisher("tcp://127.0.0.1:*", hwm=2)
-    t0 = time.perf_counter()
-    sent = [pub.publish(header(i), np.zeros((32, 32), np.uint16)) for i in range(50)]
-    assert time.perf_counter() - t0 < 1.0
-    assert not any(sent) and pub.dropped == 50
-    pub.close()
+    try:
+        t0 = time.perf_counter()
+        replaced = [pub.publish(header(i), np.zeros((32, 32), np.uint16)) for i in range(50)]
+        assert time.perf_counter() - t0 < 1.0
+        assert replaced[0] is None and [h.seq for h in replaced[1:]] == list(range(49))
+        assert pub.withdraw("another run") is None
+        assert pub.withdraw("t").seq == 49 and pub.withdraw("t") is None
+        assert pub.sent == 0 and pub.replaced == 50
+    finally:
+        pub.close()
+
+
+def test_ready_requests_are_credits_and_bad_ones_are_counted():
+    """A real DEALER peer gets exactly as many frames as it asked for, the newest; malformed requests are
+    counted by reason and give nothing."""
+    from smartscope.transport.protocol import encode_ready
+
+    pub = FramePublisher("tcp://127.0.0.1:*", hwm=16)
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(pub.endpoint)
+    try:
+        for bad in (b"ready", b"SSRD" + struct.pack("<HH", 4, 0), b"SSRD" + struct.pack("<HH", 3, 1)):
+            peer.send(bad)
+        peer.send_multipart([encode_ready(1), b"extra"])
+        deadline = time.time() + 5
+        while sum(pub.malformed.values()) < 4 and time.time() < deadline:
+            time.sleep(0.01)
+        assert pub.malformed == {"format": 1, "header": 1, "version": 1, "parts": 1}
+        pub.publish(header(0), np.zeros((32, 32), np.uint16))
+        assert not peer.poll(300)  # no credit, no frame
+        peer.send(encode_ready(2))
+        assert peer.poll(2000)
+        assert decode_frame(peer.recv_multipart())[0].seq == 0  # the waiting frame goes at once
+        pub.publish(header(1), np.zeros((32, 32), np.uint16))
+        assert peer.poll(2000) and decode_frame(peer.recv_multipart())[0].seq == 1
+        replaced = [pub.publish(header(seq), np.zeros((32, 32), np.uint16)) for seq in (2, 3, 4)]
+        assert not peer.poll(300)  # both credits spent
+        assert [r.seq if r else None for r in replaced] == [None, 2, 3]
+        peer.send(encode_ready(1))
+        assert peer.poll(2000) and decode_frame(peer.recv_multipart())[0].seq == 4  # the newest
+        deadline = time.time() + 2
+        while pub.sent < 3 and time.time() < deadline:  # counted just after the send
+            time.sleep(0.01)
+        assert pub.sent == 3 and pub.replaced == 2 and pub.workers_ready == 0
+    finally:
+        peer.close()
+        pub.close()
 
 
 @contextlib.contextmanager
-def worker_thread(pub: FramePublisher, rec: ResultReceiver):
+def worker_thread(frames_address: str, rec: ResultReceiver):
     """A real worker (shipped ONNX model) in a thread; yields its counts dict (filled when it stops)
     and the results received so far, once it has said hello."""
     stop = threading.Event()
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(run_worker(pub.endpoint, rec.endpoint, model="localization.onnx",
+    t = threading.Thread(target=lambda: out.update(run_worker(frames_address, rec.endpoint, model="localization.onnx",
                                                               stop=stop, threads=1)))
     t.start()
     results: list = []
@@ -106,22 +149,34 @@ def receive_until(rec: ResultReceiver, results: list, done, timeout_s: float = 2
         results += rec.receive(100)
 
 
+@contextlib.contextmanager
+def raw_router():
+    """A bare ROUTER socket in the daemon's place, to send a worker what the publisher never would."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    try:
+        yield router, router.getsockopt_string(zmq.LAST_ENDPOINT)
+    finally:
+        router.close()
+
+
 def test_worker_survives_malformed_messages(tmp_path):
     """A real worker (real ONNX model) counts bad messages and keeps serving."""
-    pub = FramePublisher("tcp://127.0.0.1:*", hwm=16)
     rec = ResultReceiver("tcp://127.0.0.1:*")
     raw = zmq.Context.instance().socket(zmq.PUSH)
     raw.connect(rec.endpoint)
     raw.send(b"garbage result")
     try:
-        with worker_thread(pub, rec) as (out, results):
-            # malformed frames sent through the real publisher socket
-            pub._socket.send_multipart([b"{bad header", b"123"])
-            pub._socket.send_multipart([_packed()])
-            pub._socket.send_multipart([_corrupt(4, struct.pack("<H", 1)), np.zeros((32, 32), np.uint16)])
-            pub._socket.send_multipart([_packed(seq=4, ring=RingRef("smartscope-1-0badc0de", 0, 1))])  # no such ring
+        with raw_router() as (router, address), worker_thread(address, rec) as (out, results):
+            assert router.poll(5000)
+            identity, _ready = router.recv_multipart()
+            for parts in ([b"{bad header", b"123"], [_packed()],
+                          [_corrupt(4, struct.pack("<H", 1)), np.zeros((32, 32), np.uint16)],
+                          [_packed(seq=4, ring=RingRef("smartscope-1-0badc0de", 0, 1))]):  # no such ring
+                router.send_multipart([identity, *parts])
             receive_until(rec, results, lambda r: ("t", 4) in r.skipped)  # reported by number
-            assert pub.publish(header(5), np.full((32, 32), 100, np.uint16))
+            router.send_multipart([identity, *encode_frame(header(5), np.full((32, 32), 100, np.uint16))])
             receive_until(rec, results, lambda r: r.kind == "result")
             (res,) = [r for r in results if r.kind == "result"]
             assert res.seq == 5 and res.n_emitters == 0
@@ -129,30 +184,55 @@ def test_worker_survives_malformed_messages(tmp_path):
             assert rec.malformed == {"result": 1}
     finally:
         raw.close()
-        pub.close()
         rec.close()
     assert out["malformed"] == 4 and out["frames"] == 5
     assert out["malformed_format"] == out["malformed_parts"] == out["malformed_version"] == 1
 
 
-def test_worker_runs_the_newest_frame_and_counts_the_skipped():
-    """A burst of frames waiting at once: one result, for the newest; the rest counted as skipped."""
+def test_a_busy_worker_is_sent_the_newest_frame_and_the_replaced_are_counted():
+    """A burst faster than one inference: the worker takes the first, the newest goes when it is free again,
+    the frames between never leave the daemon (returned by publish), and the worker skips nothing."""
     pub = FramePublisher("tcp://127.0.0.1:*", hwm=100)
     rec = ResultReceiver("tcp://127.0.0.1:*")
     try:
-        with worker_thread(pub, rec) as (out, results):
-            for seq in range(6):  # faster than one inference: they queue
-                assert pub.publish(header(seq), np.full((32, 32), 100, np.uint16))
+        with worker_thread(pub.endpoint, rec) as (out, results):
+            deadline = time.time() + 5
+            while pub.workers_ready == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            frame = np.full((256, 256), 100, np.uint16)  # tens of ms to infer: the burst comes meanwhile
+            replaced = [pub.publish(header(0, frame.shape), frame)]
+            while pub.sent == 0 and time.time() < deadline:
+                time.sleep(0.001)
+            replaced += [pub.publish(header(seq, frame.shape), frame) for seq in range(1, 6)]
+            receive_until(rec, results, lambda r: r.kind == "result" and r.seq == 5)
+            seqs = [r.seq for r in results if r.kind == "result"]
+            not_sent = [h.seq for h in replaced if h is not None]
+            assert seqs[0] == 0 and seqs[-1] == 5 and len(seqs) < 6 and sorted(seqs + not_sent) == list(range(6))
+            assert results[0].kind == "hello" and results[0].threads == 1 and results[0].max_batch == 1
+        receive_until(rec, results, lambda r: r.kind == "bye")  # the worker stopped: it says so
+        assert results[-1].kind == "bye" and results[-1].frames_received == len(seqs)
+    finally:
+        pub.close()
+        rec.close()
+    assert out["frames"] == len(seqs) == pub.sent and out["skipped"] == 0
+
+
+def test_worker_runs_the_newest_of_frames_waiting_at_once_and_counts_the_skipped():
+    """More frames than it asked for (a daemon that ignores credits): one result, for the newest; the rest
+    counted as skipped, by number."""
+    rec = ResultReceiver("tcp://127.0.0.1:*")
+    try:
+        with raw_router() as (router, address), worker_thread(address, rec) as (out, results):
+            assert router.poll(5000)
+            identity, _ready = router.recv_multipart()
+            for seq in range(6):
+                router.send_multipart([identity, *encode_frame(header(seq), np.full((32, 32), 100, np.uint16))])
             receive_until(rec, results, lambda r: r.kind == "result" and r.seq == 5)
             seqs = [r.seq for r in results if r.kind == "result"]
             skipped = [seq for r in results for acquisition, seq in r.skipped if acquisition == "t"]
             assert seqs[-1] == 5 and len(seqs) < 6
             assert sorted(seqs + skipped) == list(range(6))  # every frame accounted for, by number
-            assert results[0].kind == "hello" and results[0].threads == 1 and results[0].max_batch == 1
-        receive_until(rec, results, lambda r: r.kind == "bye")  # the worker stopped: it says so
-        assert results[-1].kind == "bye" and results[-1].frames_received == 6
     finally:
-        pub.close()
         rec.close()
     assert out["frames"] == 6 and out["skipped"] == 6 - len(seqs)
 
@@ -200,9 +280,9 @@ def test_worker_reads_ring_frames_in_place_and_gives_every_slot_back():
     found = {}
     try:
         for name, pub in (("inline", inline), ("ring", ringed)):
-            with worker_thread(pub, rec) as (_, results):
+            with worker_thread(pub.endpoint, rec) as (_, results):
                 for seq in range(3):
-                    assert pub.publish(header(seq, frame.shape), frame)
+                    assert pub.publish(header(seq, frame.shape), frame) is None
                     receive_until(rec, results, lambda r, s=seq: r.kind == "result" and r.seq == s)
                 for r in results:
                     pub.release(r.released)

@@ -4,9 +4,9 @@ Connected to `core.mda.events.frameReady` (synchronously, in the runner's
 thread), so other pymmcore-plus listeners see the same frames. For each
 frame it records the acquisition state at capture (the actuator's cache: no
 device round trips on this path; XY and Z from the frame's metadata or the
-plan), queues the frame for storage (unbounded: storage never drops) and
-offers it to the workers without blocking (bounded: inference may drop, and
-each drop is counted).
+plan), queues the frame for storage (storage never drops) and offers it to
+the workers without blocking (the publisher gives it to a worker that asked
+for one, or a newer frame replaces it: each frame not sent is counted).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 @dataclass
 class FrameCounts:
     acquired: int = 0
-    published: int = 0
-    dropped_inference: int = 0  # not sent (frames_not_sent): every worker's queue full, or a channel not inferred
+    published: int = 0  # sent to a worker, or waiting in the publisher's mailbox for one
+    dropped_inference: int = 0  # not sent (frames_not_sent): replaced by a newer frame while every worker was busy,
+    # or a channel not inferred
     delivered: int = -1  # ordinal (in the plan) of the newest frame
 
 
@@ -121,13 +122,21 @@ class FrameHandler:
         header = FrameHeader(acquisition=self._id, seq=seq, t_capture_s=t_capture_s, shape=frame.shape,
                              dtype=str(frame.dtype), exposure_ms=exposure_ms, camera=self._camera, **index,
                              **{k: state.get(k) for k in STATE_FIELDS})
-        to_infer = self._infer_channel is None or channel in ("", self._infer_channel)
-        if to_infer:
+        if self._infer_channel is None or channel in ("", self._infer_channel):
             self.awaiting.add(seq)  # before the send: a fast worker may answer before publish returns
-        if to_infer and self._publisher.publish(header, frame):
             counts.published += 1
+            self._not_sent(self._publisher.publish(header, frame))
         else:
-            self.awaiting.take(seq)
             counts.dropped_inference += 1
         if self._on_frame is not None:
             self._on_frame(frame, {"frame": seq, **index, "channel": channel})
+
+    def withdraw_waiting(self) -> None:
+        """At the end of the run: its frame still waiting for a worker will not be inferred."""
+        self._not_sent(self._publisher.withdraw(self._id))
+
+    def _not_sent(self, header: FrameHeader | None) -> None:
+        """A frame offered to the workers that none took (a newer one replaced it): not sent after all."""
+        if header is not None and header.acquisition == self._id and self.awaiting.take(header.seq):
+            self.counts.published -= 1
+            self.counts.dropped_inference += 1

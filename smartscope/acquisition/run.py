@@ -41,13 +41,15 @@ INTERRUPTED = ("the daemon ended during the run (killed, crashed or power lost):
                "frames.csv lists every frame saved, up to the frames in flight")
 #: per-frame inference record written next to the data (the report reads it)
 INFERENCE_COLUMNS = ("frame", *INDEX_AXES, "t_capture_s", "t_result_s", "latency_ms", "n_emitters", "emitter_count",
-                     "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker")
+                     "focus_nm", "event_score", "background_photons", "set_point_emitters", "worker", "path")
+#: inference.csv `path`: the frame's result came live, or from the catch-up after the run (acquisition/catch_up.py)
+LIVE, CATCH_UP = "live", "catch_up"
 LATENCY_WINDOW = 100_000  # the most recent frames whose latencies the summary's percentiles cover
 #: the result tables reach the disk at least this often: the live SR image reads them, and a crash loses no more
 TABLE_FLUSH_S = 0.5
 #: where a frame's capture → result latency goes (per-stage percentiles in the summary):
-#: queue: capture → handed to ZeroMQ (storage hand-off, header); transfer: → taken off the socket by a
-#: worker (socket queues included); pre / inference / post: the worker's own; return: → the daemon has it.
+#: queue: capture → sent to a worker (the wait in the publisher's mailbox for a free one); transfer: → taken
+#: off the socket by a worker; pre / inference / post: the worker's own; return: → the daemon has it.
 #: transfer and return compare two hosts' clocks when the worker runs elsewhere.
 LATENCY_STAGES = ("queue", "transfer", "pre", "inference", "post", "return")
 
@@ -92,6 +94,9 @@ class AcquisitionRun:
     bursts: bool = False  # runs as hardware-sequenced bursts (a pause stops the camera at once)
     inferred: int = 0
     skipped: int = 0  # frames workers conflated away (reported by sequence number)
+    catch_up_seqs: set[int] = field(default_factory=set)  # frames offered again after the run (catch_up.py)
+    inferred_catch_up: int = 0  # ... and answered (counted apart from the live path's `inferred`)
+    catch_up: dict[str, Any] | None = None  # what the catch-up offered, and why not all, for the summary
     localizations: int = 0
     # capture → result latency of the most recent frames (bounded: a run may last days)
     latencies_ms: Window = field(default_factory=Window)
@@ -151,7 +156,7 @@ class AcquisitionRun:
         with self.lock:
             if self.files_closed:
                 return 0
-            mine = [seq for acquisition, seq in skipped if acquisition == self.id]
+            mine = [seq for acquisition, seq in skipped if acquisition == self.id and seq not in self.catch_up_seqs]
             answered = sum(self.handler.awaiting.take(seq) for seq in mine)
             self.skipped += answered
             return len(mine) - answered
@@ -165,10 +170,13 @@ class AcquisitionRun:
                 return False
             if not self.handler.awaiting.take(r.seq):
                 return None
-            self.inferred += 1
+            live = r.seq not in self.catch_up_seqs
+            self.inferred += live
+            self.inferred_catch_up += not live
             self.localizations += len(locs)
-            self.latencies_ms.append(latency_ms)
-            if r.stages is not None and r.header.t_sent_s is not None:
+            if live:
+                self.latencies_ms.append(latency_ms)
+            if live and r.stages is not None and r.header.t_sent_s is not None:
                 st = r.stages
                 for name, value_ms in zip(LATENCY_STAGES, (
                         (r.header.t_sent_s - r.t_capture_s) * 1000, (st.t_received_s - r.header.t_sent_s) * 1000,
@@ -181,12 +189,26 @@ class AcquisitionRun:
                 "" if r.count_estimate is None else r.count_estimate,
                 "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
                 "" if r.background_photons is None else f"{r.background_photons:.3f}",
-                "" if set_point is None else set_point, r.worker_id])
+                "" if set_point is None else set_point, r.worker_id, LIVE if live else CATCH_UP])
             if now_s - self._tables_flushed_s > TABLE_FLUSH_S:
-                self.locs.flush()
-                self.inference_fh.flush()
-                self._tables_flushed_s = now_s
+                self._flush_tables(now_s)
         return True
+
+    def flush_tables(self) -> None:
+        with self.lock:
+            if not self.files_closed and self.locs is not None:
+                self._flush_tables(time.time())
+
+    def _flush_tables(self, now_s: float) -> None:
+        self.locs.flush()
+        self.inference_fh.flush()
+        self._tables_flushed_s = now_s
+
+    def expect_catch_up(self, seq: int) -> None:
+        """Frame `seq` is offered again after the run: its result is taken once, and counted apart."""
+        with self.lock:
+            self.catch_up_seqs.add(seq)
+            self.handler.awaiting.add(seq)
 
     @property
     def lost(self) -> int:
@@ -261,6 +283,8 @@ def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine
         "frames_saved": run.frames_saved,
         "frames_published": run.counts.published,
         "frames_inferred": run.inferred,
+        "frames_inferred_catch_up": run.inferred_catch_up,
+        "catch_up": run.catch_up,
         "frames_dropped_inference": run.counts.acquired - run.inferred,
         "frames_not_sent": run.counts.dropped_inference,
         "frames_skipped_by_workers": run.skipped,

@@ -35,8 +35,8 @@ class DaemonCollector:
             ("frames_acquired", "frames read from the camera", sum(r.counts.acquired for r in runs)),
             ("frames_saved", "frames written to storage (OME-TIFF or OME-Zarr)", sum(r.writer.saved for r in runs if r.writer)),
             ("frames_inferred", "frames with an inference result", sum(r.inferred for r in runs)),
-            ("frames_dropped", "frames not sent to inference because every worker queue (or every "
-             "shared-memory ring slot) was full, or of a channel not inferred (still saved)",
+            ("frames_dropped", "frames not sent to inference because a newer frame replaced them while every "
+             "worker was busy, or of a channel not inferred (still saved)",
              sum(r.counts.dropped_inference for r in runs)),
             ("frames_skipped", "frames workers skipped for newer ones or could not read (still saved)",
              sum(r.skipped for r in runs)),

@@ -1,7 +1,10 @@
-"""An inference worker: pull frames over ZeroMQ, run the models, push results back.
+"""An inference worker: ask for frames over ZeroMQ, run the models, push results back.
 
 Run one per process (`smartscope worker --connect HOST`); several workers on
-one or many machines share the frame stream (PUSH/PULL load-balances). Each
+one or many machines share the frame stream: each asks for a frame (a READY
+credit) when it is free, and the daemon sends its newest frame to a worker
+that asked (transport/sockets.py FramePublisher), so no frame waits behind a
+busy worker. Each
 announces itself (hello: host, provider, models, threads), sends a heartbeat
 while idle and says bye at exit, so the daemon can show every worker in its
 status. A malformed message is counted per reason and dropped; the worker
@@ -13,6 +16,7 @@ the daemon (transport/keys.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -37,6 +41,7 @@ from smartscope.transport.protocol import (
     Result,
     StageTimes,
     decode_frame,
+    encode_ready,
     encode_result,
 )
 from smartscope.transport.ring import RingReader
@@ -44,6 +49,7 @@ from smartscope.transport.ring import RingReader
 log = logging.getLogger("smartscope.worker")
 
 HEARTBEAT_S = 2.0  # a worker that sent nothing for this long says it is alive
+ASK_AGAIN_S = 1.0  # an idle worker repeats its request for frames (a restarted daemon never heard the first)
 MAX_FRAME_BYTES = 256 << 20  # larger frame messages are cut off by ZeroMQ (a 4096² float32 frame is 64 MiB)
 
 
@@ -66,15 +72,16 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                parent_pid: int | None = None) -> dict[str, int]:
     """Serve until stopped; returns counts (frames, results, skipped, malformed).
 
-    When frames arrive faster than the models run, the worker conflates: it
-    keeps the newest waiting frames (up to `max_batch`, run as one batch) and
-    skips the older ones, counted and reported by sequence number. A control
-    loop needs fresh results more than complete ones, and storage keeps every
-    frame for offline analysis anyway. Conflating on the worker (rather than
-    dropping the oldest in the daemon) keeps the daemon's send path one
-    non-blocking call, and a worker that is behind sees the newest frame at once.
-    `max_batch` defaults to 1 on CPU (a batch costs as much per frame and delays
-    the newest) and 8 on GPU (where batching is what makes it keep up).
+    The worker asks for `max_batch` frames whenever it is free (at start, after
+    sending each batch's results, and again every second while idle, so a
+    restarted daemon hears it): a frame arrives only when the worker can run it
+    at once. A control loop needs fresh results more than complete ones, and
+    storage keeps every frame for offline analysis anyway. Should more frames
+    arrive than it asked for (a repeated request crossing a frame), it keeps
+    the newest `max_batch` and skips the older ones, counted and reported by
+    sequence number. `max_batch` defaults to 1 on CPU (a batch costs as much
+    per frame and delays the newest) and 8 on GPU (where batching is what makes
+    it keep up; a result is then up to 8 frame intervals old).
 
     The localization and counting models look at a short causal window of
     frames: the worker keeps the last few frames it received. The counting
@@ -118,8 +125,9 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
              threads or "default", max_batch)
 
     ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
+    pull = ctx.socket(zmq.DEALER)  # frames in; READY requests out
     pull.setsockopt(zmq.RCVHWM, max(2, max_batch))  # enough waiting frames to fill a batch
+    pull.setsockopt(zmq.SNDHWM, 4)
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     push = ctx.socket(zmq.PUSH)
@@ -134,6 +142,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     counts = {"frames": 0, "results": 0, "skipped": 0}
     malformed: Counter[str] = Counter()
     last_sent = [0.0]
+    last_asked = [0.0]
     # ring slots to give back and frames done with without a result: they ride on the next message
     # that leaves, so a message the socket refuses loses no release
     pending: dict[str, list] = {"released": [], "skipped": []}
@@ -150,6 +159,12 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         pending["released"], pending["skipped"] = [], []
         counts["results"] += kind == "result"
         last_sent[0] = time.monotonic()
+
+    def ask_for_frames() -> None:
+        """Tell the daemon how many frames this worker can take now (its credit, replacing any earlier)."""
+        with contextlib.suppress(zmq.Again):  # not connected yet: the idle repeat asks again
+            pull.send(encode_ready(max_batch), flags=zmq.NOBLOCK)
+        last_asked[0] = time.monotonic()
 
     def receive_waiting() -> list[tuple[FrameHeader, np.ndarray | None, float]]:
         """Every message waiting now, decoded: the newest max_batch frames (the rest skipped)."""
@@ -197,6 +212,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         return _Frame(header, photons, t_received_s, (time.perf_counter() - t0) * 1000)
 
     send("hello")
+    ask_for_frames()
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     try:
@@ -206,6 +222,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                 break
             if time.monotonic() - last_sent[0] > HEARTBEAT_S:  # also when only malformed messages come
                 send("heartbeat")
+            if time.monotonic() - last_asked[0] > ASK_AGAIN_S:
+                ask_for_frames()
             if not poller.poll(200):
                 continue
             batch = [f for f in (preprocess(*w) for w in receive_waiting()) if f is not None]
@@ -215,6 +233,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                 for result in _infer(batch, loaded, counter, eventer, threshold, streams,
                                      event_one_view):
                     send("result", **result)
+            ask_for_frames()  # free again: after the results, so the next frame is the newest one
     finally:
         send("bye")
         pull.close()

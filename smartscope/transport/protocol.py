@@ -1,4 +1,4 @@
-"""The wire format between the daemon and inference workers (version 3: frames carry their MDA index).
+"""The wire format between the daemon and inference workers (version 4: workers ask for frames).
 
 A frame travels as a ZeroMQ message whose first part is a compact binary
 header (FrameHeader; a fixed little-endian struct, then two UTF-8 strings):
@@ -10,7 +10,9 @@ The header is binary, not JSON, because at camera rates it is per-message
 cost: packing and checking it takes about a microsecond, where building and
 validating a JSON model took ten, which at 256² frames was half the time of
 the send itself. Workers send back one JSON part per message (Result):
-results, hello/heartbeat/bye announcements, ring-slot releases.
+results, hello/heartbeat/bye announcements, ring-slot releases. On the frames
+socket a worker asks for frames with a READY message (how many it can take
+now): the daemon sends a frame only to a worker that asked (transport/sockets.py).
 
 Anything that does not decode is a malformed message: the receiver counts it
 under a reason (MALFORMED_REASONS) and drops it; it never raises out of a
@@ -27,7 +29,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"SSFH"  # smartscope frame header
 LOCALIZATION_COLUMNS = ("x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p", "background_photons")
 #: why a message was dropped: counted per reason by every receiver
@@ -42,6 +44,9 @@ INDEX_AXES = ("t", "p", "g", "c", "z")
 # values, the five camera values (NaN: not known), ring slot, ring generation, the five MDA index values,
 # then the two string lengths
 _FIXED = struct.Struct("<4sHBBQddIId7d5dIQ5IHH")
+_READY = struct.Struct("<4sHH")  # magic, version, frames the worker can take now
+READY_MAGIC = b"SSRD"
+MAX_READY_FRAMES = 64
 
 
 class MalformedMessage(ValueError):
@@ -192,7 +197,7 @@ class Result(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    v: Literal[3] = PROTOCOL_VERSION
+    v: Literal[4] = PROTOCOL_VERSION
     kind: Literal["result", "hello", "heartbeat", "bye", "release"] = "result"
     seq: int = -1
     t_capture_s: float = 0.0
@@ -259,6 +264,25 @@ def decode_frame(parts: list) -> tuple[FrameHeader, np.ndarray | None]:
     if buf.nbytes != header.nbytes:
         raise MalformedMessage("size", f"frame buffer has {buf.nbytes} bytes, the header describes {header.nbytes}")
     return header, np.frombuffer(buf, dtype=_NP_DTYPES[header.dtype]).reshape(header.shape)
+
+
+def encode_ready(frames: int) -> bytes:
+    """A worker's request for up to `frames` frames (its credit: the daemon sends no more until it asks again)."""
+    return _READY.pack(READY_MAGIC, PROTOCOL_VERSION, frames)
+
+
+def decode_ready(data: bytes) -> int:
+    """Inverse of encode_ready: the frames asked for (1..MAX_READY_FRAMES)."""
+    if len(data) != _READY.size:
+        raise MalformedMessage("format", f"a ready message has {_READY.size} bytes, got {len(data)}")
+    magic, version, frames = _READY.unpack(data)
+    if magic != READY_MAGIC:
+        raise MalformedMessage("format", f"bad magic {magic!r}")
+    if version != PROTOCOL_VERSION:
+        raise MalformedMessage("version", f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+    if not 1 <= frames <= MAX_READY_FRAMES:
+        raise MalformedMessage("header", f"asked for {frames} frames (1..{MAX_READY_FRAMES})")
+    return frames
 
 
 def encode_result(result: Result) -> bytes:

@@ -9,9 +9,12 @@ and every message that is not a valid result is counted by reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 import zmq
@@ -22,6 +25,7 @@ from smartscope.transport.protocol import (
     MalformedMessage,
     Result,
     check_frame,
+    decode_ready,
     decode_result,
     encode_frame,
 )
@@ -33,21 +37,31 @@ MAX_RESULT_BYTES = 16 << 20
 
 
 class FramePublisher:
-    """PUSH frames to whichever worker is free; never blocks the caller.
+    """Give each frame to a worker that asked for one; never blocks the caller, never queues behind a busy worker.
 
-    The inference stream is bounded: at most `hwm` frames queue per worker.
-    When every queue is full, or no worker is connected, the frame is not sent
-    and `dropped` counts it (the newest frames keep flowing; each worker then
-    conflates what it has waiting to the newest). With `ring_slots`, pixels go
-    through a shared-memory ring (transport/ring.py) and only headers through
-    the socket; frames larger than a slot travel inline.
+    Fresh, not queued. A worker asks for frames (a READY message with how many
+    it can take at once: 1 on CPU, its batch on GPU) on its DEALER socket when
+    it starts and each time it has sent its results; this ROUTER sends a frame
+    only against such a credit. A frame that finds every worker busy waits in a
+    one-frame mailbox, where the next frame replaces it (`publish` returns the
+    replaced frame's header, so the run counts it as not sent), and goes out the
+    moment a worker asks. So no frame ever waits in a socket queue: a result is
+    at most one frame interval (the mailbox), plus transport, plus its inference
+    old when it reaches the policies, at any frame size and number of workers.
+    A sender thread owns the socket; `publish` only fills the mailbox and wakes
+    it. With `ring_slots`, pixels go through a shared-memory ring
+    (transport/ring.py), copied by the sender thread, and only headers travel
+    through the socket; a frame larger than a slot, or one that finds every
+    slot lent, travels inline.
     """
 
     def __init__(self, address: str, hwm: int, *, ring_slots: int = 0, ring_slot_bytes: int = 0,
                  ctx: zmq.Context | None = None, keys: ServerKeys | None = None) -> None:
-        self._socket = (ctx or zmq.Context.instance()).socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)  # per worker; credits keep far below it
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a worker gone is an error, not a silent drop
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 4096)  # workers send only READY messages (CURVE handshakes: ~300 B)
         if keys is not None:
             serve_curve(self._socket, keys)
         self._socket.bind(address)
@@ -58,31 +72,55 @@ class FramePublisher:
                 self.ring = FrameRing(ring_slots, ring_slot_bytes)
             except OSError as e:  # e.g. /dev/shm too small: frames go inline, slower but complete
                 log.warning("shared-memory frame ring off: %s", e)
+        self._credits: OrderedDict[bytes, int] = OrderedDict()  # worker identity → frames it asked for
+        self._mailbox: tuple[FrameHeader, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self._taken = threading.Condition(self._lock)  # the sender emptied the mailbox
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._closing = threading.Event()
         self.sent = 0
-        self.dropped = 0
+        self.replaced = 0  # frames a newer one replaced in the mailbox, or withdrawn from it
+        self.send_failed = 0  # frames whose worker vanished as they went out (counted lost by the run)
+        self.malformed: Counter[str] = Counter()  # bad messages from the workers' side of this socket
+        self._sender = threading.Thread(target=self._serve, name="frame-sender", daemon=True)
+        self._sender.start()
 
-    def publish(self, header: FrameHeader, frame: np.ndarray) -> bool:
-        """Send the frame (True) or drop it from the inference stream (False, counted)."""
-        ref = None
-        if self.ring is not None and frame.nbytes <= self.ring.slot_bytes:
-            check_frame(header, frame)  # before the copy (encode_frame checks inline frames itself)
-            ref = self.ring.put(frame)
-            if ref is None:  # every slot lent: the workers are behind
-                self.dropped += 1
+    def publish(self, header: FrameHeader, frame: np.ndarray) -> FrameHeader | None:
+        """Offer the frame to the workers; returns the header of the frame it replaced, if one was waiting."""
+        check_frame(header, frame)
+        with self._lock:
+            replaced, self._mailbox = self._mailbox, (header, frame)
+        if replaced is not None:
+            self.replaced += 1
+        self._wake()
+        return replaced[0] if replaced is not None else None
+
+    def offer(self, header: FrameHeader, frame: np.ndarray, timeout_s: float) -> bool:
+        """Like publish, but replacing nothing: wait until the frame waiting before it was taken (False after
+        timeout_s, the frame not offered). For frames that must all be inferred (the catch-up after a run)."""
+        check_frame(header, frame)
+        with self._taken:
+            if not self._taken.wait_for(lambda: self._mailbox is None, timeout_s):
                 return False
-        header.ring = ref
-        header.t_sent_s = time.time()
-        try:
-            self._socket.send_multipart(encode_frame(header, frame), flags=zmq.NOBLOCK, copy=False)
-        except BaseException as e:
-            if ref is not None:  # the slot was never lent after all
-                self.ring.release(ref.slot, ref.gen)
-            if not isinstance(e, zmq.Again):
-                raise
-            self.dropped += 1
-            return False
-        self.sent += 1
+            self._mailbox = (header, frame)
+        self._wake()
         return True
+
+    def withdraw(self, acquisition: str) -> FrameHeader | None:
+        """Take back the frame of this acquisition still waiting for a worker (at the end of its run)."""
+        with self._lock:
+            if self._mailbox is None or self._mailbox[0].acquisition != acquisition:
+                return None
+            (header, _), self._mailbox = self._mailbox, None
+            self._taken.notify_all()
+        self.replaced += 1
+        return header
+
+    @property
+    def workers_ready(self) -> int:
+        """Workers that asked for frames and have not been given them yet."""
+        return len(self._credits)
 
     def release(self, pairs) -> None:
         """Ring slots a worker gave back."""
@@ -91,9 +129,82 @@ class FramePublisher:
                 self.ring.release(slot, gen)
 
     def close(self) -> None:
+        self._closing.set()
+        self._wake()
+        self._sender.join(5)
         self._socket.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
         if self.ring is not None:
             self.ring.close()
+
+    # -- the sender thread: the only user of the socket ------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes it
+            os.write(self._wake_write, b"!")
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        while not self._closing.is_set():
+            for what, _ in poller.poll(1000):
+                if what is self._socket:
+                    self._read_credits()
+                else:
+                    os.read(self._wake_read, 4096)
+            self._send_waiting()
+
+    def _read_credits(self) -> None:
+        while True:
+            try:
+                identity, *rest = self._socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if len(rest) != 1:
+                    raise MalformedMessage("parts", f"a ready message has 1 part, got {len(rest)}")
+                frames = decode_ready(rest[0])
+            except MalformedMessage as e:
+                self.malformed[e.reason] += 1
+                continue
+            self._credits[identity] = frames  # what it can take now (a repeat asks again, it does not add)
+            self._credits.move_to_end(identity)  # served after those waiting longer
+
+    def _send_waiting(self) -> None:
+        while self._credits:
+            with self._lock:
+                if self._mailbox is None:
+                    return
+                (header, frame), self._mailbox = self._mailbox, None
+                self._taken.notify_all()
+            self._send(header, frame)
+
+    def _send(self, header: FrameHeader, frame: np.ndarray) -> None:
+        """To the worker that has waited longest; one that vanished is forgotten and the next one tried."""
+        ref = None
+        if self.ring is not None and frame.nbytes <= self.ring.slot_bytes:
+            ref = self.ring.put(frame)  # None: every slot lent, the frame goes inline
+        header.ring, header.t_sent_s = ref, time.time()
+        parts = encode_frame(header, frame)
+        while self._credits:
+            identity = next(iter(self._credits))
+            try:
+                self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:  # EHOSTUNREACH: gone; EAGAIN: its queue is full. Either way not it
+                if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                    raise
+                del self._credits[identity]
+                continue
+            self._credits[identity] -= 1
+            if self._credits[identity] <= 0:
+                del self._credits[identity]
+            self.sent += 1
+            return
+        self.send_failed += 1
+        if ref is not None:
+            self.ring.release(ref.slot, ref.gen)
 
 
 class ResultReceiver:
