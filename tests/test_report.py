@@ -49,9 +49,11 @@ def test_every_run_ends_with_a_report(finished_run):
     assert [int(r["frame"]) for r in rows] == list(range(summary["frames_saved"])) and len(rows) == 80
     assert float(rows[0]["t_s"]) == 0 and float(rows[-1]["t_s"]) > 0.5  # 80 frames at 10 ms
     inferred = [r for r in rows if r["n_emitters"]]
-    assert len(inferred) == summary["frames_inferred"] >= 40
-    assert all(float(r["set_point_emitters"]) == 12 for r in inferred)  # the demo config's set point
-    assert all(float(r["latency_ms"]) > 0 for r in inferred)
+    assert len(inferred) == summary["frames_inferred"] + summary["frames_inferred_catch_up"] == 80
+    live = [r for r in inferred if r["latency_ms"]]  # catch-up rows after the run: no latency, no set point
+    assert len(live) == summary["frames_inferred"] >= 20
+    assert all(float(r["set_point_emitters"]) == 12 for r in live)  # the demo config's set point
+    assert all(float(r["latency_ms"]) > 0 for r in live)
     # every move of the activation laser in the decision log is marked on its frame
     moves = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
     moves = [d for d in moves if d.get("actuator") == "activation_mw" and d["outcome"] in ("applied", "clamped")]

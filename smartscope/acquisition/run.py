@@ -185,11 +185,11 @@ class AcquisitionRun:
             self.locs.write(r.seq, locs, r.background_photons)
             self.inference_csv.writerow([
                 r.seq, *r.header.index.values(), f"{r.t_capture_s:.6f}", f"{now_s:.6f}",
-                f"{latency_ms:.3f}", r.n_emitters,
+                f"{latency_ms:.3f}" if live else "", r.n_emitters,  # a catch-up result's age measures nothing
                 "" if r.count_estimate is None else r.count_estimate,
                 "" if focus_nm is None else f"{focus_nm:.2f}", "" if r.event_score is None else f"{r.event_score:.4f}",
                 "" if r.background_photons is None else f"{r.background_photons:.3f}",
-                "" if set_point is None else set_point, r.worker_id, LIVE if live else CATCH_UP])
+                "" if set_point is None or not live else set_point, r.worker_id, LIVE if live else CATCH_UP])
             if now_s - self._tables_flushed_s > TABLE_FLUSH_S:
                 self._flush_tables(now_s)
         return True
