@@ -324,7 +324,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
         stats = localize_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
                                adu_per_electron=args.adu_per_electron, offset_adu=args.offset_adu, qe=args.qe,
                                em_gain=args.em_gain, model=args.model, threshold=args.threshold,
-                               provider=args.provider)
+                               provider=args.provider, workers=args.workers)
     except (StackError, ModelError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(stats))
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("localize", help="localize every frame of a recorded stack (ThunderSTORM CSV)")
     _add_stack_arguments(p, "CSV to write", "localization.onnx")
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes for the tiles of frames above 1024x1024 px (tiled: the same localizations)")
     p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("count", help="count the emitters of every frame of a dense SMLM stack (CSV)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("acquisition", "transport", "latency", "simulation", "localization", "counting", "events", "policies",
-              "analyze", "soak")
+              "analyze", "soak", "tiling")
 
 
 def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False, **options: Any) -> dict[str, Any]:

@@ -20,16 +20,18 @@ from smartscope.inference.session import LoadedModel, fill_non_finite
 from smartscope.simulation.camera import adu_to_photons
 
 
-def normalise(photons: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
+def normalise(photons: np.ndarray, norm: dict[str, Any], median_photons: float | None = None) -> np.ndarray:
     """Photons (..., H, W) → network input, as the model card prescribes.
 
     With `subtract_median`, each frame's median (its background, for sparse
     emitters) is removed first: a flat frame, however bright, becomes zeros and
-    cannot produce detections.
+    cannot produce detections. A tile of a larger frame (inference/tiling.py)
+    is given the whole frame's median, so that its pixels are the whole frame's.
     """
     x = np.asarray(photons, dtype=np.float32)
     if norm.get("subtract_median"):
-        x = x - np.median(x, axis=(-2, -1), keepdims=True)
+        x = x - (np.median(x, axis=(-2, -1), keepdims=True) if median_photons is None
+                 else np.float32(median_photons))
     return x / np.float32(norm["input_scale_photons"])
 
 
@@ -44,19 +46,31 @@ def causal_window(photons: np.ndarray, frames: int) -> np.ndarray:
     return np.concatenate([np.repeat(stack[:1], frames - len(stack), axis=0), stack])
 
 
-def prepare_frame(photons: np.ndarray, card: dict[str, Any]) -> np.ndarray:
+def prepare_frame(photons: np.ndarray, card: dict[str, Any], *, fill_photons: float | None = None,
+                  median_photons: float | None = None) -> np.ndarray:
     """(H, W) photons → (H', W') network input, padded to the network stride.
 
     Non-finite pixels (NaN in float stacks) are replaced by the frame's median
     so they cannot create detections; padding repeats the edge. The worker
     prepares each frame once and keeps it for the windows of the next frames.
+    A tile of a larger frame passes the whole frame's statistics
+    (inference/tiling.py `frame_statistics`): the fill value and the median.
     """
-    img = fill_non_finite(photons)
+    if fill_photons is None:
+        img = fill_non_finite(photons)
+    else:
+        img = np.array(photons, dtype=np.float32)
+        img[~np.isfinite(img)] = fill_photons
+    return normalise(pad_to_stride(img, card), card["normalisation"], median_photons)
+
+
+def pad_to_stride(img: np.ndarray, card: dict[str, Any]) -> np.ndarray:
+    """(H, W) → (H', W'), the next multiples of the card's `input_multiple_px`, repeating the last row / column."""
     multiple = int(card.get("input_multiple_px", 1))
     pad_h, pad_w = (-img.shape[0]) % multiple, (-img.shape[1]) % multiple
     if pad_h or pad_w:
         img = np.pad(img, ((0, pad_h), (0, pad_w)), mode="edge")
-    return normalise(img, card["normalisation"])
+    return img
 
 
 def window_input(prepared: list[np.ndarray], card: dict[str, Any]) -> np.ndarray:
@@ -87,8 +101,7 @@ def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], 
     h, w = shape
     m = {name: maps[0, i, :h, :w] for i, name in enumerate(channels)}
     p = m["p"]
-    peaks = (p >= threshold) & (p == maximum_filter(p, size=3, mode="constant"))
-    iy, ix = np.nonzero(peaks)
+    iy, ix = peak_pixels(p, threshold)
     x_nm = (ix + 0.5 + m["dx"][iy, ix]) * pixel_size_nm
     y_nm = (iy + 0.5 + m["dy"][iy, ix]) * pixel_size_nm
     z_nm = m["z"][iy, ix] * norm["z_scale_nm"]
@@ -100,6 +113,12 @@ def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], 
     else:
         unc = mortensen_uncertainty_nm(photons, background, float(card["psf_sigma_nm"]), pixel_size_nm)
     return np.column_stack([x_nm, y_nm, z_nm, photons, unc, p[iy, ix], background]).astype(np.float64)
+
+
+def peak_pixels(p: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) detection probability → rows, columns of the detections, row-major: pixels at or above the
+    threshold that are the maximum of their 3×3 neighbourhood (the order of `decode_maps`' rows)."""
+    return np.nonzero((p >= threshold) & (p == maximum_filter(p, size=3, mode="constant")))
 
 
 def mortensen_uncertainty_nm(photons: np.ndarray, background_per_px: np.ndarray | float,
@@ -129,15 +148,17 @@ def localize_photons(model: LoadedModel, photons: np.ndarray, camera: Any, *, th
 
 
 def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.ndarray, shape: tuple[int, int],
-                          camera: Any, *, threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
+                          camera: Any, *, threshold: float, refine: bool = True,
+                          background_photons: float | None = None) -> tuple[np.ndarray, float]:
     """One frame's network maps (1, C, H', W') → (localizations, background photons/px).
 
     With `refine`, isolated detections get a maximum-likelihood position
     (inference/refine.py) when the model card carries its PSF calibration, the
     fit's local background, and the precision of such a fit (Mortensen) as
-    their uncertainty.
+    their uncertainty. The background is the frame's median (`frame_background`),
+    or `background_photons`: a tile of a larger frame is given the whole frame's.
     """
-    background = float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
+    background = frame_background(photons) if background_photons is None else background_photons
     locs = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
                        threshold=threshold, background_photons=background)
     if refine and "astigmatism" in card and len(locs):
@@ -148,6 +169,11 @@ def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.nd
         locs[refined, 4] = mortensen_uncertainty_nm(locs[refined, 3], locs[refined, 6],
                                                     np.sqrt(sx * sy) * camera.pixel_size_nm, camera.pixel_size_nm)
     return locs, background
+
+
+def frame_background(photons: np.ndarray) -> float:
+    """A frame's background photons/px: the median of its finite pixels, 0 where there are none."""
+    return float(np.nanmedian(photons)) if np.isfinite(photons).any() else 0.0
 
 
 def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,

@@ -22,6 +22,7 @@ import tifffile
 from smartscope.inference.counting import count_frame
 from smartscope.inference.localization import frame_to_photons, localize_frame
 from smartscope.inference.session import LoadedModel, check_fits_frames, load_model
+from smartscope.inference.tiling import FrameStatistics, TilePool, frame_statistics, localize_tiled
 from smartscope.storage import LocalizationWriter
 from smartscope.transport.protocol import CameraParams
 
@@ -111,28 +112,61 @@ def _show_progress(verb: str, i: int, n: int, t0: float, extra: str = "") -> Non
         print(file=sys.stderr)
 
 
+#: Frames of more pixels than this are localized in tiles (inference/tiling.py, the same localizations as the
+#: whole frame): the network needs ~0.9 GB per million pixels of frame (measured peak: 0.94 GB at 1024², 4.2 GB
+#: at 2048²), a tile of a TILE_CORE_PX core and its margins ~0.3 GB. In one process tiles cost what their extra
+#: pixels cost (margins read twice: 1.15x the pixels at 1024², 1.22x at 2048²; measured 1.07-1.09x the time,
+#: `smartscope bench tiling`), so they are worth it where memory is, or with `workers` on idle cores.
+TILE_ABOVE_PX = 1024 * 1024
+TILE_CORE_PX = 512
+
+
 def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = None, adu_per_electron: float = 2.0,
                    offset_adu: float = 100.0, qe: float = 0.8, em_gain: float = 1.0, model: str = "localization.onnx",
-                   threshold: float = 0.5, provider: str = "auto", progress: bool = True) -> dict[str, float]:
-    """Localize every frame of `stack` into `out_csv`; returns counts and speed."""
+                   threshold: float = 0.5, provider: str = "auto", progress: bool = True,
+                   tile_above_px: int = TILE_ABOVE_PX, tile_core_px: int = TILE_CORE_PX,
+                   workers: int = 1) -> dict[str, float]:
+    """Localize every frame of `stack` into `out_csv`; returns counts and speed.
+
+    Frames of more than `tile_above_px` pixels go through the network in
+    tiles (cores of about `tile_core_px`), on `workers` processes (1: in this
+    process); the table is the same as from whole frames.
+    """
     frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
     camera = _camera_params(pixel_size_nm, adu_per_electron, offset_adu, qe, em_gain)
-    writer = LocalizationWriter(Path(out_csv))
-    n = len(frames)
+    n, (h, w) = len(frames), frames.shape[1:]
     window = int(loaded.card.get("frames", 1))  # frame i is localized with the frames just before it
+    tiled = h * w > tile_above_px
+    pool = TilePool(model, workers, core_px=tile_core_px, provider=provider) if tiled and workers > 1 else None
+    stats: dict[int, FrameStatistics] = {}  # whole-frame statistics the tiles need, once per frame
+    writer = LocalizationWriter(Path(out_csv))
     t0 = time.perf_counter()
     try:
         for i in range(n):
-            locs, background = localize_frame(loaded, np.asarray(frames[max(0, i - window + 1):i + 1]), camera,
-                                              threshold=threshold)
+            first = max(0, i - window + 1)
+            if not tiled:
+                locs, background = localize_frame(loaded, np.asarray(frames[first:i + 1]), camera,
+                                                  threshold=threshold)
+            else:
+                photons = frame_to_photons(np.asarray(frames[first:i + 1]), camera)
+                stats = {k: stats.get(k) or frame_statistics(photons[k - first], loaded.card)
+                         for k in range(first, i + 1)}
+                if pool is not None:
+                    locs, background = pool.localize(photons, camera, threshold=threshold, stats=list(stats.values()))
+                else:
+                    locs, background = localize_tiled(loaded, photons, camera, threshold=threshold,
+                                                      core_px=tile_core_px, stats=list(stats.values()))
             writer.write(i, locs, background)
             if progress:
                 _show_progress("localizing", i, n, t0, f"{writer.rows} localizations")
     finally:
         writer.close()
+        if pool is not None:
+            pool.close()
     seconds = time.perf_counter() - t0
     return {"frames": n, "localizations": writer.rows, "seconds": round(seconds, 3),
-            "frames_per_s": round(n / seconds, 1) if seconds else None, "provider": loaded.provider}
+            "frames_per_s": round(n / seconds, 1) if seconds else None, "provider": loaded.provider,
+            "tiled": tiled, "workers": workers if tiled else 1}
 
 
 COUNT_CSV_COLUMNS = ("frame", "emitters", "density [/um2]")
