@@ -406,21 +406,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from smartscope.bench import run_benchmark
 
     try:
-        options = {"world": args.world} if args.world else {}
-        if options and args.name not in ("events", "localization"):
-            raise ValueError("--world applies to the events and localization benchmarks only")
-        if args.frames is not None:
-            if args.name != "soak":
-                raise ValueError("--frames applies to the soak benchmark only")
-            options["frames"] = args.frames
-        if args.baseline is not None:
-            if args.name != "latency":
-                raise ValueError("--baseline applies to the latency benchmark only")
-            options["baseline"] = args.baseline
-        if args.provider is not None:
-            if args.name != "latency":
-                raise ValueError("--provider applies to the latency benchmark only")
-            options["provider"] = args.provider
+        options = {key: value for key in ("world", "frames", "baseline", "provider")
+                   if (value := getattr(args, key)) is not None}  # each benchmark says which it takes
         run_benchmark(args.name, Path(args.json) if args.json else None, quick=args.quick, **options)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -556,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     from smartscope.bench import BENCHMARKS
 
     p = sub.add_parser("bench", help="a benchmark that prints numbers and writes JSON")
-    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("name", choices=BENCHMARKS, help="`gpu`: every GPU benchmark within 10 minutes")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     p.add_argument("--world", choices=("simulator", "independent"), default=None,
@@ -566,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, metavar="JSON",
                    help="latency: this bench's JSON from another version, printed beside each case")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default=None,
-                   help="latency: the workers' ONNX Runtime execution provider (default: the config's, auto)")
+                   help="latency, tiling, gpu: the ONNX Runtime execution provider (default: the benchmark's)")
     p.set_defaults(func=cmd_bench)
     return parser
 

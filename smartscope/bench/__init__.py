@@ -10,6 +10,7 @@ same run.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import platform
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("acquisition", "transport", "latency", "simulation", "localization", "counting", "events", "policies",
-              "analyze", "soak", "tiling")
+              "analyze", "soak", "tiling", "gpu")
 
 
 def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False, **options: Any) -> dict[str, Any]:
@@ -25,6 +26,9 @@ def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False, 
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}")
     module = importlib.import_module(f"smartscope.bench.{name}")
+    takes = inspect.signature(module.run).parameters
+    if unknown := [option for option in options if option not in takes]:
+        raise ValueError(f"--{unknown[0]} does not apply to the {name} benchmark")
     t0 = time.time()
     results = module.run(quick=quick, **options)
     report = {"benchmark": name, "quick": quick, "machine": {"python": platform.python_version(),

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from smartscope.inference.localization import frame_to_photons, localize_photons
-from smartscope.inference.session import load_model
+from smartscope.inference.session import choose_providers, load_model
 from smartscope.inference.tiling import TilePool, localize_tiled, plan_tiles, tile_margin_px
 from smartscope.simulation import CameraConfig, OpticsConfig
 from smartscope.simulation.tiles import dense_emitters, simulate_windows
@@ -89,16 +89,16 @@ def _entry(times_ms: list[float], locs: np.ndarray, tiles: int, threads: str, wh
     return entry
 
 
-def _one_size(size: int, core_px: int, repeats: int, cores: int, camera: CameraConfig) -> dict:
+def _one_size(size: int, core_px: int, repeats: int, cores: int, camera: CameraConfig, provider: str) -> dict:
     params = _params(camera)
     window = _window(size, camera)
-    model = load_model(MODEL, "cpu", threads=cores)
+    model = load_model(MODEL, provider, threads=cores)
     margin_px = tile_margin_px(model)
     tiles = plan_tiles((size, size), core_px, margin_px, int(model.card.get("input_multiple_px", 1)))
     read = sum(t.shape[0] * t.shape[1] for t in tiles) / size**2
     threads = {workers: max(1, cores // workers) for workers in (1, 2)}
-    with TilePool(MODEL, 1, core_px=core_px, threads=threads[1]) as one, \
-            TilePool(MODEL, 2, core_px=core_px, threads=threads[2]) as two:  # idle workers do not spin
+    with TilePool(MODEL, 1, core_px=core_px, threads=threads[1], provider=provider) as one, \
+            TilePool(MODEL, 2, core_px=core_px, threads=threads[2], provider=provider) as two:  # idle workers do not spin
         timed = _time_interleaved({
             "whole": lambda: localize_photons(model, window, params, threshold=THRESHOLD)[0],
             "tiles, this process": lambda: localize_tiled(model, window, params, threshold=THRESHOLD,
@@ -116,18 +116,19 @@ def _one_size(size: int, core_px: int, repeats: int, cores: int, camera: CameraC
     return {"pixels_read_per_frame_pixel": round(read, 3), **cases}
 
 
-def run(quick: bool = False, core_px: int = 512) -> dict:
+def run(quick: bool = False, core_px: int = 512, provider: str = "cpu") -> dict:
     cores = os.cpu_count() or 1
     sizes, repeats = ((1024,), 3) if quick else ((1024, 2048), 5)
     camera = CameraConfig()
     margin_px = tile_margin_px(load_model(MODEL, "cpu", threads=1))
-    results: dict = {"model": MODEL, "cpu_cores": cores, "core_px": core_px, "margin_px": margin_px,
+    results: dict = {"model": MODEL, "provider": choose_providers(provider)[0], "cpu_cores": cores, "core_px": core_px,
+                     "margin_px": margin_px,
                      "repeats": repeats, "load_average_1min_start": round(os.getloadavg()[0], 2), "sizes": {}}
     print(f"{MODEL}, {cores} cores, tile cores ~{core_px} px, margin {margin_px} px (receptive field + decoding), "
           f"median of {repeats} frames after a warm-up")
     print(f"{'frame':>9} {'case':<22} {'tiles':>5} {'px read':>7} {'threads':>7} {'ms/frame':>9} {'vs whole':>8} "
           f"{'locs':>6} {'max Δ nm':>8}")
     for size in sizes:
-        results["sizes"][f"{size}x{size}"] = _one_size(size, core_px, repeats, cores, camera)
+        results["sizes"][f"{size}x{size}"] = _one_size(size, core_px, repeats, cores, camera, provider)
     results["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     return results
