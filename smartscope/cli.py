@@ -292,8 +292,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import importlib
 
+    if args.model == "variants":
+        return _train_variants(args)
     if args.model not in ("localization", "counting", "events"):
-        raise SystemExit(f"error: unknown model {args.model!r}; available: localization, counting, events")
+        raise SystemExit(f"error: unknown model {args.model!r}; available: localization, counting, events, variants")
+    if args.measured:
+        raise SystemExit("error: --measured applies to variants only")
     try:
         train_and_export = importlib.import_module(f"smartscope.training.{args.model}").train_and_export
     except ImportError as e:
@@ -310,6 +314,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         options["init"] = Path(args.init)
     card = train_and_export(seed=args.seed, out_dir=out_dir, steps=args.steps, **options)
     print(json.dumps(card["metrics"], indent=2))
+    return 0
+
+
+def _train_variants(args: argparse.Namespace) -> int:
+    """int8 and fp16 variants of the shipped fp32 localization models (no training: converted weights)."""
+    if args.width or args.steps or args.init:
+        raise SystemExit("error: variants takes --seed (calibration draw), --out and --measured only")
+    try:
+        from smartscope.training.variants import build_variants, record_measurement
+    except ImportError as e:
+        raise SystemExit(f"error: variants need the train extra (pip install 'smartscope[train]'): {e}") from None
+    from smartscope.resources import bundled_path
+
+    out = Path(args.out) if args.out else None
+    paths = build_variants(bundled_path("models"), out, seed=args.seed)
+    print(json.dumps({p.name: p.stat().st_size for p in paths}, indent=2))
+    if args.measured:
+        print(json.dumps(record_measurement(json.loads(Path(args.measured).read_text()), out or bundled_path("models")),
+                         indent=2))
     return 0
 
 
@@ -487,13 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="train a model on the simulation and export it to ONNX")
-    p.add_argument("model", help="localization | counting | events")
+    p.add_argument("model", help="localization | counting | events | variants (int8 and fp16 of the localization "
+                   "models, calibrated on the simulation: `smartscope bench variants` measures them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=_training_steps, default=None, help="training steps (default: the model's)")
     p.add_argument("--width", type=int, default=None,
                    help="localization only: U-Net width (default 16; 8 gives the faster localization-w8)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")
     p.add_argument("--init", default=None, help="events only: fine-tune from this events ONNX (same architecture)")
+    p.add_argument("--measured", default=None,
+                   help="variants only: a `smartscope bench variants --json` file whose figures go into the cards")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("localize", help="localize every frame of a recorded stack (ThunderSTORM CSV)")
@@ -547,8 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     p.add_argument("--world", choices=("simulator", "independent"), default=None,
-                   help="events, localization: independent adds the held-out world (smartscope.simulation.heldout) "
-                        "beside the simulator's figures, in one run")
+                   help="events, localization, variants: independent adds the held-out world "
+                        "(smartscope.simulation.heldout) beside the simulator's figures, in one run")
     p.add_argument("--frames", type=_positive_int, default=None, help="soak: frames of the long run (default 100000)")
     p.add_argument("--baseline", default=None, metavar="JSON",
                    help="latency: this bench's JSON from another version, printed beside each case")

@@ -56,7 +56,7 @@ def worker_models(inference: InferenceConfig, frame_shape_px: tuple[int, int],
     for flag, name in (("--model", inference.model), ("--counting-model", inference.counting_model),
                        ("--event-model", inference.event_model)):
         if name:
-            path, card = read_card(name)
+            path, card = read_card(name, inference.provider)  # `auto` resolves for the workers' provider
             check_fits_frames(card, frame_shape_px, pixel_size_nm)
             models[flag] = path
     if not models:

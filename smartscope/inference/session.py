@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from smartscope.resources import resolve_model_path
+from smartscope.resources import bundled_path, resolve_model_path
 
 
 class ModelError(ValueError):
@@ -75,8 +75,31 @@ class LoadedModel:
         self.run(np.zeros(shape, np.float32))
 
 
-def read_card(model: str) -> tuple[Path, dict[str, Any]]:
-    """The model file and its card; ModelError if either is missing."""
+AUTO = "auto"
+DEFAULT_MODEL = "localization.onnx"
+
+
+def auto_model(provider: str, models_dir: Path | None = None) -> str:
+    """`inference.model: auto`: the shipped variant of localization.onnx whose card says it was measured
+    faster on this execution provider at an accuracy loss <= 1 % (`variant.faster_on`, written from
+    `smartscope bench variants`), else localization.onnx itself. Variants are shipped only when
+    their accuracy qualifies; fp16 is never chosen on CPU, where ONNX Runtime has few fp16 kernels."""
+    folder = models_dir or bundled_path("models")
+    for card_path in sorted(folder.glob(f"{Path(DEFAULT_MODEL).stem}-*.json")):
+        variant = json.loads(card_path.read_text()).get("variant", {})
+        if (variant.get("of") == DEFAULT_MODEL and provider in variant.get("faster_on", [])
+                and card_path.with_suffix(".onnx").is_file()):
+            return card_path.with_suffix(".onnx").name
+    return DEFAULT_MODEL
+
+
+def read_card(model: str, preference: str = "auto") -> tuple[Path, dict[str, Any]]:
+    """The model file and its card; ModelError if either is missing.
+
+    `auto` resolves for the first provider `choose_providers(preference)` gives (inference.provider).
+    """
+    if model == AUTO:
+        model = auto_model(choose_providers(preference)[0])
     path = resolve_model_path(model)
     if not path.is_file():
         raise ModelError(f"inference.model: model file not found: {path}")
@@ -86,23 +109,37 @@ def read_card(model: str) -> tuple[Path, dict[str, Any]]:
     return path, json.loads(card_path.read_text())
 
 
-def load_model(model: str, preference: str = "auto", *, threads: int | None = None) -> LoadedModel:
+#: ONNX Runtime's graph optimisation levels by name; `smartscope bench variants` measures each
+GRAPH_OPTIMIZATION = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                      "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                      "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def load_model(model: str, preference: str = "auto", *, threads: int | None = None,
+               optimization: str = "all") -> LoadedModel:
     """An ONNX Runtime session set up for latency: one frame at a time, operators in sequence.
 
+    `model`: a path, a name in models/, or `auto` (`auto_model`: the cheaper
+    variant the cards qualify for this provider, else localization.onnx).
     `threads`: intra-op threads (None: ONNX Runtime's default, one per core).
     Threads do not spin-wait between calls: on a small machine the cores are
     shared with the camera, storage and the other workers.
+    `optimization`: a GRAPH_OPTIMIZATION level; `all` was the fastest for the
+    fp32, int8 and fp16 localization models on CPU (`smartscope bench variants`;
+    int8 needs at least `extended` to run integer kernels).
     """
-    path, card = read_card(model)
+    providers = choose_providers(preference)
+    path, card = read_card(model, preference)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = GRAPH_OPTIMIZATION[optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=choose_providers(preference))
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
         raise ModelError(f"inference.model: cannot load {path}: {e}") from e
     spec = card["inputs"][0]
