@@ -170,6 +170,7 @@ def test_frames_the_live_stream_replaced_are_localized_after_the_run(config, tmp
         assert run.done.wait(120)
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["state"] == "finished" and s["frames_saved"] == 60
+    assert s["frames_waited_for_storage"] == 0 and 0 <= s["frames_pending_storage_peak_mb"] <= 60 * 256 * 256 * 2 / 1e6
     assert s["frames_not_sent"] > 0 and s["frames_skipped_by_workers"] == 0  # replaced live: never queued
     assert s["frames_inferred"] + s["frames_skipped_by_workers"] + s["frames_not_sent"] + s["frames_lost"] == 60
     assert s["catch_up"]["frames_offered"] == 60 - s["frames_inferred"] and s["catch_up"]["not_done"] is None

@@ -281,6 +281,9 @@ def summarize(run: AcquisitionRun, *, workers: dict[str, dict[str, Any]], engine
         "pauses": run.pauses,
         "frames_acquired": run.counts.acquired,
         "frames_saved": run.frames_saved,
+        # the memory unsaved frames held at most, and the frames whose hand-off to storage made the camera wait
+        "frames_pending_storage_peak_mb": round(run.writer.peak_pending_bytes / 1e6, 1) if run.writer else None,
+        "frames_waited_for_storage": run.writer.puts_waited if run.writer else None,
         "frames_published": run.counts.published,
         "frames_inferred": run.inferred,
         "frames_inferred_catch_up": run.inferred_catch_up,
