@@ -174,7 +174,8 @@ class TransportConfig(_Strict):
     frames_address: str = "tcp://127.0.0.1:5555"
     results_address: str = "tcp://127.0.0.1:5556"
     send_hwm: int = Field(
-        16, ge=1, description="frames queued for workers before new ones are dropped"
+        16, ge=1, description="the frames socket's bound per worker (a worker gets only the frames it asked for, "
+        "1 on CPU, so this is never reached in normal work)"
     )
     shared_memory: Literal["auto", "on", "off"] = Field(
         "auto", description="pixels through a shared-memory ring, headers through ZeroMQ (workers on this host "
