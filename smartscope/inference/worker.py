@@ -72,8 +72,8 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                parent_pid: int | None = None) -> dict[str, int]:
     """Serve until stopped; returns counts (frames, results, skipped, malformed).
 
-    The worker asks for `max_batch` frames whenever it is free (at start, after
-    sending each batch's results, and again every second while idle, so a
+    The worker asks for `max_batch` frames whenever it is free (at start, as
+    soon as a batch's inference is done, and again every second while idle, so a
     restarted daemon hears it): a frame arrives only when the worker can run it
     at once. A control loop needs fresh results more than complete ones, and
     storage keeps every frame for offline analysis anyway. Should more frames
@@ -229,11 +229,10 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             batch = [f for f in (preprocess(*w) for w in receive_waiting()) if f is not None]
             if pending["released"] or pending["skipped"]:  # before inference: the slots are free meanwhile
                 send("release")
-            if batch:
-                for result in _infer(batch, loaded, counter, eventer, threshold, streams,
-                                     event_one_view):
-                    send("result", **result)
-            ask_for_frames()  # free again: after the results, so the next frame is the newest one
+            results = _infer(batch, loaded, counter, eventer, threshold, streams, event_one_view) if batch else []
+            ask_for_frames()  # free again: the next frame (the newest then) comes while these results go out
+            for result in results:
+                send("result", **result)
     finally:
         send("bye")
         pull.close()
