@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import time
 
 TRIM_EVERY_S = 60.0
@@ -19,13 +20,20 @@ _libc = None
 _last_trim_s = 0.0
 
 
-def release_free_memory(now_s: float | None = None, every_s: float = 0.0) -> None:
-    """malloc_trim(0) (glibc), at most once per `every_s` seconds."""
+def release_free_memory(now_s: float | None = None, every_s: float = 0.0, *, collect_garbage: bool = False) -> None:
+    """malloc_trim(0) (glibc), at most once per `every_s` seconds.
+
+    `collect_garbage`: a full collection of cyclic garbage first (gc.collect, 0.1 s or so: at the end of a
+    run, not on the data path). A run's report figure keeps its 6.6 MB canvas in reference cycles until the
+    next full collection, which comes every few runs: 8 MB more RSS after one run than after the next.
+    """
     global _libc, _last_trim_s
     now_s = time.monotonic() if now_s is None else now_s
     if now_s - _last_trim_s < every_s:
         return
     _last_trim_s = now_s
+    if collect_garbage:
+        gc.collect()
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -459,7 +459,7 @@ class Daemon:
                 (run.out_dir / "summary.json").write_text(json.dumps(run.summary, indent=2))
         run.keep_record_only()
         forget_iterated_plans()
-        release_free_memory()
+        release_free_memory(collect_garbage=True)
         run.done.set()
         self._notify()
 

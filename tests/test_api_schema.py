@@ -128,9 +128,6 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open (issue 27): each run of a long multi-dimensional plan still leaves 1-2 MB in the "
-                          "daemon outside Python's heap; POST /acquisitions fuzzing reaches 2 GB after ~900 runs",
-                   strict=False)
 def test_the_serving_daemon_survives_5000_generated_requests(tmp_path):
     """`smartscope serve` on loopback with its worker, every operation fuzzed with the token (>= 5000 cases):
     no 5xx, no response outside the schema, the daemon alive throughout and its RSS under 500 MB."""

@@ -49,6 +49,20 @@ def is_time_lapse(sequence: useq.MDASequence) -> bool:
     return sequence.time_plan is not None
 
 
+def plan_events(sequence: useq.MDASequence) -> Iterator[useq.MDAEvent]:
+    """The plan's events, as useq yields them. A time-lapse's are made one at a time: useq builds every time
+    point first (each with its index, about 130 bytes a frame, held for the whole run: 1.3 GB for 10⁷ frames),
+    and the freed memory stays with the allocator (measured: 6 MB more RSS per 2·10⁶-frame run stopped early)."""
+    if not is_time_lapse(sequence):
+        yield from sequence
+        return
+    keep_open = "t" in sequence.keep_shutter_open_across
+    last = sequence.time_plan.num_timepoints() - 1
+    for t, start_s in enumerate(sequence.time_plan):
+        yield useq.MDAEvent(index={"t": t}, min_start_time=start_s, reset_event_timer=t == 0,
+                            keep_shutter_open=keep_open and t < last, sequence=sequence)
+
+
 def planned_interval_ms(sequence: useq.MDASequence) -> float | None:
     """The time plan's one interval (ms), None for multi-phase plans or no time plan."""
     interval = getattr(sequence.time_plan, "interval", None)
@@ -85,7 +99,7 @@ class EventFeed:
         """The plan's events, each image event with its ordinal among the plan's images (autofocus events
         take no image and no number)."""
         ordinal = itertools.count()
-        for e in self._sequence:
+        for e in plan_events(self._sequence):
             if isinstance(e.action, useq.AcquireImage | None):
                 e = e.model_copy(update={"metadata": {**e.metadata, ORDINAL: next(ordinal)}})
             yield e

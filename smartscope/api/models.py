@@ -12,17 +12,26 @@ RunState = Literal["acquiring", "paused", "finishing", "finished", "cancelled", 
 
 
 def _plates(raw: Any, where: str, depth: int = 0):
-    """(path, plate dict) of every well plate in a raw (unvalidated) sequence, sub-sequences included."""
-    if not isinstance(raw, dict) or depth > 32:  # deeper than any real plan; the body limit bounds the rest
+    """(path, plate dict) of every well plate in a raw (unvalidated) sequence, wherever it is: useq also takes
+    plans in unexpected places (found by fuzzing: a grid_plan given as a position with its own sub-sequence)."""
+    if depth > 32:  # deeper than any real plan; the body limit bounds the rest
         return
-    positions = raw.get("stage_positions")
-    if isinstance(positions, dict):
-        if isinstance(positions.get("plate"), dict):
-            yield f"{where}.stage_positions.plate", positions["plate"]
-        positions = positions.get("positions") if isinstance(positions.get("positions"), list) else []
-    for i, position in enumerate(positions if isinstance(positions, list) else []):
-        if isinstance(position, dict):
-            yield from _plates(position.get("sequence"), f"{where}.stage_positions[{i}].sequence", depth + 1)
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if key == "plate" and isinstance(value, dict):
+                yield f"{where}.plate", value
+            yield from _plates(value, f"{where}.{key}", depth + 1)
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            yield from _plates(value, f"{where}[{i}]", depth + 1)
+
+
+def _number(value: Any) -> float | None:
+    """A count as pydantic will read it (numbers and numeric strings); None if it is not one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class StartAcquisition(BaseModel):
@@ -63,9 +72,10 @@ class StartAcquisition(BaseModel):
         10⁶-well plate would take the daemon's memory. Refused before that, by its size, wherever it is
         (the plan's positions, or a position's own sub-sequence, at any depth)."""
         for where, plate in _plates(raw, "sequence"):
-            rows, columns = plate.get("rows"), plate.get("columns")
-            if all(isinstance(n, int | float) for n in (rows, columns)) and rows * columns > MAX_PLATE_WELLS:
-                raise ValueError(f"{where}: {rows} x {columns} wells; at most {MAX_PLATE_WELLS} (a 1536-well plate)")
+            rows, columns = _number(plate.get("rows")), _number(plate.get("columns"))
+            if rows is not None and columns is not None and rows * columns > MAX_PLATE_WELLS:
+                raise ValueError(f"{where}: {plate['rows']} x {plate['columns']} wells; at most {MAX_PLATE_WELLS} "
+                                 "(a 1536-well plate)")
         return raw
 
     @model_validator(mode="after")

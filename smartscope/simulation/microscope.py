@@ -579,6 +579,9 @@ def _bernoulli_indices(n: int, p: float, rng: np.random.Generator) -> np.ndarray
     """
     if n == 0 or p <= 0:
         return np.empty(0, np.int64)
+    if p < 1e-12:  # gaps would pass int64 (they saturate from p ~ 1e-19: a loop for ever): how many, then which
+        k = int(rng.binomial(n, p))
+        return np.sort(rng.choice(n, k, replace=False)) if k else np.empty(0, np.int64)
     if p >= 0.2:
         return np.flatnonzero(rng.random(n) < p)
     expected = n * p
