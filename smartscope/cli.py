@@ -312,6 +312,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.model != "events":
             raise SystemExit("error: --init applies to the events model only")
         options["init"] = Path(args.init)
+    if args.resume:
+        if args.model != "events":
+            raise SystemExit("error: --resume applies to the events model only")
+        options["resume"] = True
     card = train_and_export(seed=args.seed, out_dir=out_dir, steps=args.steps, **options)
     print(json.dumps(card["metrics"], indent=2))
     return 0
@@ -319,7 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_variants(args: argparse.Namespace) -> int:
     """int8 and fp16 variants of the shipped fp32 localization models (no training: converted weights)."""
-    if args.width or args.steps or args.init:
+    if args.width or args.steps or args.init or args.resume:
         raise SystemExit("error: variants takes --seed (calibration draw), --out and --measured only")
     try:
         from smartscope.training.variants import build_variants, record_measurement
@@ -518,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="localization only: U-Net width (default 16; 8 gives the faster localization-w8)")
     p.add_argument("--out", default=None, help="output folder (default: models/)")
     p.add_argument("--init", default=None, help="events only: fine-tune from this events ONNX (same architecture)")
+    p.add_argument("--resume", action="store_true",
+                   help="events only: go on from --out's events-checkpoint.pt (its seed, steps and init)")
     p.add_argument("--measured", default=None,
                    help="variants only: a `smartscope bench variants --json` file whose figures go into the cards")
     p.set_defaults(func=cmd_train)

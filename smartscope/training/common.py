@@ -42,17 +42,26 @@ class UNet2d(nn.Module):
 
 
 def fit(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, ...]],
-        loss_fn: Callable[..., torch.Tensor], steps: int, *, lr: float = 2e-3, log_every: int = 100) -> float:
+        loss_fn: Callable[..., torch.Tensor], steps: int, *, lr: float = 2e-3, log_every: int = 100,
+        resume: dict | None = None, after_step: Callable[[int, torch.optim.Optimizer, object], None] | None = None,
+        ) -> float:
     """AdamW + one-cycle schedule; `loss_fn(net(x), *targets)` on `next_batch() -> (x, *targets)`.
 
-    Prints the smoothed loss and the time left every `log_every` steps;
-    returns the seconds spent.
+    `resume`: a checkpoint's {"step", "optimizer", "scheduler"} states, to go on
+    after that step (a long CPU run spans sessions); `after_step(step, opt, sched)`
+    runs after each step (checkpoints). Prints the smoothed loss and the time left
+    every `log_every` steps; returns the seconds spent.
     """
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    first = 1
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        first = resume["step"] + 1
     t0 = time.time()
     running = 0.0
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         net.train()
         x, *targets = next_batch()
         loss = loss_fn(net(x), *targets)
@@ -60,9 +69,11 @@ def fit(net: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, ...]],
         loss.backward()
         opt.step()
         sched.step()
-        running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+        running = 0.98 * running + 0.02 * loss.item() if step > first else loss.item()
+        if after_step is not None:
+            after_step(step, opt, sched)
         if step % log_every == 0 or step == steps:
-            eta = (time.time() - t0) / step * (steps - step)
+            eta = (time.time() - t0) / (step - first + 1) * (steps - step)
             print(f"step {step}/{steps}  loss {running:.4f}  eta {eta:.0f}s", flush=True)
     net.eval()
     return time.time() - t0

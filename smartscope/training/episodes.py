@@ -9,8 +9,8 @@ frame interval. The card's in-distribution scores are on VARIETY.
 RANDOMISATION widens the draw to what real instruments differ in (issue 28):
 pixel size 40-160 nm, PSF width from SIM to widefield, out-of-focus haze,
 uneven illumination, bleaching, EMCCD or sCMOS noise with per-pixel offsets
-and read noise, signal, background, density, and frame intervals 0.2-10 s
-(with event durations and rates scaled so an event spans frames at any
+and read noise, signal, background, density, frame intervals 0.2-15 s and
+constrictions 3-90 s (with event rates scaled so an event spans frames at any
 interval). Such episodes are simulated on a field larger than the tile
 (`FIELD_MARGIN_PX` each side), so a training crop's edges cut structures at
 random places; `randomised_episode` gives them.
@@ -62,8 +62,9 @@ RANDOMISATION = {
     "tubule_width_min_nm": (120.0, 300.0), "tubule_width_span_nm": (30.0, 300.0),
     "photons_scale": (0.1, 10.0), "background_scale": (0.1, 10.0),  # log-uniform
     "motion_nm_per_s": (0.0, 60.0), "drift_nm_per_s": (-50.0, 50.0), "focal_plane_um": (-0.5, 0.5),
-    "interval_ms": (200.0, 10_000.0),  # log-uniform
-    "constriction_s": (3.0, 30.0),  # log-uniform, at least 2 frame intervals
+    # v4: intervals to 15 s and constrictions to 90 s (v3 stopped at 10 s and 30 s, and failed on slower runs)
+    "interval_ms": (200.0, 15_000.0),  # log-uniform
+    "constriction_s": (3.0, 90.0),  # log-uniform, at least 2.5 frame intervals
     "division_fraction": (0.15, 0.4),  # division_s over constriction_s
     "active_events_per_um": (0.04, 0.24),  # fission rate x event duration: the training range
     "length_density_um_per_um2": (0.2, 2.0),

@@ -12,11 +12,11 @@ microscope (DeepTrack's lesson: vary what real data will vary): half of them
 from VARIETY (tubule width, brightness, background, read noise, pixel size,
 motion, drift, defocus and frame interval), half from the wider RANDOMISATION
 (pixel size 40-160 nm, PSF from SIM to widefield, haze, uneven illumination,
-bleaching, EMCCD/sCMOS noise with per-pixel offsets, intervals 0.2-10 s, some
-episodes with no event), cut at random from a larger field so crop edges cut
-structures anywhere. At run time (and in the card's evaluation) each window
-runs with its three mirror images and the four maps are averaged
-(`inference.events.mirror_views`).
+bleaching, EMCCD/sCMOS noise with per-pixel offsets, intervals 0.2-15 s and
+constrictions 3-90 s (v4; v3 stopped at 10 s and 30 s), some episodes with no
+event), cut at random from a larger field so crop edges cut structures anywhere.
+At run time (and in the card's evaluation) each window runs with its three
+mirror images and the four maps are averaged (`inference.events.mirror_views`).
 
 Borders (issue 28): the convolutions pad by reflection, not zeros, so the
 network cannot tell where the field ends (zero padding marks the border, and
@@ -25,15 +25,18 @@ larger fields. Short windows: SHORT_WINDOWS of the training windows hold only
 1-4 real frames, the oldest repeated in front (`pad_window`), as `EventWindow`
 gives them at the start of a stack or position (card: min_window_frames 1).
 
-`smartscope train events --seed 0` trains this recipe (v3) from scratch;
+`smartscope train events --seed 0` trains this recipe (v4) from scratch;
 `--init models/events.onnx` fine-tunes it from v2. v3, fine-tuned 6000 steps,
 was not shipped (in-distribution F1 below v2's: models/README.md); the shipped
-v2 comes from the trainer of git 50db5a6.
+v2 comes from the trainer of git 50db5a6. A CPU run outlives a session:
+`--resume` goes on from its last checkpoint, bit for bit (v4's run and its
+checkpoint scores: ../shared/candidates/events-v4/README.md).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,41 +195,80 @@ def card_metrics(run: Callable[[np.ndarray], np.ndarray], seed: int, episodes: i
 
 def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int | None = None,
                      batch: int = 16, log_every: int = 100, init: Path | None = None,
-                     lr: float | None = None) -> dict[str, Any]:
+                     lr: float | None = None, resume: bool = False) -> dict[str, Any]:
     """Train (from scratch, or fine-tune from the EventNet ONNX `init`), score and export
-    events.onnx and its card to `out_dir`; a checkpoint (events-checkpoint.pt) every
-    CHECKPOINT_EVERY steps, so a run cut short can still be exported and scored."""
+    events.onnx and its card to `out_dir`. Every CHECKPOINT_EVERY steps: the weights
+    (events-step<N>.pt, to score while it trains) and the whole state to go on from
+    (events-checkpoint.pt). `resume`: go on from `out_dir`'s events-checkpoint.pt with
+    its seed, steps, batch, lr and init (the same episodes, kept in events-dataset-seed<S>.pkl,
+    or simulated again from the seed; the batch generator, optimizer and schedule
+    restored), so a run spans sessions."""
+    out_dir = Path(out_dir)
+    checkpoint = out_dir / "events-checkpoint.pt"
+    state = None
+    if resume:
+        state = torch.load(checkpoint, weights_only=False)
+        seed, steps, batch, lr, init = (state["training"][k] for k in ("seed", "steps", "batch", "lr", "init"))
+        print(f"resuming {checkpoint} after step {state['step']} of {steps}", flush=True)
     steps = steps or 6000
     lr = lr or (1e-3 if init else 2e-3)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     t0 = time.time()
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print("simulating training episodes…", flush=True)
-    data = _dataset(rng, episodes=EPISODES, frames=30)
-    print(f"simulated in {time.time() - t0:.0f}s", flush=True)
+    cache = out_dir / f"events-dataset-seed{seed}.pkl"  # the episodes, so a resume need not simulate them again
+    if resume and cache.exists():
+        with cache.open("rb") as f:
+            data = pickle.load(f)
+        print(f"loaded the training episodes from {cache}", flush=True)
+    else:
+        print("simulating training episodes…", flush=True)
+        data = _dataset(rng, episodes=EPISODES, frames=30)
+        print(f"simulated in {time.time() - t0:.0f}s", flush=True)
+        with cache.with_suffix(".tmp").open("wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        cache.with_suffix(".tmp").replace(cache)
     net = EventNet()
-    if init is not None:
+    if state is not None:
+        net.load_state_dict(state["state_dict"])
+        rng.bit_generator.state = state["numpy_rng"]
+    elif init is not None:
         load_onnx_weights(net, Path(init))
-    checkpoint = out_dir / "events-checkpoint.pt"
-    taken = 0
+    training = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init": str(init) if init else None}
+    seconds_before = state["seconds"] if state is not None else 0.0
 
     def next_batch() -> tuple[torch.Tensor, ...]:
-        nonlocal taken
-        if taken and taken % CHECKPOINT_EVERY == 0:
-            torch.save({"step": taken, "state_dict": net.state_dict()}, checkpoint)
-        taken += 1
         x, y = _batch(rng, data, batch)
         return torch.from_numpy(x), torch.from_numpy(y)
+
+    def save(step: int, opt: torch.optim.Optimizer, sched: object) -> None:
+        if step % CHECKPOINT_EVERY and step != steps:
+            return
+        torch.save({"step": step, "state_dict": net.state_dict()}, out_dir / f"events-step{step}.pt")
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"step": step, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "numpy_rng": rng.bit_generator.state, "training": training,
+                    "seconds": round(seconds_before + time.time() - t0, 1)}, tmp)
+        tmp.replace(checkpoint)  # a run killed while saving keeps the previous checkpoint
 
     def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy(pred, target, weight=1 + 2 * target)
 
-    fit(net, next_batch, loss_fn, steps, lr=lr, log_every=log_every)
-    torch.save({"step": steps, "state_dict": net.state_dict()}, checkpoint)
+    fit(net, next_batch, loss_fn, steps, lr=lr, log_every=log_every, resume=state, after_step=save)
     return export_and_score(net, seed, out_dir, {"steps": steps, "batch": batch, "lr": lr, "init": init,
-                                                 "seconds": round(time.time() - t0, 1)})
+                                                 "seconds": round(seconds_before + time.time() - t0, 1)})
+
+
+def score_checkpoint(path: Path, out_dir: Path, eval_episodes: int = EVAL_EPISODES) -> dict[str, Any]:
+    """Export a training checkpoint (events-step<N>.pt) to `out_dir` as events.onnx and its card
+    (card_metrics on `eval_episodes` per set: fewer to score a run while it trains), so
+    `smartscope bench events` can score it before it ships."""
+    torch.set_num_threads(1)
+    state = torch.load(path, weights_only=False)
+    net = EventNet()
+    net.load_state_dict(state["state_dict"])
+    return export_and_score(net, 0, out_dir, {"steps": state["step"], "checkpoint": str(path)},
+                            eval_episodes=eval_episodes)
 
 
 def export_and_score(net: EventNet, seed: int, out_dir: Path, training: dict[str, Any],
@@ -246,7 +288,9 @@ def export_and_score(net: EventNet, seed: int, out_dir: Path, training: dict[str
     export_onnx(net, torch.zeros(1, EVENT_FRAMES, 64, 64), onnx_path, "window", "event_map")
     card = {
         "name": "events",
-        "version": 3,  # 3: reflect padding, domain randomisation, short windows (2: 5 frames in; 1: 3)
+        # 4: intervals to 15 s, constrictions to 90 s; 3: reflect padding, domain randomisation,
+        # short windows; 2: 5 frames in; 1: 3
+        "version": 4,
         "file": onnx_path.name,
         "task": "fission-event detection in live (iSIM-like) mitochondria imaging: per-pixel event probability",
         "architecture": f"2D U-Net 16-32-64 (reflect padding), causal window of {EVENT_FRAMES} frames as channels",
