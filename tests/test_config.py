@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from smartscope.config import ConfigError, PropertyRef, load_config
-from smartscope.resources import bundled_path
 from smartscope.hardware import build_core
 from smartscope.inference.session import ModelError, check_fits_frames, read_card
+from smartscope.resources import bundled_path
 
 
 def _write(tmp_path, data) -> str:

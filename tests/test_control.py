@@ -22,8 +22,8 @@ from smartscope.control import (
     build_policies,
 )
 from smartscope.control.engine import PolicySlot
-from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 from smartscope.hardware import build_core
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS
 
 
 def obs(seq=0, n=10, state=None, locs=None, event=None, t_s=0.0) -> Observation:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from scipy.spatial import cKDTree
 
 from smartscope.inference.counting import count_frame, decode_emitters, greedy_places, score_counts

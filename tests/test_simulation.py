@@ -8,8 +8,6 @@ from pydantic import ValidationError
 from scipy.special import erf
 from scipy.stats import chisquare, poisson
 
-from smartscope.simulation.camera import poisson_counts
-
 from smartscope.simulation import (
     CameraConfig,
     DriftConfig,
@@ -26,6 +24,7 @@ from smartscope.simulation import (
     rotate_positions,
     truth_table,
 )
+from smartscope.simulation.camera import poisson_counts
 
 
 # ---- optics ---------------------------------------------------------------
