@@ -242,6 +242,12 @@ class InferenceConfig(_Strict):
         True, description="after a run that ended by itself, with a localization model: send the frames the live "
         "stream replaced (every worker busy) to the workers from the run's files, so localizations.csv covers every "
         "frame; a stop skips it")
+    tile_px: int | None = Field(
+        1024, ge=64, description="frames larger than this on either side are cut into overlapping tiles of about "
+        "this size (the model's receptive field as the margin), each inferred by the next free worker and merged "
+        "into the frame's result: several workers share one large frame, and a worker's memory stays bounded (the "
+        "network needs ~0.9 GB per megapixel). Only with a localization model alone (the counting and event "
+        "models look at whole frames); null: frames always whole")
     workers: int = Field(1, ge=0, description="worker processes the daemon starts (and restarts when one dies)")
     require_workers: bool = Field(
         True, description="an acquisition starts only with a live inference worker (unless its request says "

@@ -1,7 +1,9 @@
 """The results path: what the workers send back, from the socket to the policy engine.
 
 One thread (`ResultsLoop`) reads the results socket. Every message updates the
-worker pool and gives back the ring slots it names; a frame's result of the
+worker pool and gives back the ring slots it names; the results of a frame
+sent in tiles are gathered and merged into one (inference/tiling.py
+TileGather); a frame's result of the
 current run is recorded in the run (localizations.csv, inference.csv, latency),
 becomes the newest per-frame summary (status, live stream) and an
 `Observation` for the policy engine, whose moves are counted for /metrics.
@@ -25,8 +27,9 @@ import numpy as np
 import zmq
 
 from smartscope.control.policy import Observation
+from smartscope.inference.tiling import TileGather
 from smartscope.memory import TRIM_EVERY_S, release_free_memory
-from smartscope.transport.protocol import LOCALIZATION_COLUMNS, STATE_FIELDS
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS, STATE_FIELDS, MalformedMessage
 
 if TYPE_CHECKING:
     from smartscope.acquisition.run import AcquisitionRun
@@ -88,6 +91,7 @@ class ResultsLoop:
         self.latest_result: dict[str, Any] | None = None  # ... with its localizations
         self.results_seen = 0  # per-frame summaries so far (the stream counts what it skips)
         self.latency_hist = LatencyHistogram()
+        self.tiles = TileGather()  # tiles' results waiting for the rest of their frame
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="results", daemon=True)
 
@@ -139,10 +143,20 @@ class ResultsLoop:
             self._publisher.release(r.released)
         run = self._current_run()
         if r.skipped and run is not None:
+            for acquisition, seq in r.skipped:
+                self.tiles.discard(acquisition, seq)
             if unknown := run.count_skipped(r.skipped):
                 self.rejected["skip_of_unknown_frame"] += unknown
         if r.kind != "result" or run is None or r.header is None:
             return
+        if r.header.tile is not None:
+            try:
+                r = self.tiles.add(r)
+            except MalformedMessage:
+                self.rejected["malformed_tile"] += 1
+                return
+            if r is None:  # more tiles of its frame to come
+                return
         if r.header.acquisition != run.id:
             self.rejected["other_acquisition"] += 1
             return

@@ -40,13 +40,15 @@ from smartscope.acquisition.catch_up import catch_up
 from smartscope.acquisition.feed import is_time_lapse, planned_interval_ms
 from smartscope.acquisition.plan import CheckedPlan, check_plan, sets_z, time_lapse
 from smartscope.acquisition.run import AcquisitionRun, load_run, summarize
-from smartscope.config import ConfigError, Range, SmartscopeConfig
+from smartscope.config import ConfigError, InferenceConfig, Range, SmartscopeConfig
 from smartscope.control.actuator import Actuator
 from smartscope.control.decisions import DecisionLog
 from smartscope.control.engine import PolicyEngine, build_policies
 from smartscope.control.safety import SafetyEnvelope
 from smartscope.hardware import build_core
 from smartscope.inference.pool import WorkerPool, worker_models
+from smartscope.inference.session import load_model
+from smartscope.inference.tiling import FrameTiler
 from smartscope.memory import forget_iterated_plans, release_free_memory
 from smartscope.results import ResultsLoop
 from smartscope.storage import FrameWriter
@@ -109,6 +111,14 @@ def _bound(setting: str, address: str, make: Callable[[str], Any]) -> Any:
                           f"uses it; change transport.{setting} in the config") from None
 
 
+def frame_tiler(inference: InferenceConfig, models: dict[str, Path], shape_px: tuple[int, int]) -> FrameTiler | None:
+    """The frame sender's tiler when frames of this camera are larger than inference.tile_px and the workers run
+    the localization model alone (the counting and event models look at whole frames); else None."""
+    if inference.tile_px is None or max(shape_px) <= inference.tile_px or set(models) != {"--model"}:
+        return None
+    return FrameTiler(load_model(models["--model"], "cpu", threads=1), inference.tile_px)
+
+
 class Daemon:
     """The facade: every public method and attribute here is what the API, the CLI and the tests use."""
 
@@ -118,6 +128,7 @@ class Daemon:
         self.camera = camera_params(config, self.core)
         shape = (self.core.getImageHeight(), self.core.getImageWidth())
         models = worker_models(config.inference, shape, self.camera.pixel_size_nm)
+        self.tiler = frame_tiler(config.inference, models, shape)
         self.actuator = Actuator(self.core, config.hardware.devices)
         z_range = config.safety.z_um.range
         self.mda_engine = SmartEngine(self.core, self.actuator, z_range_um=(z_range.min, z_range.max))
@@ -137,12 +148,17 @@ class Daemon:
             key_args = ("--server-key", str(server_key), "--client-key", str(worker_key))
         self.publisher = _bound("frames_address", t.frames_address, lambda address: FramePublisher(
             address, t.send_hwm, ring_slots=t.ring_slots if t.ring_enabled() else 0,
-            ring_slot_bytes=shape[0] * shape[1] * self.core.getBytesPerPixel(), ctx=self.zmq_context, keys=keys))
+            ring_slot_bytes=shape[0] * shape[1] * self.core.getBytesPerPixel(), ctx=self.zmq_context, keys=keys,
+            tiler=self.tiler))
         self.receiver = _bound("results_address", t.results_address,
                                lambda address: ResultReceiver(address, ctx=self.zmq_context, keys=keys))
         self.frames_address = self.publisher.endpoint
         self.results_address = self.receiver.endpoint
-        self.pool = WorkerPool(config.inference, models, shape, self.frames_address, self.results_address,
+        tiles = self.tiler.tiles_for(shape) if self.tiler else []
+        self.tiles_per_frame = max(len(tiles), 1)
+        # what a worker's first frame will be: the whole frame or the largest tile
+        worker_shape = max((t.shape for t in tiles), key=lambda s: s[0] * s[1]) if tiles else shape
+        self.pool = WorkerPool(config.inference, models, worker_shape, self.frames_address, self.results_address,
                                key_args=key_args)
         self.latest_frame: tuple[np.ndarray, dict] | None = None  # newest frame and its state
         self.moves: Counter[tuple[str, str]] = Counter()  # (actuator, source) → moves
@@ -179,7 +195,9 @@ class Daemon:
                 "worker_respawns": self.pool.respawns, "worker_exits": self.pool.exits[-10:],
                 "frames": {"sent": self.publisher.sent, "replaced_while_workers_busy": self.publisher.replaced,
                            "send_failed": self.publisher.send_failed, "workers_ready": self.publisher.workers_ready,
-                           "malformed_requests": dict(self.publisher.malformed)}}
+                           "malformed_requests": dict(self.publisher.malformed), "tiled": self.publisher.tiled,
+                           "tiles_per_frame": self.tiles_per_frame,
+                           "tiled_frames_incomplete": self.results_loop.tiles.incomplete}}
 
     @property
     def latest(self) -> dict[str, Any] | None:

@@ -182,3 +182,32 @@ def test_frames_the_live_stream_replaced_are_localized_after_the_run(config, tmp
     assert len(located) > 50  # ~10 emitters a frame: nearly every frame has localizations
     caught = {int(r["frame"]) for r in rows if r["path"] == "catch_up"}
     assert caught and caught <= set(range(60))
+
+
+def test_large_frames_go_to_the_workers_in_tiles_and_every_frame_gets_one_result(config, tmp_path):
+    """inference.tile_px 128 on 256² frames: the daemon cuts each frame into 4 tiles, two worker processes take
+    them as they ask, and each frame's tiles are merged into one result; live and catch-up, every frame is
+    inferred once, no tile result is rejected and no frame is left incomplete."""
+    config.simulation.camera.width_px = config.simulation.camera.height_px = 256
+    config.acquisition.exposure_ms = config.acquisition.interval_ms = 20
+    config.acquisition.activation_mw = 20.0
+    config.inference.tile_px = 128
+    config.policies = []
+    with running_daemon(config, workers=2) as daemon:
+        assert daemon.tiles_per_frame == 4 and daemon.tiler.margin_px == 36
+        run = daemon.start_acquisition(tmp_path / "run", 30)
+        assert run.done.wait(120)
+        frames = daemon.transport_status()["frames"]
+        rejected = daemon.rejected_results()
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["state"] == "finished" and s["frames_saved"] == 30 and s["frames_lost"] == 0
+    assert s["frames_inferred"] > 0 and s["frames_inferred"] + s["frames_inferred_catch_up"] == 30
+    assert frames["tiles_per_frame"] == 4 and frames["tiled"] >= 30 and frames["sent"] == 4 * frames["tiled"]
+    assert frames["tiled_frames_incomplete"] == 0 and not any(rejected.values())
+    rows = _inference_rows(tmp_path / "run")
+    assert sorted(int(r["frame"]) for r in rows) == list(range(30))
+    table = read_localizations(tmp_path / "run" / "localizations.csv")
+    assert len({int(f) for f in table["frame"]}) > 25
+    for axis in ("x [nm]", "y [nm]"):  # merged in frame coordinates, not a tile's
+        assert 0 <= table[axis].min() and table[axis].max() < 256 * config.simulation.camera.pixel_size_nm
+        assert table[axis].max() > 200 * config.simulation.camera.pixel_size_nm

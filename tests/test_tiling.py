@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
+
 import numpy as np
 import pytest
 import tifffile
@@ -154,3 +158,90 @@ def test_offline_localization_of_large_frames_in_tiles_writes_the_same_table(tmp
     tiled = localize_stack(tmp_path / "stack.tif", tmp_path / "tiled.csv", tile_above_px=0, tile_core_px=96, **flags)
     assert not whole["tiled"] and tiled["tiled"] and tiled["localizations"] == whole["localizations"] > 100
     assert (tmp_path / "tiled.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+def test_live_tiles_through_the_worker_pool_give_the_whole_frame_result(model):
+    """The live path on real sockets: the frame sender cuts each raw 300 x 392 frame into 3 x 4 tiles (FrameTiler),
+    a real worker localizes them one credit at a time, and the gathered, merged result of each frame of a
+    3-frame stack equals the whole frame's localization of the same window (frames 0 and 1: shorter windows)."""
+    from smartscope.inference.worker import run_worker
+    from smartscope.transport.protocol import FrameHeader
+    from smartscope.transport.sockets import FramePublisher, ResultReceiver
+
+    rng = np.random.default_rng(11)
+    em = dense_emitters(rng, 1, 392, CAM.pixel_size_nm, 1.0, 500.0)
+    frames, _, _ = simulate_windows(rng, 1, 3, 392, OpticsConfig(), CAM, emitters=em, background=np.array([20.0]),
+                                    as_adu=True)
+    stack = np.ascontiguousarray(frames[0][:, :300])
+    tiler = tiling.FrameTiler(model, core_px=100)
+    assert len(tiler.tiles_for(stack.shape[1:])) == 12
+    pub = FramePublisher("tcp://127.0.0.1:*", hwm=4, tiler=tiler)
+    rec = ResultReceiver("tcp://127.0.0.1:*")
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(pub.endpoint, rec.endpoint),
+                              kwargs={"model": "localization.onnx", "stop": stop, "threads": 1})
+    worker.start()
+    gather, merged = tiling.TileGather(), {}
+    try:
+        for t, frame in enumerate(stack):
+            header = FrameHeader(seq=t, t_capture_s=time.time(), shape=frame.shape, dtype="uint16", exposure_ms=20.0,
+                                 camera=PARAMS, acquisition="live", t=t)
+            assert pub.offer(header, frame, timeout_s=60)
+        deadline = time.time() + 120
+        while len(merged) < 3 and time.time() < deadline:
+            for r in rec.receive(100):
+                if r.kind == "result" and (whole := gather.add(r)) is not None:
+                    merged[whole.seq] = whole
+    finally:
+        stop.set()
+        worker.join(10)
+        pub.close()
+        rec.close()
+    assert sorted(merged) == [0, 1, 2] and pub.tiled == 3 and pub.sent == 36 and gather.incomplete == 0
+    photons = frame_to_photons(stack, PARAMS)
+    for t, r in merged.items():
+        expected, background = localize_photons(model, photons[:t + 1], PARAMS, threshold=0.5)
+        got = np.asarray(r.localizations)
+        assert r.header.shape == (300, 392) and r.header.tile is None and r.background_photons == background
+        assert len(got) == len(expected) > 40 and np.abs(got - expected).max() < 1e-3
+
+
+def test_the_gather_merges_a_frame_once_all_its_tiles_are_in_and_forgets_incomplete_ones(model):
+    """Tiles answer out of order and interleaved between frames; a frame merges at its last tile (the slowest
+    tile's timing, frame coordinates, core-owned localizations only); a frame with a lost tile is forgotten beyond
+    MAX_FRAMES and counted; a skipped frame is discarded; peaks that disagree with the rows are malformed."""
+    from smartscope.transport.protocol import FrameHeader, MalformedMessage, Result
+
+    frame = np.zeros((200, 200), np.uint16) + 120
+    tiler = tiling.FrameTiler(model, core_px=100)
+    whole = FrameHeader(seq=0, t_capture_s=1.0, shape=frame.shape, dtype="uint16", exposure_ms=20.0, camera=PARAMS,
+                        acquisition="g")
+
+    def answers(seq: int) -> list[Result]:
+        out = []
+        for header, _crop in tiler.cut(dataclasses.replace(whole, seq=seq), frame):
+            part = header.tile
+            # one localization at the centre of the tile's core, one in its margin (another tile's core)
+            centre = ((part.core_x0 + part.core_x1) / 2 * 100, (part.core_y0 + part.core_y1) / 2 * 100)
+            margin = ((part.core_x1 + 2) * 100 if part.core_x1 < 200 else (part.core_x0 - 2) * 100, centre[1])
+            rows = [(*centre, 0, 500, 10, 0.9, 20), (*margin, 0, 500, 10, 0.9, 20)]
+            out.append(Result(worker_id="w", provider="cpu", model="m", seq=seq, header=header, localizations=rows,
+                              peak_px=[part.index, 99], n_emitters=2, infer_ms=10.0 + part.index,
+                              t_done_s=2.0 + part.index))
+        return out
+
+    gather = tiling.TileGather()
+    first, second = answers(0), answers(1)
+    assert [gather.add(r) for r in (first[3], second[0], first[1], first[0])] == [None] * 4
+    merged = gather.add(first[2])
+    assert merged.seq == 0 and merged.header.shape == (200, 200) and merged.header.tile is None
+    assert merged.n_emitters == 4 and merged.infer_ms == 13.0 and merged.t_done_s == 5.0 and merged.peak_px == []
+    assert sorted(merged.localizations) == sorted(r.localizations[0] for r in first)  # each core's own, once
+    gather.discard("g", 1)
+    assert gather.add(second[1]) is None and gather.incomplete == 0
+    gather.MAX_FRAMES = 2
+    for seq in (2, 3):
+        gather.add(answers(seq)[0])
+    assert gather.incomplete == 1  # frame 1, still missing three tiles, is forgotten
+    with pytest.raises(MalformedMessage):
+        gather.add(first[0].model_copy(update={"peak_px": [1]}))

@@ -14,7 +14,7 @@ import zmq
 
 from smartscope.inference.worker import run_worker
 from smartscope.transport import CameraParams, FrameHeader, MalformedMessage, decode_frame, encode_frame
-from smartscope.transport.protocol import RingRef, pack_header
+from smartscope.transport.protocol import RingRef, TilePart, pack_header
 from smartscope.transport.ring import FrameRing, RingReader
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
@@ -36,6 +36,12 @@ def test_roundtrip_keeps_pixels_and_state():
     assert not f.flags.owndata  # a view of the received buffer, not a copy
     ringed = dataclasses.replace(sent, ring=RingRef("smartscope-1-ab", 3, 9), acquisition="αβ")
     assert decode_frame(encode_frame(ringed, None)) == (ringed, None)
+    tiled = dataclasses.replace(sent, tile=TILE)
+    assert decode_frame(encode_frame(tiled, frame))[0] == tiled and tiled.stream[-1] == 2 and sent.stream[-1] == -1
+
+
+#: tile 2 of 4 of a 64 x 48 frame: the 32² crop at (16, 8) owns rows 20..40, columns 10..30
+TILE = TilePart(2, 4, 16, 8, 20, 40, 10, 30, 64, 48, 0.0, 12.5, 12.25)
 
 
 def _packed(**changes) -> bytes:
@@ -66,6 +72,11 @@ def _corrupt(offset: int, value: bytes) -> bytes:
     ([], "parts"),
     ([_packed(ring=RingRef("r", 0, 1)), b"x"], "parts"),
     ([_packed(ring=RingRef("r", 0, 0))], "ring"),
+    ([_packed(tile=TILE._replace(index=4)), b"x"], "header"),  # tile 4 of 4
+    ([_packed(tile=TILE._replace(frame_width=39)), b"x"], "header"),  # the crop overhangs the frame
+    ([_packed(tile=TILE._replace(core_y1=49)), b"x"], "header"),  # the core overhangs the crop
+    ([_packed(tile=TILE._replace(core_x0=30)), b"x"], "header"),  # an empty core
+    ([_packed(tile=TILE._replace(median_photons=float("nan"))), b"x"], "header"),
 ])
 def test_malformed_frames_are_named_by_reason(parts, reason):
     with pytest.raises(MalformedMessage) as e:
@@ -80,8 +91,8 @@ def test_without_a_worker_each_frame_replaces_the_last_and_nothing_blocks():
         replaced = [pub.publish(header(i), np.zeros((32, 32), np.uint16)) for i in range(50)]
         assert time.perf_counter() - t0 < 1.0
         assert replaced[0] is None and [h.seq for h in replaced[1:]] == list(range(49))
-        assert pub.withdraw("another run") is None
-        assert pub.withdraw("t").seq == 49 and pub.withdraw("t") is None
+        assert pub.withdraw("another run") == []
+        assert [h.seq for h in pub.withdraw("t")] == [49] and pub.withdraw("t") == []
         assert pub.sent == 0 and pub.replaced == 50
     finally:
         pub.close()
@@ -97,7 +108,7 @@ def test_ready_requests_are_credits_and_bad_ones_are_counted():
     peer.setsockopt(zmq.LINGER, 0)
     peer.connect(pub.endpoint)
     try:
-        for bad in (b"ready", b"SSRD" + struct.pack("<HH", 4, 0), b"SSRD" + struct.pack("<HH", 3, 1)):
+        for bad in (b"ready", b"SSRD" + struct.pack("<HHI", 5, 0, 0), b"SSRD" + struct.pack("<HHI", 4, 1, 0)):
             peer.send(bad)
         peer.send_multipart([encode_ready(1), b"extra"])
         deadline = time.time() + 5
@@ -106,15 +117,18 @@ def test_ready_requests_are_credits_and_bad_ones_are_counted():
         assert pub.malformed == {"format": 1, "header": 1, "version": 1, "parts": 1}
         pub.publish(header(0), np.zeros((32, 32), np.uint16))
         assert not peer.poll(300)  # no credit, no frame
-        peer.send(encode_ready(2))
+        peer.send(encode_ready(2, 1))
         assert peer.poll(2000)
         assert decode_frame(peer.recv_multipart())[0].seq == 0  # the waiting frame goes at once
+        peer.send(encode_ready(2, 1))  # an idle repeat of request 1 crossing its frame: it gives nothing more
         pub.publish(header(1), np.zeros((32, 32), np.uint16))
         assert peer.poll(2000) and decode_frame(peer.recv_multipart())[0].seq == 1
         replaced = [pub.publish(header(seq), np.zeros((32, 32), np.uint16)) for seq in (2, 3, 4)]
-        assert not peer.poll(300)  # both credits spent
+        assert not peer.poll(300)  # both credits of request 1 spent, its repeat ignored
         assert [r.seq if r else None for r in replaced] == [None, 2, 3]
-        peer.send(encode_ready(1))
+        peer.send(encode_ready(1, 1))
+        assert not peer.poll(300)
+        peer.send(encode_ready(1, 2))
         assert peer.poll(2000) and decode_frame(peer.recv_multipart())[0].seq == 4  # the newest
         deadline = time.time() + 2
         while pub.sent < 3 and time.time() < deadline:  # counted just after the send
@@ -330,3 +344,34 @@ def test_ring_reader_refuses_a_ring_shorter_than_its_header_says():
             RingReader().view(RingRef(ring.name, 999, 1), (32, 32), "uint16")
     finally:
         ring.close()
+
+
+def test_a_tiled_frame_goes_out_tile_by_tile_against_credits_and_its_rest_is_withdrawn():
+    """With a tiler, each credit takes one tile (inline, never the ring), all of a frame's tiles go before the next
+    frame leaves the mailbox, and at the end of a run the frame whose tiles have not all gone is withdrawn."""
+    from smartscope.inference.session import load_model
+    from smartscope.inference.tiling import FrameTiler
+    from smartscope.transport.protocol import encode_ready
+
+    pub = FramePublisher("tcp://127.0.0.1:*", hwm=16, ring_slots=4, ring_slot_bytes=200 * 200 * 2,
+                         tiler=FrameTiler(load_model("localization.onnx", "cpu", threads=1), core_px=100))
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(pub.endpoint)
+    try:
+        for seq in (0, 1):
+            pub.publish(header(seq, (200, 200)), np.full((200, 200), 150, np.uint16))
+        peer.send(encode_ready(3, 1))
+        got = []
+        for _ in range(3):
+            assert peer.poll(2000)
+            got.append(decode_frame(peer.recv_multipart()))
+        assert [(h.seq, h.tile.index, h.tile.count, h.ring) for h, _ in got] == [(1, i, 4, None) for i in range(3)]
+        assert all(px.shape == h.shape for h, px in got) and got[0][0].shape == (136, 136)
+        assert got[0][0].tile.median_photons == got[2][0].tile.median_photons == pytest.approx((150 - 100) * 0.5 / 0.8)
+        pub.publish(header(2, (200, 200)), np.full((200, 200), 150, np.uint16))
+        assert [(h.seq, h.tile and h.tile.index) for h in pub.withdraw("t")] == [(1, 3), (2, None)]
+        assert pub.tiled == 1 and pub.sent == 3 and pub.replaced == 3
+    finally:
+        peer.close()
+        pub.close()

@@ -132,8 +132,10 @@ class FrameHandler:
             self._on_frame(frame, {"frame": seq, **index, "channel": channel})
 
     def withdraw_waiting(self) -> None:
-        """At the end of the run: its frame still waiting for a worker will not be inferred."""
-        self._not_sent(self._publisher.withdraw(self._id))
+        """At the end of the run: its frame still waiting for a worker (or for its last tiles to go) will not be
+        inferred."""
+        for header in self._publisher.withdraw(self._id):
+            self._not_sent(header)
 
     def _not_sent(self, header: FrameHeader | None) -> None:
         """A frame offered to the workers that none took (a newer one replaced it): not sent after all."""

@@ -24,17 +24,22 @@ table lists them in the whole frame's order (by the pixel each was found at).
 
 The pieces are pure functions over numpy and a `LoadedModel`; `TilePool` runs
 the tiles of a frame on worker processes (one ONNX Runtime session each),
-for offline analysis and benchmarks. A live path sends each worker a tile's
-crop and its `FrameStatistics`, the worker localizes it (`localize_tile`, or
-`prepare_frame` + its own batching + `decode_tile`), and the daemon merges the
-tiles' `TileResult`s with the same `merge`.
+for offline analysis and benchmarks. Live, the daemon's frame sender cuts a
+large frame (`FrameTiler`: one frame message per tile, its header carrying a
+`TilePart` with the whole frame's statistics), each tile goes to whichever
+worker asks for a frame next, the worker localizes it (`prepare_frame` +
+its own batching + `decode_tile`, keeping what its core owns), and the
+daemon's results thread gathers the tiles of each frame and merges them with
+the same `merge` (`TileGather`) before the frame's result is recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -45,6 +50,7 @@ import numpy as np
 
 from smartscope.inference.localization import (
     frame_background,
+    frame_to_photons,
     maps_to_localizations,
     pad_to_stride,
     peak_pixels,
@@ -53,6 +59,7 @@ from smartscope.inference.localization import (
 )
 from smartscope.inference.refine import refine_positions
 from smartscope.inference.session import LoadedModel, fill_non_finite, load_model
+from smartscope.transport.protocol import LOCALIZATION_COLUMNS, FrameHeader, MalformedMessage, Result, TilePart
 
 # -- how far a pixel's result depends on other pixels --------------------------------------------------------------
 
@@ -388,6 +395,100 @@ def localize_tiled(model: LoadedModel, photons: np.ndarray, camera: Any, *, thre
     results = [localize_tile(model, job, camera, threshold=threshold, refine=refine)
                for job in cut(window, stats, tiles)]
     return merge(tiles, results, camera.pixel_size_nm), stats[-1].background_photons
+
+
+# -- live: tiles through the daemon's worker pool ------------------------------------------------------------------
+
+
+class FrameTiler:
+    """The daemon's frame sender cuts each frame larger than `core_px` on either side into tiles (one frame
+    message each, inline: a crop, the whole frame's statistics in its header's TilePart). The model is loaded
+    here only for its card and receptive field (the margin)."""
+
+    def __init__(self, model: LoadedModel, core_px: int) -> None:
+        self.card = model.card
+        self.core_px = core_px
+        self.margin_px = tile_margin_px(model)
+        self._multiple_px = int(self.card.get("input_multiple_px", 1))
+        self._plans: dict[tuple[int, int], list[Tile]] = {}
+
+    def tiles_for(self, shape_px: tuple[int, int]) -> list[Tile]:
+        """The tiles of a frame of this shape (one for a frame within `core_px`)."""
+        shape_px = tuple(shape_px)
+        if shape_px not in self._plans:
+            self._plans.clear()  # one frame shape at a time
+            self._plans[shape_px] = plan_tiles(shape_px, self.core_px, self.margin_px, self._multiple_px)
+        return self._plans[shape_px]
+
+    def cut(self, header: FrameHeader, frame: np.ndarray) -> list[tuple[FrameHeader, np.ndarray]] | None:
+        """A raw frame (ADU) → its tiles' (header, crop) messages, row by row; None for a frame sent whole.
+        Costs the whole frame's statistics once (about 10 ms per megapixel)."""
+        tiles = self.tiles_for(frame.shape)
+        if len(tiles) == 1:
+            return None
+        stats = frame_statistics(frame_to_photons(frame, header.camera), self.card)
+        return [(dataclasses.replace(header, shape=t.shape, ring=None, tile=TilePart(
+                    i, len(tiles), t.y0, t.x0, t.core_y0, t.core_y1, t.core_x0, t.core_x1, *t.frame_shape,
+                    stats.fill_photons, stats.median_photons, stats.background_photons)),
+                 np.ascontiguousarray(frame[t.slices])) for i, t in enumerate(tiles)]
+
+
+def tile_of(part: TilePart, shape_px: tuple[int, int]) -> tuple[Tile, FrameStatistics]:
+    """A tile message's header part and crop shape → the Tile and its frame's statistics."""
+    h, w = shape_px
+    return (Tile(part.y0, part.y0 + h, part.x0, part.x0 + w, part.core_y0, part.core_y1, part.core_x0,
+                 part.core_x1, (part.frame_height, part.frame_width)),
+            FrameStatistics(part.fill_photons, part.median_photons, part.background_photons))
+
+
+class TileGather:
+    """The daemon's results thread holds each tile's result until every tile of its frame has answered, then
+    merges them into the frame's result (`merge`). Frames still incomplete beyond MAX_FRAMES (a tile lost
+    with its worker) are forgotten, oldest first, and counted in `incomplete`."""
+
+    MAX_FRAMES = 64
+
+    def __init__(self) -> None:
+        self._frames: OrderedDict[tuple[str, int], dict[int, Result]] = OrderedDict()
+        self.incomplete = 0
+
+    def add(self, r: Result) -> Result | None:
+        """A tile's result → the merged frame result once its last tile is in, else None.
+        MalformedMessage for a tile result that does not fit (peaks and localizations disagree)."""
+        part = r.header.tile
+        if len(r.peak_px) != len(r.localizations):
+            raise MalformedMessage("result", f"tile {part.index}: {len(r.peak_px)} peaks for "
+                                   f"{len(r.localizations)} localizations")
+        key = (r.header.acquisition, r.seq)
+        got = self._frames.setdefault(key, {})
+        self._frames.move_to_end(key)
+        got[part.index] = r
+        while len(self._frames) > self.MAX_FRAMES:
+            self._frames.popitem(last=False)
+            self.incomplete += 1
+        if len(got) < part.count or any(i not in got for i in range(part.count)):
+            return None
+        del self._frames[key]
+        return _merged([got[i] for i in range(part.count)])
+
+    def discard(self, acquisition: str, seq: int) -> None:
+        """A frame a worker skipped a tile of will not complete."""
+        self._frames.pop((acquisition, seq), None)
+
+
+def _merged(parts: list[Result]) -> Result:
+    """The tiles' results of one frame → one result for the whole frame, timed by its slowest tile."""
+    placed = [tile_of(r.header.tile, r.header.shape) for r in parts]
+    tiles = [tile for tile, _ in placed]
+    locs = merge(tiles, [TileResult(np.asarray(r.localizations, dtype=float).reshape(-1, len(LOCALIZATION_COLUMNS)),
+                                    np.asarray(r.peak_px, dtype=np.int64)) for r in parts],
+                 parts[0].header.camera.pixel_size_nm)
+    slowest = max(parts, key=lambda r: r.t_done_s)
+    header = dataclasses.replace(slowest.header, shape=tiles[0].frame_shape, tile=None)
+    return slowest.model_copy(update={"header": header, "localizations": [tuple(row) for row in locs.tolist()],
+                                      "n_emitters": len(locs), "peak_px": [],
+                                      "infer_ms": max(r.infer_ms for r in parts),
+                                      "background_photons": placed[0][1].background_photons})
 
 
 # -- tiles on worker processes -------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from smartscope.inference.counting import count_frame
 from smartscope.inference.events import EventWindow, event_map, persistent_score
 from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_frame, window_input
 from smartscope.inference.session import LoadedModel, load_model
+from smartscope.inference.tiling import decode_tile, tile_of
 from smartscope.transport.keys import ClientKeys, connect_curve
 from smartscope.transport.protocol import (
     LOCALIZATION_COLUMNS,
@@ -93,7 +94,10 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     model's window is its keyframes, `window_spacing_ms` apart by capture time
     (`EventWindow`), so it sees change at any frame rate; it runs as its card
     measured it (with mirror views), or on the window alone with
-    `event_one_view`.
+    `event_one_view`. A tile of a larger frame (its header's TilePart) is
+    prepared with the whole frame's statistics, keeps a window of its own
+    (one stream per tile), and its result lists only what its core owns,
+    each with the whole-frame pixel it was found at, for the daemon's merge.
     """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -143,6 +147,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     malformed: Counter[str] = Counter()
     last_sent = [0.0]
     last_asked = [0.0]
+    requests = [0]  # this worker's requests for frames so far (a repeat keeps the number)
     # ring slots to give back and frames done with without a result: they ride on the next message
     # that leaves, so a message the socket refuses loses no release
     pending: dict[str, list] = {"released": [], "skipped": []}
@@ -160,10 +165,12 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
         counts["results"] += kind == "result"
         last_sent[0] = time.monotonic()
 
-    def ask_for_frames() -> None:
-        """Tell the daemon how many frames this worker can take now (its credit, replacing any earlier)."""
+    def ask_for_frames(again: bool = False) -> None:
+        """Tell the daemon how many frames this worker can take now (its credit, replacing any earlier); `again`
+        repeats the last request under its number (the daemon ignores it if it already answered it)."""
+        requests[0] += not again
         with contextlib.suppress(zmq.Again):  # not connected yet: the idle repeat asks again
-            pull.send(encode_ready(max_batch), flags=zmq.NOBLOCK)
+            pull.send(encode_ready(max_batch, requests[0] % (1 << 32)), flags=zmq.NOBLOCK)
         last_asked[0] = time.monotonic()
 
     def receive_waiting() -> list[tuple[FrameHeader, np.ndarray | None, float]]:
@@ -223,7 +230,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             if time.monotonic() - last_sent[0] > HEARTBEAT_S:  # also when only malformed messages come
                 send("heartbeat")
             if time.monotonic() - last_asked[0] > ASK_AGAIN_S:
-                ask_for_frames()
+                ask_for_frames(again=True)
             if not poller.poll(200):
                 continue
             batch = [f for f in (preprocess(*w) for w in receive_waiting()) if f is not None]
@@ -285,20 +292,33 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
     windows = []
     for f in batch:
         if loaded is not None:
-            f.prepared = prepare_frame(f.photons, loaded.card)
+            part = f.header.tile  # a tile is prepared with its whole frame's statistics
+            f.prepared = prepare_frame(f.photons, loaded.card, fill_photons=part.fill_photons if part else None,
+                                       median_photons=part.median_photons if part else None)
         history = streams.get(f.header.stream).history
         history.append(((f.header.t, f.photons.shape), f))
         windows.append(_consecutive_window(history))
-    per_frame_locs: list[tuple[np.ndarray, float]] = []
+    per_frame_locs: list[tuple[np.ndarray, float, np.ndarray | None]] = []  # locs, background, tile peaks
     infer_ms = post_ms = 0.0
     if loaded is not None:
-        inputs = np.stack([window_input([w.prepared for w in window], loaded.card) for window in windows])
+        inputs = [window_input([w.prepared for w in window], loaded.card) for window in windows]
         t1 = time.perf_counter()
-        maps = loaded.run(inputs)
+        maps: list[np.ndarray | None] = [None] * len(batch)
+        for shape in {x.shape for x in inputs}:  # one call per input shape (a frame's edge tiles are smaller)
+            same = [i for i, x in enumerate(inputs) if x.shape == shape]
+            out = loaded.run(np.stack([inputs[i] for i in same]))
+            for k, i in enumerate(same):
+                maps[i] = out[k:k + 1]
         t2 = time.perf_counter()
-        for i, f in enumerate(batch):
-            per_frame_locs.append(maps_to_localizations(loaded.card, maps[i:i + 1], f.photons, f.photons.shape,
-                                                        f.header.camera, threshold=threshold))
+        for f, m in zip(batch, maps, strict=True):
+            if f.header.tile is None:
+                per_frame_locs.append((*maps_to_localizations(loaded.card, m, f.photons, f.photons.shape,
+                                                              f.header.camera, threshold=threshold), None))
+                continue
+            tile, stats = tile_of(f.header.tile, f.photons.shape)
+            found = decode_tile(loaded.card, m, tile, f.photons, stats, f.header.camera, threshold=threshold)
+            owned = tile.owns(found.locs[:, 0], found.locs[:, 1], f.header.camera.pixel_size_nm)
+            per_frame_locs.append((found.locs[owned], stats.background_photons, found.peak_px[owned]))
         post_ms = (time.perf_counter() - t2) * 1000
         infer_ms = (t2 - t1) * 1000
         pre_batch_ms = (t1 - t0) * 1000
@@ -307,19 +327,21 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
         for f in batch:
             finite = np.isfinite(f.photons).any()
             per_frame_locs.append((np.zeros((0, len(LOCALIZATION_COLUMNS))),
-                                   float(np.nanmedian(f.photons)) if finite else 0.0))
+                                   float(np.nanmedian(f.photons)) if finite else 0.0, None))
     results = []
-    for f, window, (locs, background) in zip(batch, windows, per_frame_locs, strict=True):
-        locs = locs[np.isfinite(locs).all(axis=1)]  # JSON carries no NaN: such a row would lose the result
+    for f, window, (locs, background, peaks) in zip(batch, windows, per_frame_locs, strict=True):
+        finite = np.isfinite(locs).all(axis=1)  # JSON carries no NaN: such a row would lose the result
+        locs, peaks = locs[finite], (peaks[finite].tolist() if peaks is not None else [])
         h = f.header
         t3 = time.perf_counter()
         count = density = score = None
-        if counter is not None and len(window) >= counter.card["frames"]:
+        whole = h.tile is None  # the counting and event models look at whole frames only
+        if whole and counter is not None and len(window) >= counter.card["frames"]:
             counted = window[-counter.card["frames"]:]
             count = len(count_frame(counter, np.stack([w.photons for w in counted])))
             density = count / (f.photons.size * (h.camera.pixel_size_nm / 1000) ** 2)
         stream = streams.get(h.stream)
-        frames_window = stream.event_window.push(h.stream, h.t_capture_s, f.photons) if eventer else None
+        frames_window = stream.event_window.push(h.stream, h.t_capture_s, f.photons) if eventer and whole else None
         if frames_window is not None:
             current = event_map(eventer, frames_window, event_one_view)
             # the maps of the immediately preceding frames of this stream this worker saw (fewer after skips)
@@ -334,7 +356,7 @@ def _infer(batch: list[_Frame], loaded: LoadedModel | None, counter: LoadedModel
                             batch=len(batch))
         results.append({"seq": h.seq, "t_capture_s": h.t_capture_s, "header": h, "stages": stages,
                         "infer_ms": stages.pre_ms + stages.infer_ms + stages.post_ms,
-                        "n_emitters": len(locs), "localizations": [tuple(r) for r in locs.tolist()],
+                        "n_emitters": len(locs), "localizations": [tuple(r) for r in locs.tolist()], "peak_px": peaks,
                         "background_photons": background, "count_estimate": count, "density_per_um2": density,
                         "event_score": score})
     return results

@@ -1,4 +1,4 @@
-"""The wire format between the daemon and inference workers (version 4: workers ask for frames).
+"""The wire format between the daemon and inference workers (version 5: workers ask for frames; tiles).
 
 A frame travels as a ZeroMQ message whose first part is a compact binary
 header (FrameHeader; a fixed little-endian struct, then two UTF-8 strings):
@@ -9,7 +9,11 @@ header (FrameHeader; a fixed little-endian struct, then two UTF-8 strings):
 The header is binary, not JSON, because at camera rates it is per-message
 cost: packing and checking it takes about a microsecond, where building and
 validating a JSON model took ten, which at 256² frames was half the time of
-the send itself. Workers send back one JSON part per message (Result):
+the send itself. A frame too large for one worker travels as tiles
+(inference/tiling.py): each tile is a frame message of its own whose header
+also carries a TilePart (where the crop lies in the whole frame, the core it
+owns, and the whole frame's statistics), and the daemon merges the tiles'
+results into the frame's. Workers send back one JSON part per message (Result):
 results, hello/heartbeat/bye announcements, ring-slot releases. On the frames
 socket a worker asks for frames with a READY message (how many it can take
 now): the daemon sends a frame only to a worker that asked (transport/sockets.py).
@@ -29,7 +33,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAGIC = b"SSFH"  # smartscope frame header
 LOCALIZATION_COLUMNS = ("x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p", "background_photons")
 #: why a message was dropped: counted per reason by every receiver
@@ -42,9 +46,10 @@ INDEX_AXES = ("t", "p", "g", "c", "z")
 
 # magic, version, dtype code, has ring, seq, t_capture, t_sent, height, width, exposure, the seven state
 # values, the five camera values (NaN: not known), ring slot, ring generation, the five MDA index values,
-# then the two string lengths
-_FIXED = struct.Struct("<4sHBBQddIId7d5dIQ5IHH")
-_READY = struct.Struct("<4sHH")  # magic, version, frames the worker can take now
+# the tile part (index, count, crop origin, core, whole-frame shape, three whole-frame statistics; count 0: a
+# whole frame), then the two string lengths
+_FIXED = struct.Struct("<4sHBBQddIId7d5dIQ5IHH8I3dHH")
+_READY = struct.Struct("<4sHHI")  # magic, version, frames the worker can take now, the request's number
 READY_MAGIC = b"SSRD"
 MAX_READY_FRAMES = 64
 
@@ -76,6 +81,26 @@ class RingRef(NamedTuple):
     gen: int  # the slot's generation when written; a reader checks it is unchanged after reading
 
 
+class TilePart(NamedTuple):
+    """Which tile of a whole frame a message carries (inference/tiling.py: Tile, FrameStatistics). The crop is
+    [y0, y0 + height) × [x0, x0 + width) of the frame (height, width: the header's shape); the tile owns the core
+    [core_y0, core_y1) × [core_x0, core_x1); the statistics are the whole frame's, in photons/px."""
+
+    index: int
+    count: int
+    y0: int
+    x0: int
+    core_y0: int
+    core_y1: int
+    core_x0: int
+    core_x1: int
+    frame_height: int
+    frame_width: int
+    fill_photons: float
+    median_photons: float
+    background_photons: float
+
+
 @dataclass(slots=True)
 class FrameHeader:
     """One frame's identity and the acquisition state at capture."""
@@ -96,6 +121,7 @@ class FrameHeader:
     z_um: float | None = None
     angle_deg: float | None = None
     ring: RingRef | None = None  # pixels in shared memory instead of a second message part
+    tile: TilePart | None = None  # the pixels are one tile of a larger frame
     # the frame's MDA index (useq): frames of one (p, g, c, z) form one stream in time (t)
     t: int = 0
     p: int = 0
@@ -110,8 +136,9 @@ class FrameHeader:
 
     @property
     def stream(self) -> tuple[str, int, int, int, int]:
-        """The frames a temporal window may combine: one acquisition, position, grid tile, channel, z slice."""
-        return (self.acquisition, self.p, self.g, self.c, self.z)
+        """The frames a temporal window may combine: one acquisition, position, grid tile, channel, z slice, and
+        for a frame sent in tiles, one tile of it."""
+        return (self.acquisition, self.p, self.g, self.c, self.z, self.tile.index if self.tile else -1)
 
     @property
     def nbytes(self) -> int:
@@ -130,8 +157,27 @@ def pack_header(h: FrameHeader) -> bytes:
                        _nan(h.activation_mw), _nan(h.excitation_mw), _nan(h.x_um), _nan(h.y_um), _nan(h.z_um),
                        _nan(h.angle_deg), c.pixel_size_nm, c.offset_adu, c.e_per_adu, c.qe, c.em_gain,
                        h.ring.slot if h.ring else 0, h.ring.gen if h.ring else 0, h.t, h.p, h.g, h.c, h.z,
-                       len(acq), len(ring_name)
+                       *(h.tile or _NO_TILE), len(acq), len(ring_name)
                        ) + acq + ring_name
+
+
+_NO_TILE = TilePart(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+
+
+def _tile_part(values: tuple, shape: tuple[int, int]) -> TilePart | None:
+    """The header's tile values → a TilePart (None for a whole frame); MalformedMessage where they do not
+    describe a crop of the frame that holds its core."""
+    part = TilePart(*values)
+    if part.count == 0:
+        return None
+    h, w = shape
+    fits = (part.index < part.count and part.y0 + h <= part.frame_height and part.x0 + w <= part.frame_width
+            and part.y0 <= part.core_y0 < part.core_y1 <= part.y0 + h
+            and part.x0 <= part.core_x0 < part.core_x1 <= part.x0 + w
+            and all(math.isfinite(v) for v in part[10:]))
+    if not fits:
+        raise MalformedMessage("header", f"tile {part.index} of {part.count} does not fit its frame: {part}")
+    return part
 
 
 _camera_cache: dict[tuple[float, ...], CameraParams] = {}  # camera parameters change rarely: validate once
@@ -157,7 +203,7 @@ def decode_header(data) -> FrameHeader:
     (_, version, dtype_code, has_ring, seq, t_capture, t_sent, height, width, exposure, *rest) = _FIXED.unpack_from(data)
     if version != PROTOCOL_VERSION:
         raise MalformedMessage("version", f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
-    n_acq, n_ring = rest[19], rest[20]
+    n_acq, n_ring = rest[-2], rest[-1]
     if len(data) != _FIXED.size + n_acq + n_ring:
         raise MalformedMessage("header", f"{len(data)} bytes, the header describes {_FIXED.size + n_acq + n_ring}")
     if dtype_code >= len(DTYPES) or height < 1 or width < 1 or not exposure > 0 or not math.isfinite(t_capture):
@@ -170,9 +216,10 @@ def decode_header(data) -> FrameHeader:
         raise MalformedMessage("header", str(e)) from e
     if ring is not None and ring.gen < 1:
         raise MalformedMessage("ring", f"ring slot {ring.slot} with generation {ring.gen}")
+    tile = _tile_part(rest[19:32], (height, width))
     state = [None if v != v else v for v in rest[:7]]  # NaN → None
     return FrameHeader(seq, t_capture, (height, width), DTYPES[dtype_code], exposure, camera, acquisition,
-                       None if t_sent != t_sent else t_sent, *state, ring, *rest[14:19])
+                       None if t_sent != t_sent else t_sent, *state, ring, tile, *rest[14:19])
 
 
 class StageTimes(BaseModel):
@@ -197,7 +244,7 @@ class Result(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    v: Literal[4] = PROTOCOL_VERSION
+    v: Literal[5] = PROTOCOL_VERSION
     kind: Literal["result", "hello", "heartbeat", "bye", "release"] = "result"
     seq: int = -1
     t_capture_s: float = 0.0
@@ -215,6 +262,9 @@ class Result(BaseModel):
         default_factory=list, description=f"rows of {LOCALIZATION_COLUMNS}"
     )
     background_photons: float | None = None
+    peak_px: list[int] = Field(
+        default_factory=list, description="for a tile: the whole-frame pixel (row × width + column) each "
+        "localization was detected at, so the merged frame lists them in the whole frame's order")
     event_score: float | None = None
     count_estimate: int | None = Field(None, description="emitters on in this frame (counting model)")
     density_per_um2: float | None = Field(None, description="count_estimate per µm² of the field")
@@ -266,23 +316,29 @@ def decode_frame(parts: list) -> tuple[FrameHeader, np.ndarray | None]:
     return header, np.frombuffer(buf, dtype=_NP_DTYPES[header.dtype]).reshape(header.shape)
 
 
-def encode_ready(frames: int) -> bytes:
-    """A worker's request for up to `frames` frames (its credit: the daemon sends no more until it asks again)."""
-    return _READY.pack(READY_MAGIC, PROTOCOL_VERSION, frames)
+def encode_ready(frames: int, request: int = 0) -> bytes:
+    """A worker's request for up to `frames` frames (its credit: the daemon sends no more until it asks again).
+
+    `request` numbers the worker's requests: a new number each time it becomes
+    free, the same one when it repeats a request while idle (for a daemon that
+    restarted). The daemon ignores a repeat of a request it already sent frames
+    against, so a repeat that crosses a frame on its way gives no second frame.
+    """
+    return _READY.pack(READY_MAGIC, PROTOCOL_VERSION, frames, request)
 
 
-def decode_ready(data: bytes) -> int:
-    """Inverse of encode_ready: the frames asked for (1..MAX_READY_FRAMES)."""
+def decode_ready(data: bytes) -> tuple[int, int]:
+    """Inverse of encode_ready: (frames asked for (1..MAX_READY_FRAMES), request number)."""
     if len(data) != _READY.size:
         raise MalformedMessage("format", f"a ready message has {_READY.size} bytes, got {len(data)}")
-    magic, version, frames = _READY.unpack(data)
+    magic, version, frames, request = _READY.unpack(data)
     if magic != READY_MAGIC:
         raise MalformedMessage("format", f"bad magic {magic!r}")
     if version != PROTOCOL_VERSION:
         raise MalformedMessage("version", f"protocol version {version}, this side speaks {PROTOCOL_VERSION}")
     if not 1 <= frames <= MAX_READY_FRAMES:
         raise MalformedMessage("header", f"asked for {frames} frames (1..{MAX_READY_FRAMES})")
-    return frames
+    return frames, request
 
 
 def encode_result(result: Result) -> bytes:

@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
@@ -31,9 +32,14 @@ from smartscope.transport.protocol import (
 )
 from smartscope.transport.ring import FrameRing
 
+if TYPE_CHECKING:
+    from smartscope.inference.tiling import FrameTiler
+
 log = logging.getLogger("smartscope.transport")
 #: largest result message the daemon accepts (a frame with ~100k localizations); bigger ones are cut off
 MAX_RESULT_BYTES = 16 << 20
+#: workers whose last answered request the frame sender remembers (the longest-silent are forgotten)
+MAX_WORKERS_REMEMBERED = 1024
 
 
 class FramePublisher:
@@ -52,11 +58,15 @@ class FramePublisher:
     it. With `ring_slots`, pixels go through a shared-memory ring
     (transport/ring.py), copied by the sender thread, and only headers travel
     through the socket; a frame larger than a slot, or one that finds every
-    slot lent, travels inline.
+    slot lent, travels inline. With a `tiler` (inference/tiling.py FrameTiler),
+    a frame larger than one worker should take is cut into tiles as it leaves
+    the mailbox; each tile goes, inline, to the next worker that asks, and the
+    tiles of one frame all go before the next frame leaves the mailbox.
     """
 
     def __init__(self, address: str, hwm: int, *, ring_slots: int = 0, ring_slot_bytes: int = 0,
-                 ctx: zmq.Context | None = None, keys: ServerKeys | None = None) -> None:
+                 ctx: zmq.Context | None = None, keys: ServerKeys | None = None,
+                 tiler: FrameTiler | None = None) -> None:
         self._socket = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.SNDHWM, hwm)  # per worker; credits keep far below it
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -73,13 +83,18 @@ class FramePublisher:
             except OSError as e:  # e.g. /dev/shm too small: frames go inline, slower but complete
                 log.warning("shared-memory frame ring off: %s", e)
         self._credits: OrderedDict[bytes, int] = OrderedDict()  # worker identity → frames it asked for
+        self._requests: dict[bytes, int] = {}  # worker identity → the number of its request the credit is for
+        self._served: dict[bytes, int] = {}  # worker identity → the number of its request last sent frames
         self._mailbox: tuple[FrameHeader, np.ndarray] | None = None
+        self._tiler = tiler
+        self._tiles: deque[tuple[FrameHeader, np.ndarray]] = deque()  # the rest of the frame now going out in tiles
         self._lock = threading.Lock()
         self._taken = threading.Condition(self._lock)  # the sender emptied the mailbox
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         self._closing = threading.Event()
-        self.sent = 0
+        self.sent = 0  # frame messages sent: whole frames and tiles
+        self.tiled = 0  # frames sent as tiles
         self.replaced = 0  # frames a newer one replaced in the mailbox, or withdrawn from it
         self.send_failed = 0  # frames whose worker vanished as they went out (counted lost by the run)
         self.malformed: Counter[str] = Counter()  # bad messages from the workers' side of this socket
@@ -101,21 +116,26 @@ class FramePublisher:
         timeout_s, the frame not offered). For frames that must all be inferred (the catch-up after a run)."""
         check_frame(header, frame)
         with self._taken:
-            if not self._taken.wait_for(lambda: self._mailbox is None, timeout_s):
+            if not self._taken.wait_for(lambda: self._mailbox is None and not self._tiles, timeout_s):
                 return False
             self._mailbox = (header, frame)
         self._wake()
         return True
 
-    def withdraw(self, acquisition: str) -> FrameHeader | None:
-        """Take back the frame of this acquisition still waiting for a worker (at the end of its run)."""
+    def withdraw(self, acquisition: str) -> list[FrameHeader]:
+        """Take back what of this acquisition still waits for a worker (at the end of its run): the frame in the
+        mailbox, and a frame whose tiles have not all gone out (its result cannot be whole)."""
+        withdrawn = []
         with self._lock:
-            if self._mailbox is None or self._mailbox[0].acquisition != acquisition:
-                return None
-            (header, _), self._mailbox = self._mailbox, None
+            if self._tiles and self._tiles[0][0].acquisition == acquisition:
+                withdrawn.append(self._tiles[0][0])
+                self._tiles.clear()
+            if self._mailbox is not None and self._mailbox[0].acquisition == acquisition:
+                withdrawn.append(self._mailbox[0])
+                self._mailbox = None
             self._taken.notify_all()
-        self.replaced += 1
-        return header
+        self.replaced += len(withdrawn)
+        return withdrawn
 
     @property
     def workers_ready(self) -> int:
@@ -165,26 +185,48 @@ class FramePublisher:
             try:
                 if len(rest) != 1:
                     raise MalformedMessage("parts", f"a ready message has 1 part, got {len(rest)}")
-                frames = decode_ready(rest[0])
+                frames, request = decode_ready(rest[0])
             except MalformedMessage as e:
                 self.malformed[e.reason] += 1
                 continue
+            if self._served.get(identity) == request:
+                continue  # a repeat of a request already answered: the worker has (or will have) those frames
             self._credits[identity] = frames  # what it can take now (a repeat asks again, it does not add)
+            self._requests[identity] = request
             self._credits.move_to_end(identity)  # served after those waiting longer
 
     def _send_waiting(self) -> None:
         while self._credits:
             with self._lock:
-                if self._mailbox is None:
+                if self._tiles:
+                    header, frame = self._tiles.popleft()
+                    if not self._tiles:
+                        self._taken.notify_all()
+                elif self._mailbox is None:
                     return
-                (header, frame), self._mailbox = self._mailbox, None
-                self._taken.notify_all()
+                else:
+                    (header, frame), self._mailbox = self._mailbox, None
+                    if self._tiler is None:
+                        self._taken.notify_all()
+            if header.tile is None and self._tiler is not None:
+                try:
+                    tiles = self._tiler.cut(header, frame)  # outside the lock: publish never waits for it
+                except Exception:  # the sender thread must live on: the frame goes whole
+                    log.exception("frame %d could not be cut into tiles; sent whole", header.seq)
+                    tiles = None
+                if tiles is not None:
+                    with self._lock:
+                        self._tiles.extend(tiles)
+                    self.tiled += 1
+                    continue
+                with self._lock:
+                    self._taken.notify_all()
             self._send(header, frame)
 
     def _send(self, header: FrameHeader, frame: np.ndarray) -> None:
         """To the worker that has waited longest; one that vanished is forgotten and the next one tried."""
         ref = None
-        if self.ring is not None and frame.nbytes <= self.ring.slot_bytes:
+        if self.ring is not None and header.tile is None and frame.nbytes <= self.ring.slot_bytes:
             ref = self.ring.put(frame)  # None: every slot lent, the frame goes inline
         header.ring, header.t_sent_s = ref, time.time()
         parts = encode_frame(header, frame)
@@ -195,11 +237,15 @@ class FramePublisher:
             except zmq.ZMQError as e:  # EHOSTUNREACH: gone; EAGAIN: its queue is full. Either way not it
                 if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                     raise
-                del self._credits[identity]
+                del self._credits[identity], self._requests[identity]
                 continue
+            self._served.pop(identity, None)
+            self._served[identity] = self._requests[identity]
+            if len(self._served) > MAX_WORKERS_REMEMBERED:
+                del self._served[next(iter(self._served))]
             self._credits[identity] -= 1
             if self._credits[identity] <= 0:
-                del self._credits[identity]
+                del self._credits[identity], self._requests[identity]
             self.sent += 1
             return
         self.send_failed += 1
