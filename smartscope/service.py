@@ -415,10 +415,7 @@ class Daemon:
     def _catch_up(self, run: AcquisitionRun, quiet_s: float = 30.0) -> None:
         """Lasers safe, every frame on disk, then the frames the live stream did not infer go to the workers
         (acquisition/catch_up.py); waits for their results while they keep coming. A stop ends it."""
-        def workers_alive() -> bool:
-            return any(w["state"] == "active" for w in self.pool.status().values())
-
-        if not workers_alive() or run.inferred >= run.counts.acquired:
+        if not self._workers_alive() or run.inferred >= run.counts.acquired:
             return
         self._set_safe()
         try:
@@ -426,10 +423,10 @@ class Daemon:
         except RuntimeError:
             return  # storage failed: close_files reports it, there is nothing to read back
         run.catch_up = catch_up(run, self.publisher, self.camera, infer_channel=self.config.inference.channel,
-                                workers_alive=workers_alive, abandon=run.stop.is_set)
+                                workers_alive=self._workers_alive, abandon=run.stop.is_set)
         answered, last_progress_s = -1, time.time()
         while run.inferred_catch_up < run.catch_up["frames_offered"] and not run.stop.is_set() \
-                and time.time() - last_progress_s < quiet_s and workers_alive():
+                and time.time() - last_progress_s < quiet_s and self._workers_alive():
             if run.inferred_catch_up != answered:
                 answered, last_progress_s = run.inferred_catch_up, time.time()
             time.sleep(0.05)
@@ -458,8 +455,12 @@ class Daemon:
         """Give in-flight inference results a moment to arrive before closing."""
         deadline = time.time() + timeout_s
         while (run.inferred + run.skipped < run.counts.published and time.time() < deadline
-               and any(w["state"] == "active" for w in self.pool.status().values())):
+               and self._workers_alive()):
             time.sleep(0.02)
+
+    def _workers_alive(self) -> bool:
+        """Whether any worker is active (heard from recently): results may still come."""
+        return any(w["state"] == "active" for w in self.pool.status().values())
 
     def _finish(self, run: AcquisitionRun, outcome: str) -> None:
         run.close_files(outcome, self._summary)
