@@ -114,7 +114,11 @@ def _bound(setting: str, address: str, make: Callable[[str], Any]) -> Any:
 def frame_tiler(inference: InferenceConfig, models: dict[str, Path], shape_px: tuple[int, int]) -> FrameTiler | None:
     """The frame sender's tiler when frames of this camera are larger than inference.tile_px and the workers run
     the localization model alone (the counting and event models look at whole frames); else None."""
-    if inference.tile_px is None or max(shape_px) <= inference.tile_px or set(models) != {"--model"}:
+    if inference.tile_px is None or max(shape_px) <= inference.tile_px:
+        return None
+    if set(models) != {"--model"}:
+        log.warning("frames of %dx%d px go to the workers whole, over inference.tile_px %d: the counting and "
+                    "event models look at whole frames", *shape_px, inference.tile_px)
         return None
     return FrameTiler(load_model(models["--model"], "cpu", threads=1), inference.tile_px)
 
