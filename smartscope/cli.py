@@ -386,6 +386,20 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from smartscope.inference.offline import StackError
+    from smartscope.inference.psf import calibrate_stack
+
+    try:
+        stats = calibrate_stack(Path(args.stack), Path(args.out), z_step_nm=args.z_step_nm, z_first_nm=args.z_first_nm,
+                                pixel_size_nm=args.pixel_size_nm, adu_per_electron=args.adu_per_electron,
+                                offset_adu=args.offset_adu, qe=args.qe, em_gain=args.em_gain)
+    except StackError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(stats))
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from smartscope.render import render_table
 
@@ -550,6 +564,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needed for stacks taken faster than that); default: consecutive frames")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("calibrate", help="calibrate the PSF from a bead z-stack (for the ML refinement)")
+    p.add_argument("what", choices=("psf",))
+    p.add_argument("stack", help="TIFF z-stack of sparse beads (steps, y, x), one frame per focus step")
+    p.add_argument("--out", required=True, help="the model to write (.npz): a model card's psf_calibration")
+    p.add_argument("--z-step-nm", type=float, required=True,
+                   help="the beads' z relative to the focal plane, frame to frame (the model's z axis)")
+    p.add_argument("--z-first-nm", type=float, default=None, help="z of the first frame (default: centred on 0)")
+    p.add_argument("--pixel-size-nm", type=float, default=None, help="default: from the file's metadata")
+    p.add_argument("--adu-per-electron", type=float, default=2.0, help="camera gain (ADU per photoelectron)")
+    p.add_argument("--offset-adu", type=float, default=100.0, help="camera baseline (ADU)")
+    p.add_argument("--qe", type=float, default=0.8, help="quantum efficiency")
+    p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("render", help="an SMLM image from a localization table (PNG to look at, TIFF to measure)")
     p.add_argument("locs", help="ThunderSTORM-style CSV (x [nm], y [nm][, z [nm]])")

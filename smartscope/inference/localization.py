@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import maximum_filter
 
-from smartscope.inference.refine import astigmatic_sigmas_px, refine_positions
+from smartscope.inference.psf import load_psf
+from smartscope.inference.refine import refine_positions
 from smartscope.inference.session import LoadedModel, fill_non_finite
 from smartscope.simulation.camera import adu_to_photons
 
@@ -140,34 +141,38 @@ def frame_to_photons(frame_adu: np.ndarray, camera: Any) -> np.ndarray:
 
 
 def localize_photons(model: LoadedModel, photons: np.ndarray, camera: Any, *, threshold: float,
-                     refine: bool = True) -> tuple[np.ndarray, float]:
+                     refine: bool = True, psf_calibration: str | None = None) -> tuple[np.ndarray, float]:
     """Photons (H, W), or a (T, H, W) window ending at it → (localizations, background photons/px)."""
     batch, shape = prepare_input(photons, model.card)
     return maps_to_localizations(model.card, model.run(batch), photons[-1] if np.ndim(photons) == 3 else photons,
-                                 shape, camera, threshold=threshold, refine=refine)
+                                 shape, camera, threshold=threshold, refine=refine, psf_calibration=psf_calibration)
 
 
 def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.ndarray, shape: tuple[int, int],
                           camera: Any, *, threshold: float, refine: bool = True,
-                          background_photons: float | None = None) -> tuple[np.ndarray, float]:
+                          background_photons: float | None = None, psf_calibration: str | None = None,
+                          ) -> tuple[np.ndarray, float]:
     """One frame's network maps (1, C, H', W') → (localizations, background photons/px).
 
     With `refine`, isolated detections get a maximum-likelihood position
     (inference/refine.py) when the model card carries its PSF calibration, the
-    fit's local background, and the precision of such a fit (Mortensen) as
-    their uncertainty. The background is the frame's median (`frame_background`),
+    fit's local background, and the precision of that fit (its Cramér–Rao bound)
+    as their uncertainty. The PSF is the card's astigmatic Gaussian, or a bead
+    calibration (`inference/psf.py`, a .npz) given as `psf_calibration` or named
+    by the card under that key; the camera's `read_noise_e` (where it has one) enters the
+    likelihood. The background is the frame's median (`frame_background`),
     or `background_photons`: a tile of a larger frame is given the whole frame's.
     """
     background = frame_background(photons) if background_photons is None else background_photons
     locs = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
                        threshold=threshold, background_photons=background)
     if refine and "astigmatism" in card and len(locs):
-        locs, refined = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
-                                         astig=card["astigmatism"], background=locs[:, 6])
-        # the PSF's width at the emitter's z: out of focus, the same photons localize worse
-        sx, sy = astigmatic_sigmas_px(locs[refined, 2], card["astigmatism"], camera.pixel_size_nm)
-        locs[refined, 4] = mortensen_uncertainty_nm(locs[refined, 3], locs[refined, 6],
-                                                    np.sqrt(sx * sy) * camera.pixel_size_nm, camera.pixel_size_nm)
+        calibration = psf_calibration or card.get("psf_calibration")
+        psf = load_psf(calibration) if calibration else None
+        locs, _ = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
+                                   astig=card["astigmatism"], background=locs[:, 6], psf=psf,
+                                   read_noise_e=getattr(camera, "read_noise_e", 0.0),
+                                   em_gain=getattr(camera, "em_gain", 1.0))
     return locs, background
 
 
@@ -177,7 +182,8 @@ def frame_background(photons: np.ndarray) -> float:
 
 
 def localize_frame(model: LoadedModel, frame_adu: np.ndarray, camera: Any, *,
-                   threshold: float, refine: bool = True) -> tuple[np.ndarray, float]:
+                   threshold: float, refine: bool = True, psf_calibration: str | None = None,
+                   ) -> tuple[np.ndarray, float]:
     """One raw frame (ADU), or a (T, H, W) window ending at it → (localizations, background photons/px)."""
     return localize_photons(model, frame_to_photons(frame_adu, camera), camera, threshold=threshold,
-                            refine=refine)
+                            refine=refine, psf_calibration=psf_calibration)

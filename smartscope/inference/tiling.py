@@ -57,7 +57,7 @@ from smartscope.inference.localization import (
     prepare_frame,
     window_input,
 )
-from smartscope.inference.refine import refine_positions
+from smartscope.inference.refine import ISOLATION_PX, refine_positions
 from smartscope.inference.session import LoadedModel, fill_non_finite, load_model
 from smartscope.transport.protocol import LOCALIZATION_COLUMNS, FrameHeader, MalformedMessage, Result, TilePart
 
@@ -212,12 +212,13 @@ def decode_context_px() -> int:
     """How far from a localization's position decoding reads the maps and the other localizations.
 
     The peak test compares a pixel with its 8 neighbours (1 px); refinement
-    fits only a detection with no other within its window (7 px) and reads
-    that window; a position lies up to ~1.1 px from its peak pixel (the
-    shipped models' offset is tanh × 0.6 px) and refinement moves it < 1 px.
+    fits only a detection with no comparably bright other within ISOLATION_PX
+    (7 px) and reads its window (9 px); a position lies up to ~1.1 px from its
+    peak pixel (the shipped models' offset is tanh × 0.6 px) and refinement
+    moves it < 1 px.
     """
     window_px = refine_positions.__kwdefaults__["window_px"]
-    return 1 + window_px + 1 + 2
+    return 1 + max(window_px, math.ceil(ISOLATION_PX)) + 1 + 2
 
 
 def tile_margin_px(model: LoadedModel, field: ReceptiveField | None = None) -> int:

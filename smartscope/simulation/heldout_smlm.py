@@ -74,9 +74,10 @@ class PupilPSF:
         return crop.reshape(self.window_px, OVERSAMPLE, self.window_px, OVERSAMPLE).sum(axis=(1, 3))
 
     def crlb_x_nm(self, photons: float, background_per_px: float, z_nm: float = 0.0, positions: int = 8,
-                  seed: int = 0) -> float:
+                  seed: int = 0, read_noise_e: float = 0.0) -> float:
         """sqrt of the CRLB of x (nm), averaged (in variance) over random sub-pixel positions:
-        Poisson noise on mu = photons * psf + background (detected counts), x, y, photons
+        Poisson noise on mu = photons * psf + background (detected counts), plus a read noise's
+        variance (Huang et al. 2013, as `optics.integrated_gaussian_crlb_nm`); x, y, photons
         and background free. Derivatives of the PSF by central differences of 0.01 px."""
         rng = np.random.default_rng(seed)
         h = 0.01
@@ -87,7 +88,7 @@ class PupilPSF:
             d_y = (self.image(dx, dy + h, z_nm) - self.image(dx, dy - h, z_nm)) / (2 * h)
             mu = photons * psf + background_per_px
             grads = np.stack([photons * d_x, photons * d_y, psf, np.ones_like(psf)]).reshape(4, -1)
-            fisher = (grads / mu.ravel()) @ grads.T
+            fisher = (grads / (mu.ravel() + read_noise_e**2)) @ grads.T
             variances.append(np.linalg.inv(fisher)[0, 0])
         return float(np.sqrt(np.mean(variances)) * self.pixel_size_nm)
 
@@ -127,3 +128,17 @@ def render_windows(psf: PupilPSF, emitters: list[np.ndarray], frames: int, tile_
             lit.append(np.concatenate([stayed, others]))
         out[i] = render_frames(psf, lit[::-1], tile_px, background, camera, rng)
     return out
+
+
+def render_bead_stack(psf: PupilPSF, z_nm: np.ndarray, camera: CameraConfig, rng: np.random.Generator, *,
+                      tile_px: int = 160, spacing_px: float = 18.0, photons: float = 1e5,
+                      background: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """A bead z-stack as a lab images one to calibrate its PSF: (nz, tile, tile) uint16 ADU, the focus
+    at each z_nm, beads on a jittered lattice (bright, fixed, each at its own sub-pixel position);
+    and the beads' (K, 2) x, y in nm."""
+    grid = np.arange(spacing_px / 2 + 1, tile_px - spacing_px / 2, spacing_px)
+    gx, gy = np.meshgrid(grid, grid)
+    xy_nm = (np.column_stack([gx.ravel(), gy.ravel()]) + rng.uniform(-2, 2, (gx.size, 2))) * psf.pixel_size_nm
+    frames = [render_frames(psf, [np.column_stack([xy_nm, np.full(len(xy_nm), z), np.full(len(xy_nm), photons)])],
+                            tile_px, background, camera, rng)[0] for z in z_nm]
+    return np.stack(frames), xy_nm
