@@ -246,7 +246,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             event_one_view=args.event_one_view or inf.event_views == "one",
                             threads=args.threads or inf.threads_per_worker,
                             max_batch=args.max_batch or inf.max_batch, warmup_shape=args.warmup, keys=keys,
-                            parent_pid=args.parent_pid)
+                            parent_pid=args.parent_pid, psf_calibration=args.psf_calibration or inf.psf_calibration)
     except (ModelError, ValueError, OSError) as e:  # OSError: e.g. the keys folder cannot be read
         raise SystemExit(f"error: {e}") from None
     log.info("worker done: %s", counts)
@@ -351,7 +351,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
         stats = localize_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
                                adu_per_electron=args.adu_per_electron, offset_adu=args.offset_adu, qe=args.qe,
                                em_gain=args.em_gain, model=args.model, threshold=args.threshold,
-                               provider=args.provider, workers=args.workers)
+                               provider=args.provider, workers=args.workers, psf_calibration=args.psf)
     except (StackError, ModelError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(stats))
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this worker's secret key file (from `smartscope keys add NAME`); default: the local worker key")
     p.add_argument("--no-auth", action="store_true", help="connect without CURVE (the daemon's transport.auth: none)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the daemon) is gone")
+    p.add_argument("--psf-calibration", default=None, metavar="PSF.npz",
+                   help="refine with this bead-calibrated PSF (default: inference.psf_calibration)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("keys", help="the CURVE keys that admit workers (transport.auth: curve)")
@@ -547,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="processes for the tiles of frames above 1024x1024 px (tiled: the same localizations)")
+    p.add_argument("--psf", default=None, metavar="PSF.npz",
+                   help="refine with this bead-calibrated PSF (`smartscope calibrate psf`) instead of the card's")
     p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("count", help="count the emitters of every frame of a dense SMLM stack (CSV)")

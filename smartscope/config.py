@@ -242,6 +242,11 @@ class InferenceConfig(_Strict):
         True, description="after a run that ended by itself, with a localization model: send the frames the live "
         "stream replaced (every worker busy) to the workers from the run's files, so localizations.csv covers every "
         "frame; a stop skips it")
+    psf_calibration: str | None = Field(
+        None, description="a PSF calibrated from a bead z-stack on this microscope (`smartscope calibrate psf "
+        "BEADS.tif --z-step-nm 25 --out psf.npz`): the localization's maximum-likelihood refinement fits it (x, y, "
+        "z, photons, background) instead of the model card's astigmatic Gaussian, at the bound for any PSF shape "
+        "(models/README.md); null: the card's Gaussian")
     tile_px: int | None = Field(
         1024, ge=64, description="frames larger than this on either side are cut into overlapping tiles of about "
         "this size (the model's receptive field as the margin), each inferred by the next free worker and merged "

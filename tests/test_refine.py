@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from scipy.spatial import cKDTree
 from scipy.special import erf
 
 from smartscope.cli import main
@@ -20,6 +21,7 @@ from smartscope.simulation import (
     render_gaussian_psfs,
 )
 from smartscope.simulation.heldout_smlm import PupilPSF, render_bead_stack, render_frames
+from smartscope.storage.localizations import read_localizations
 
 PX = 100.0
 CAM = CameraConfig()
@@ -144,3 +146,59 @@ def test_cli_reports_a_stack_without_beads(tmp_path):
         main(["calibrate", "psf", str(tif), "--out", str(tmp_path / "p.npz"), "--z-step-nm", "50",
               "--pixel-size-nm", "100"])
     assert not (tmp_path / "p.npz").exists()
+
+
+def test_localize_with_a_bead_calibration_fits_the_microscopes_psf(tmp_path):
+    """`smartscope localize --psf` on frames of the held-out pupil-function PSF: the calibration from that
+    microscope's beads brings the lateral error down against the card's Gaussian, on the same frames; a
+    calibration made at another pixel size is refused before any frame is read."""
+    rng = np.random.default_rng(4)
+    pupil = PupilPSF(pixel_size_nm=PX)
+    beads, _ = render_bead_stack(pupil, Z_NM, CAM, rng, tile_px=100)
+    calibrate_beads(adu_to_photons(beads, CAM), Z_NM, PX).save(tmp_path / "psf.npz")
+    truth = [isolated_emitters(rng, 36, 2000.0)[0] for _ in range(3)]
+    tifffile.imwrite(tmp_path / "smlm.tif", render_frames(pupil, truth, 120, 10.0, CAM, rng), photometric="minisblack")
+    camera = ["--pixel-size-nm", "100", "--adu-per-electron", str(1 / CAM.e_per_adu), "--offset-adu",
+              str(CAM.offset_adu), "--qe", str(CAM.qe)]
+    errors = {}
+    for name, extra in (("card", []), ("beads", ["--psf", str(tmp_path / "psf.npz")])):
+        out = tmp_path / f"{name}.csv"
+        assert main(["localize", str(tmp_path / "smlm.tif"), "--out", str(out), *camera, *extra]) == 0
+        table = read_localizations(out)
+        dx = []
+        for frame, em in enumerate(truth):
+            mine = table["frame"] == frame
+            found = np.column_stack([table["x [nm]"][mine], table["y [nm]"][mine]])
+            dist, k = cKDTree(found).query(em[:, :2])
+            assert (dist < 100).all()  # every emitter found
+            dx.append(found[k, 0] - em[:, 0])
+        errors[name] = np.sqrt(np.mean(np.concatenate(dx) ** 2))
+    crlb = pupil.crlb_x_nm(2000 * CAM.qe, 10 * CAM.qe, read_noise_e=CAM.read_noise_e)
+    assert errors["beads"] < 1.2 * crlb and errors["beads"] < 0.9 * errors["card"]
+    calibrate_beads(adu_to_photons(beads, CAM), Z_NM, 90.0).save(tmp_path / "psf90.npz")
+    with pytest.raises(SystemExit, match="calibrate with beads on this camera"):
+        main(["localize", str(tmp_path / "smlm.tif"), "--out", str(tmp_path / "x.csv"), *camera,
+              "--psf", str(tmp_path / "psf90.npz")])
+
+
+def test_the_daemon_hands_its_workers_the_calibration_and_refuses_one_from_other_pixels(tmp_path):
+    from smartscope.inference.session import ModelError
+    from smartscope.service import Daemon
+    from tests.conftest import small_config
+
+    stack = gaussian_bead_stack(np.random.default_rng(5))
+    config = small_config()
+    for pixel_nm, name in ((config.simulation.camera.pixel_size_nm, "here.npz"), (60.0, "there.npz")):
+        calibrate_beads(adu_to_photons(stack, CAM), Z_NM, pixel_nm).save(tmp_path / name)
+    config.inference.psf_calibration = str(tmp_path / "there.npz")
+    with pytest.raises(ModelError, match="60 nm pixels"):
+        Daemon(config)
+    config.inference.psf_calibration = str(tmp_path / "here.npz")
+    daemon = Daemon(config)
+    try:
+        daemon.spawn_workers(1)
+        daemon.wait_for_workers(1)
+        args = daemon.pool.procs[0].args
+        assert args[args.index("--psf-calibration") + 1] == str(tmp_path / "here.npz")
+    finally:
+        daemon.close()

@@ -82,13 +82,13 @@ def _pixel_size_nm(tif: tifffile.TiffFile) -> float | None:
 
 
 def _open_for_model(stack: Path, pixel_size_nm: float | None, model: str, provider: str,
-                    ) -> tuple[np.ndarray, float, LoadedModel]:
+                    psf_calibration: str | None = None) -> tuple[np.ndarray, float, LoadedModel]:
     """The stack's frames, its pixel size (the flag's, else the metadata's) and the model, checked to fit."""
     frames, meta_nm = open_stack(stack)
     pixel_size_nm = pixel_size_nm or meta_nm
     if pixel_size_nm is None:
         raise StackError(f"{stack}: no pixel size in the metadata; pass --pixel-size-nm")
-    loaded = load_model(model, provider)
+    loaded = load_model(model, provider, psf_calibration=psf_calibration)
     check_fits_frames(loaded.card, frames.shape[1:], pixel_size_nm)
     return frames, pixel_size_nm, loaded
 
@@ -125,19 +125,21 @@ def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = 
                    offset_adu: float = 100.0, qe: float = 0.8, em_gain: float = 1.0, model: str = "localization.onnx",
                    threshold: float = 0.5, provider: str = "auto", progress: bool = True,
                    tile_above_px: int = TILE_ABOVE_PX, tile_core_px: int = TILE_CORE_PX,
-                   workers: int = 1) -> dict[str, float]:
+                   workers: int = 1, psf_calibration: str | None = None) -> dict[str, float]:
     """Localize every frame of `stack` into `out_csv`; returns counts and speed.
 
     Frames of more than `tile_above_px` pixels go through the network in
     tiles (cores of about `tile_core_px`), on `workers` processes (1: in this
-    process); the table is the same as from whole frames.
+    process); the table is the same as from whole frames. With `psf_calibration`
+    (a bead calibration) the refinement fits that PSF.
     """
-    frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
+    frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider, psf_calibration)
     camera = _camera_params(pixel_size_nm, adu_per_electron, offset_adu, qe, em_gain)
     n, (h, w) = len(frames), frames.shape[1:]
     window = int(loaded.card.get("frames", 1))  # frame i is localized with the frames just before it
     tiled = h * w > tile_above_px
-    pool = TilePool(model, workers, core_px=tile_core_px, provider=provider) if tiled and workers > 1 else None
+    pool = TilePool(model, workers, core_px=tile_core_px, provider=provider,
+                    psf_calibration=psf_calibration) if tiled and workers > 1 else None
     stats: dict[int, FrameStatistics] = {}  # whole-frame statistics the tiles need, once per frame
     writer = LocalizationWriter(Path(out_csv))
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smartscope.inference.session import check_fits_frames, read_card
+from smartscope.inference.session import check_fits_frames, read_card, with_psf_calibration
 from smartscope.inference.worker import HEARTBEAT_S
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ def worker_models(inference: InferenceConfig, frame_shape_px: tuple[int, int],
                        ("--event-model", inference.event_model)):
         if name:
             path, card = read_card(name, inference.provider)  # `auto` resolves for the workers' provider
+            if flag == "--model" and inference.psf_calibration:
+                card = with_psf_calibration(card, inference.psf_calibration)
             check_fits_frames(card, frame_shape_px, pixel_size_nm)
             models[flag] = path
     if not models:
@@ -102,6 +104,8 @@ class WorkerPool:
                "--parent-pid", str(os.getpid()), *self.key_args]
         if inf.max_batch:
             cmd += ["--max-batch", str(inf.max_batch)]
+        if inf.psf_calibration and "--model" in self.models:
+            cmd += ["--psf-calibration", inf.psf_calibration]
         if inf.event_views == "one":
             cmd.append("--event-one-view")
         for flag, path in self.models.items():

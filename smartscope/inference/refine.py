@@ -115,8 +115,15 @@ def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pi
     else:
         model = psf_at
         z = np.clip(z, *model.z_range_nm)
-    theta = np.column_stack([x0[idx], y0[idx], np.maximum(out[idx, 3] * qe / excess, 1.0),
-                             np.maximum(bg * qe / excess, 0.01), z])[:, : 5 if model.free_z else 4]
+    # the background's start: the network's, unless it is below half what the window's rim shows (on a PSF
+    # it never saw, the network can put the background at 0, and a fit started there rarely converges)
+    rim = np.concatenate([data[:, [0, -1], :].reshape(len(idx), -1), data[:, 1:-1, [0, -1]].reshape(len(idx), -1)],
+                         axis=1)
+    rim_bg = np.maximum(np.median(rim, axis=1) - var_read, 0.01)
+    bg_start = bg * qe / excess
+    bg_start = np.where(bg_start < 0.5 * rim_bg, rim_bg, np.maximum(bg_start, 0.01))
+    theta = np.column_stack([x0[idx], y0[idx], np.maximum(out[idx, 3] * qe / excess, 1.0), bg_start,
+                             z])[:, : 5 if model.free_z else 4]
     theta, fisher, converged = _levenberg_marquardt(model, theta, data, weight, u, v, var_read, z, iterations)
     x, y = theta[:, 0], theta[:, 1]
     ok = converged & np.all(np.isfinite(theta), axis=1) & (np.hypot(x - x0[idx], y - y0[idx]) < 1.0)

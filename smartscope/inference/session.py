@@ -117,7 +117,7 @@ GRAPH_OPTIMIZATION = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
 
 
 def load_model(model: str, preference: str = "auto", *, threads: int | None = None,
-               optimization: str = "all") -> LoadedModel:
+               optimization: str = "all", psf_calibration: str | Path | None = None) -> LoadedModel:
     """An ONNX Runtime session set up for latency: one frame at a time, operators in sequence.
 
     `model`: a path, a name in models/, or `auto` (`auto_model`: the cheaper
@@ -128,6 +128,9 @@ def load_model(model: str, preference: str = "auto", *, threads: int | None = No
     `optimization`: a GRAPH_OPTIMIZATION level; `all` was the fastest for the
     fp32, int8 and fp16 localization models on CPU (`smartscope bench variants`;
     int8 needs at least `extended` to run integer kernels).
+    `psf_calibration`: a bead calibration (`smartscope calibrate psf`, a .npz)
+    that the maximum-likelihood refinement fits instead of the card's
+    astigmatic Gaussian; carried in this session's copy of the card.
     """
     providers = choose_providers(preference)
     path, card = read_card(model, preference)
@@ -147,7 +150,22 @@ def load_model(model: str, preference: str = "auto", *, threads: int | None = No
     if graph_input.name != spec["name"] or len(graph_input.shape) != len(spec["shape"]):
         raise ModelError(f"model {path.name}: graph input {graph_input.name}{graph_input.shape} "
                          f"does not match its card {spec['name']}{spec['shape']}")
+    if psf_calibration is not None:
+        card = with_psf_calibration(card, psf_calibration)
     return LoadedModel(session, card, path)
+
+
+def with_psf_calibration(card: dict[str, Any], psf_calibration: str | Path) -> dict[str, Any]:
+    """A copy of the card whose refinement fits this bead calibration; ModelError if it cannot be read."""
+    from smartscope.inference.psf import load_psf
+
+    calibration = Path(psf_calibration).resolve()
+    try:
+        load_psf(calibration)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"PSF calibration {psf_calibration}: cannot read it ({e}); make one with "
+                         "`smartscope calibrate psf BEADS.tif`") from e
+    return {**card, "psf_calibration": str(calibration)}
 
 
 def fill_non_finite(pixels: np.ndarray) -> np.ndarray:
@@ -171,3 +189,10 @@ def check_fits_frames(card: dict[str, Any], shape_px: tuple[int, int], pixel_siz
     if trained_nm and abs(pixel_size_nm / trained_nm - 1) > 0.1:
         raise ModelError(f"camera pixel size {pixel_size_nm} nm is more than 10% off the "
                          f"{trained_nm} nm the model {card['name']} was trained at")
+    if card.get("psf_calibration"):  # a PSF sampled by other pixels is another model
+        from smartscope.inference.psf import load_psf
+
+        calibrated_nm = load_psf(card["psf_calibration"]).pixel_size_nm
+        if not np.isclose(calibrated_nm, pixel_size_nm, rtol=1e-3):
+            raise ModelError(f"the PSF calibration {card['psf_calibration']} was made with {calibrated_nm:g} nm "
+                             f"pixels, the frames have {pixel_size_nm:g} nm: calibrate with beads on this camera")

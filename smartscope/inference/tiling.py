@@ -497,9 +497,9 @@ def _merged(parts: list[Result]) -> Result:
 _worker_model: LoadedModel | None = None
 
 
-def _start_worker(model: str, provider: str, threads: int) -> None:
+def _start_worker(model: str, provider: str, threads: int, psf_calibration: str | None) -> None:
     global _worker_model
-    _worker_model = load_model(model, provider, threads=threads)
+    _worker_model = load_model(model, provider, threads=threads, psf_calibration=psf_calibration)
 
 
 def _run_tile(job: TileJob, camera: Any, threshold: float, refine: bool) -> TileResult:
@@ -516,13 +516,13 @@ class TilePool:
     """
 
     def __init__(self, model: str = "localization.onnx", workers: int = 2, *, core_px: int = 512,
-                 provider: str = "cpu", threads: int | None = None) -> None:
-        self.model = load_model(model, provider, threads=1)  # the card, the margin; tiles run in the workers
+                 provider: str = "cpu", threads: int | None = None, psf_calibration: str | None = None) -> None:
+        self.model = load_model(model, provider, threads=1, psf_calibration=psf_calibration)  # the card, the margin; tiles run in the workers
         self.core_px = core_px
         self.margin_px = tile_margin_px(self.model)
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                                            initargs=(model, provider, self.threads))
+                                            initargs=(model, provider, self.threads, psf_calibration))
         started: set[int] = set()
         while len(started) < workers:  # start every worker and its session now, not on the first frame
             started |= set(self.executor.map(_worker_pid, range(workers)))

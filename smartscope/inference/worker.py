@@ -70,7 +70,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
                threads: int | None = None, counting_model: str | None = None,
                event_model: str | None = None, event_one_view: bool = False, max_batch: int | None = None,
                warmup_shape: tuple[int, int] | None = None, keys: ClientKeys | None = None,
-               parent_pid: int | None = None) -> dict[str, int]:
+               parent_pid: int | None = None, psf_calibration: str | None = None) -> dict[str, int]:
     """Serve until stopped; returns counts (frames, results, skipped, malformed).
 
     The worker asks for `max_batch` frames whenever it is free (at start, as
@@ -103,7 +103,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    loaded = load_model(model, provider, threads=threads) if model else None
+    loaded = load_model(model, provider, threads=threads, psf_calibration=psf_calibration) if model else None
     counter = load_model(counting_model, provider, threads=threads) if counting_model else None
     eventer = load_model(event_model, provider, threads=threads) if event_model else None
     models = [m for m in (loaded, counter, eventer) if m is not None]
