@@ -163,10 +163,13 @@ def _gaussian_bead_stack(z_nm: np.ndarray, camera: CameraConfig, rng: np.random.
 
 
 def _isolated_entries(methods: dict, best: dict, emitters: list[np.ndarray], frames: np.ndarray, crlb: float,
-                      psf_calibration: str) -> dict:
-    """RMSE x / √CRLB and recall of every method (and of ours with the bead-calibrated PSF) on isolated frames."""
+                      psf_calibration: str | None) -> dict:
+    """RMSE x / √CRLB and recall of every method (and, given a calibration, of ours with the bead-calibrated PSF)
+    on isolated frames."""
     runs = {name: (method, best[name]) for name, (method, _) in methods.items()}
-    runs["smartscope-beads"] = (methods["smartscope"][0], best["smartscope"] | {"psf_calibration": psf_calibration})
+    if psf_calibration is not None:
+        runs["smartscope-beads"] = (methods["smartscope"][0],
+                                    best["smartscope"] | {"psf_calibration": psf_calibration})
     out = {}
     for name, (method, settings) in runs.items():
         s = score([e[:, :3] for e in emitters], method(frames, settings))
@@ -184,14 +187,17 @@ def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.nda
 
 
 def _independent(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, dict], camera: CameraConfig,
-                 n_dense: int, n_iso: int, folder: Path) -> dict:
-    """Every method at its tuned settings on held-out frames of a pupil-function PSF."""
+                 n_dense: int, n_iso: int, folder: Path | None = None) -> dict:
+    """Every method at its tuned settings on held-out frames of a pupil-function PSF; with a `folder` for the
+    bead stack's calibration, ours with that calibrated PSF too (isolated emitters)."""
     from smartscope.simulation.heldout_smlm import PupilPSF, render_windows
 
     psf = PupilPSF(pixel_size_nm=PIXEL_NM)
     out: dict = {"psf": {k: getattr(psf, k) for k in ("wavelength_nm", "na", "immersion_index", "astigmatism_rad",
                                                       "spherical_rad")}, "dense": {}, "isolated": {}}
-    calibration, out["psf_calibration"] = _bead_calibration("independent", camera, folder)
+    calibration = None
+    if folder is not None:
+        calibration, out["psf_calibration"] = _bead_calibration("independent", camera, folder)
     print(f"\nheld-out PSF (pupil function, {psf.wavelength_nm:g} nm, NA {psf.na:g}, astigmatism "
           f"{psf.astigmatism_rad:g} rad, spherical {psf.spherical_rad:g} rad), settings as tuned above")
     rng = np.random.default_rng(2028)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smartscope.bench.localization import FRAMES, PIXEL_NM, Method, _dense_set, _independent, _ours
+from smartscope.bench.localization import FRAMES, PIXEL_NM, Method, _dense_set, _independent, _ours, _read_noise_e
 from smartscope.evaluation import score
 from smartscope.inference.session import GRAPH_OPTIMIZATION, choose_providers, load_model
 from smartscope.resources import bundled_path
@@ -74,7 +74,8 @@ def _accuracy(methods: dict[str, Method], camera: CameraConfig, optics: OpticsCo
         emitters = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]
         frames, truth, _ = simulate_windows(rng, n_iso, FRAMES, 32, optics, camera, emitters=emitters,
                                             background=np.full(n_iso, 10.0), as_adu=True)
-        crlb = float(integrated_gaussian_crlb_nm(photons * camera.qe, 10.0 * camera.qe, sigma0_nm, PIXEL_NM))
+        crlb = float(integrated_gaussian_crlb_nm(photons * camera.qe, 10.0 * camera.qe, sigma0_nm, PIXEL_NM,
+                                                 read_noise_e=_read_noise_e(camera)))  # as `bench localization`
         out["isolated"][str(photons)] = {"crlb_x_nm": round(crlb, 2)}
         for name, method in methods.items():
             s = score([t[:, :3] for t in truth], method(frames, {"threshold": threshold}))
