@@ -21,3 +21,21 @@ def test_the_gpu_benchmarks_refuse_to_run_without_a_gpu_and_options_are_checked(
         ort.get_available_providers()
     with pytest.raises(ValueError, match="--world does not apply to the gpu benchmark"):
         run_benchmark("gpu", None, world="independent")
+
+
+@pytest.mark.slow
+def test_the_variants_bench_scores_every_variant_on_both_worlds_against_one_bound(tmp_path):
+    """`bench variants --quick --world independent` end to end (it once broke when `bench localization`'s held-out
+    world grew a row): every shipped variant scored beside its fp32 parent on our simulator and on the held-out PSF,
+    against bounds with the camera's read noise (above the Poisson-only one), and timed."""
+    results = run_benchmark("variants", tmp_path / "v.json", quick=True, world="independent")["results"]
+    assert set(results["parents"]) == {"localization", "localization-w8"}
+    for parent, entry in results["parents"].items():
+        models = {parent, f"{parent}-fp16"} | ({f"{parent}-int8"} if parent == "localization" else set())
+        for world in ("simulator", "independent"):
+            for photons, level in entry[world]["isolated"].items():
+                assert models <= set(level), (world, photons)
+                assert all(0.5 < level[m]["rmse_over_crlb"] < 3 for m in models)
+        held_out = entry["independent"]["isolated"]["500"]
+        assert held_out["crlb_x_nm"] > held_out["crlb_x_nm_poisson_only"]
+    assert all(ms > 0 for ms in results["speed_ms"].values())
