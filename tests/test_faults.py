@@ -264,8 +264,11 @@ def test_results_for_frames_never_sent_or_sent_twice_are_rejected(config, tmp_pa
         push.send(encode_result(never_sent))
         push.send(encode_result(Result(kind="release", worker_id="peer:1", provider="CPU", model="x",
                                        skipped=[(run.id, 10**9 + 1), (run.id, header.seq)])))
-        _until(lambda: daemon.rejected_results().get("unknown_or_duplicate_frame", 0) == 3, 10, "rejections")
+        # the release comes after the rejected results: wait for both (the results thread takes them in order)
+        _until(lambda: daemon.rejected_results().get("unknown_or_duplicate_frame", 0) == 3
+               and daemon.rejected_results().get("skip_of_unknown_frame", 0) == 2, 10, "rejections")
         assert run.inferred == 1
+        assert daemon.rejected_results()["unknown_or_duplicate_frame"] == 3
         assert daemon.rejected_results()["skip_of_unknown_frame"] == 2
         daemon.stop_acquisition()
         assert run.skipped == 0 and run.lost == run.counts.published - 1 >= 0
