@@ -83,7 +83,7 @@ def test_a_batch_of_frames_gives_each_frame_its_own_result(model):
              for i, f in enumerate(frames_adu)]
 
     def streams():
-        return Streams(window_frames=3, event_frames=0, event_spacing_s=0.0, recent_maps=0)
+        return Streams(window_frames=3)
 
     together = _infer(batch, model, None, None, 0.5, streams())
     one_by_one = streams()
@@ -114,7 +114,7 @@ def test_a_window_missing_its_first_frames_repeats_the_oldest_there_is():
 def test_the_worker_window_stops_at_a_frame_it_did_not_see_and_never_mixes_positions():
     from smartscope.inference.worker import Streams, _consecutive_window
 
-    streams = Streams(window_frames=3, event_frames=0, event_spacing_s=0.0, recent_maps=0)
+    streams = Streams(window_frames=3)
     p0, p1 = ("run", 0, 0, 0, 0), ("run", 1, 0, 0, 0)  # FrameHeader.stream of positions 0 and 1
 
     def see(key, t, shape=(2, 2)):
@@ -186,3 +186,18 @@ def test_emitters_of_the_earlier_frames_are_not_reported_in_a_dark_frame(model):
     reported = [len(localize_frame(model, np.stack([frames_adu[i], frames_adu[i + 1], dark]), PARAMS,
                                    threshold=0.5)[0]) for i in range(0, 20, 2)]
     assert sum(reported) == 0
+
+
+def test_each_stream_keeps_the_event_window_its_card_asks_for():
+    """The worker scores events from the card's min_window_frames on (older cards: full windows only),
+    each stream with its own window."""
+    from smartscope.inference.worker import Streams
+
+    card = {"frames": 5, "window_spacing_ms": 500.0, "min_frames": 2}
+    frame = np.ones((4, 4), np.float32)
+    full_only, from_first = Streams(window_frames=1, event_card=card), Streams(
+        window_frames=1, event_card={**card, "min_window_frames": 1})
+    assert full_only.get(("a",)).event_window.push("a", 0.0, frame) is None
+    assert from_first.get(("a",)).event_window.push("a", 0.0, frame).shape == (5, 4, 4)
+    assert from_first.get(("b",)).event_window.push("b", 0.0, frame).shape == (5, 4, 4)
+    assert from_first.get(("a",)).recent_maps.maxlen == 1 and Streams(window_frames=1).get(("a",)).event_window is None

@@ -222,18 +222,18 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     are kept (single-frame flickers are noise). A frame without a kept
     detection gets one row with empty x/y and the frame's event score (the
     map's maximum), so every frame's score is in the file. The first frames,
-    before a full window exists, are scored 0. With `interval_ms` (the time
+    before the window the card asks for exists (`event_window_for`: from its
+    min_window_frames on, a full window for cards without it), are scored 0. With `interval_ms` (the time
     between frames) the window is built as in a live run, from frames the
     card's window_spacing_ms apart; without it, from consecutive frames.
     """
-    from smartscope.inference.events import EventWindow, detect_events, event_map, persistent
+    from smartscope.inference.events import detect_events, event_map, event_window_for, persistent
 
     frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
     threshold = loaded.card["threshold"] if threshold is None else threshold
     if interval_ms is not None and not interval_ms > 0:
         raise StackError(f"interval_ms must be > 0, got {interval_ms}")
-    spacing_s = loaded.card.get("window_spacing_ms", 0.0) / 1000 if interval_ms else 0.0
-    window = EventWindow(int(loaded.card["frames"]), spacing_s)
+    window = event_window_for(loaded.card, spacing=interval_ms is not None)
     n, t0 = len(frames), time.perf_counter()
     scores, peaks = np.zeros(n), [np.zeros((0, 3)) for _ in range(n)]
     for i in range(n):

@@ -30,7 +30,7 @@ import numpy as np
 import zmq
 
 from smartscope.inference.counting import count_frame
-from smartscope.inference.events import EventWindow, event_map, persistent_score
+from smartscope.inference.events import EventWindow, event_map, event_window_for, persistent_score
 from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_frame, window_input
 from smartscope.inference.session import LoadedModel, load_model
 from smartscope.inference.tiling import decode_tile, tile_of
@@ -119,9 +119,7 @@ def run_worker(frames_address: str, results_address: str, *, model: str | None, 
             m.warm_up(warmup_shape)
     streams = Streams(
         window_frames=max([int(m.card.get("frames", 1)) for m in (loaded, counter) if m is not None], default=1),
-        event_frames=int(eventer.card["frames"]) if eventer else 0,
-        event_spacing_s=eventer.card.get("window_spacing_ms", 0.0) / 1000 if eventer else 0.0,
-        recent_maps=max(eventer.card.get("min_frames", 1) - 1, 0) if eventer else 0)
+        event_card=eventer.card if eventer else None)
     host = socket.gethostname()
     worker_id = f"{host}:{os.getpid()}"
     name = "+".join(m.card["name"] for m in models)
@@ -265,9 +263,11 @@ class Streams:
 
     MAX_STREAMS = 64
 
-    def __init__(self, *, window_frames: int, event_frames: int, event_spacing_s: float, recent_maps: int) -> None:
-        self._window_frames, self._event_frames = window_frames, event_frames
-        self._event_spacing_s, self._recent_maps = event_spacing_s, recent_maps
+    def __init__(self, *, window_frames: int, event_card: dict | None = None) -> None:
+        """`event_card`: the event model's card, whose window (`event_window_for`: frames, spacing,
+        min_window_frames) and min_frames each stream keeps; None without an event model."""
+        self._window_frames, self._event_card = window_frames, event_card
+        self._recent_maps = max(int(event_card.get("min_frames", 1)) - 1, 0) if event_card else 0
         self._streams: OrderedDict[tuple, StreamState] = OrderedDict()
 
     def get(self, key: tuple) -> StreamState:
@@ -275,7 +275,7 @@ class Streams:
         if state is None:
             state = self._streams[key] = StreamState(
                 deque(maxlen=self._window_frames),
-                EventWindow(self._event_frames, self._event_spacing_s) if self._event_frames else None,
+                event_window_for(self._event_card) if self._event_card else None,
                 deque(maxlen=self._recent_maps))
             while len(self._streams) > self.MAX_STREAMS:
                 self._streams.popitem(last=False)

@@ -113,14 +113,14 @@ def event_model_scorer(config: SmartscopeConfig, name: str = "events.onnx") -> E
     Stateful: the model's causal window (`EventWindow`: keyframes the card's
     `window_spacing_ms` apart, photons); the score is the event map's maximum,
     kept only where the maps of the card's `min_frames` − 1 previous frames
-    also saw something nearby. None until the window is full.
+    also saw something nearby. None until the card's window exists (`event_window_for`).
     """
-    from smartscope.inference.events import EventWindow, event_map, persistent_score
+    from smartscope.inference.events import event_map, event_window_for, persistent_score
     from smartscope.simulation.camera import adu_to_photons
 
     model = shipped_model(name)
     camera = camera_of(config)
-    window = EventWindow(int(model.card["frames"]), float(model.card.get("window_spacing_ms", 0.0)) / 1000)
+    window = event_window_for(model.card)
     previous: deque[np.ndarray] = deque(maxlen=max(int(model.card.get("min_frames", 1)) - 1, 0))
 
     def score(frame_adu: np.ndarray, truth: FrameTruth, rng: np.random.Generator) -> float | None:
