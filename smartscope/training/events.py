@@ -30,7 +30,7 @@ gives them at the start of a stack or position (card: min_window_frames 1).
 was not shipped (in-distribution F1 below v2's: models/README.md); the shipped
 v2 comes from the trainer of git 50db5a6. A CPU run outlives a session:
 `--resume` goes on from its last checkpoint, bit for bit (v4's run and its
-checkpoint scores: ../shared/candidates/events-v4/README.md).
+checkpoint scores: models/README.md, events).
 """
 
 from __future__ import annotations
