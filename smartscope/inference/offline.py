@@ -223,9 +223,10 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     detection gets one row with empty x/y and the frame's event score (the
     map's maximum), so every frame's score is in the file. The first frames,
     before the window the card asks for exists (`event_window_for`: from its
-    min_window_frames on, a full window for cards without it), are scored 0. With `interval_ms` (the time
-    between frames) the window is built as in a live run, from frames the
-    card's window_spacing_ms apart; without it, from consecutive frames.
+    min_window_frames on, a full window for cards without it), are scored 0.
+    With `interval_ms` (the time between frames) the window is built as in a
+    live run, from frames the card's window_spacing_ms apart; without it,
+    from consecutive frames.
     """
     from smartscope.inference.events import detect_events, event_map, event_window_for, persistent
 
