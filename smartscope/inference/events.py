@@ -108,6 +108,11 @@ def event_window_for(card: dict, spacing: bool = True) -> EventWindow:
     return EventWindow(int(card["frames"]), spacing_s, card.get("min_window_frames"))
 
 
+def previous_maps_for(card: dict) -> int:
+    """How many earlier frames' maps `persistent_score` needs: the card's min_frames − 1."""
+    return max(int(card.get("min_frames", 1)) - 1, 0)
+
+
 Run = Callable[[np.ndarray], np.ndarray]  # normalised (N, frames, H, W) windows → (N, 1, H, W) event maps
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import zmq
 
 from smartscope.inference.counting import count_frame
-from smartscope.inference.events import EventWindow, event_map, event_window_for, persistent_score
+from smartscope.inference.events import EventWindow, event_map, event_window_for, persistent_score, previous_maps_for
 from smartscope.inference.localization import frame_to_photons, maps_to_localizations, prepare_frame, window_input
 from smartscope.inference.session import LoadedModel, load_model
 from smartscope.inference.tiling import decode_tile, tile_of
@@ -267,7 +267,7 @@ class Streams:
         """`event_card`: the event model's card, whose window (`event_window_for`: frames, spacing,
         min_window_frames) and min_frames each stream keeps; None without an event model."""
         self._window_frames, self._event_card = window_frames, event_card
-        self._recent_maps = max(int(event_card.get("min_frames", 1)) - 1, 0) if event_card else 0
+        self._recent_maps = previous_maps_for(event_card) if event_card else 0
         self._streams: OrderedDict[tuple, StreamState] = OrderedDict()
 
     def get(self, key: tuple) -> StreamState:

@@ -115,13 +115,13 @@ def event_model_scorer(config: SmartscopeConfig, name: str = "events.onnx") -> E
     kept only where the maps of the card's `min_frames` − 1 previous frames
     also saw something nearby. None until the card's window exists (`event_window_for`).
     """
-    from smartscope.inference.events import event_map, event_window_for, persistent_score
+    from smartscope.inference.events import event_map, event_window_for, persistent_score, previous_maps_for
     from smartscope.simulation.camera import adu_to_photons
 
     model = shipped_model(name)
     camera = camera_of(config)
     window = event_window_for(model.card)
-    previous: deque[np.ndarray] = deque(maxlen=max(int(model.card.get("min_frames", 1)) - 1, 0))
+    previous: deque[np.ndarray] = deque(maxlen=previous_maps_for(model.card))
 
     def score(frame_adu: np.ndarray, truth: FrameTruth, rng: np.random.Generator) -> float | None:
         frames = window.push(0, truth.t_s, adu_to_photons(frame_adu, camera))
