@@ -16,7 +16,7 @@ import numpy as np
 from scipy.ndimage import maximum_filter
 
 from smartscope.inference.psf import load_psf
-from smartscope.inference.refine import refine_positions
+from smartscope.inference.refine import refine_positions, ring_ghosts
 from smartscope.inference.session import LoadedModel, fill_non_finite
 from smartscope.simulation.camera import adu_to_photons
 
@@ -90,8 +90,9 @@ def prepare_input(photons: np.ndarray, card: dict[str, Any]) -> tuple[np.ndarray
 
 
 def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], *,
-                pixel_size_nm: float, threshold: float, background_photons: float) -> np.ndarray:
-    """(1, C, H', W') network output → (N, 7) rows of LOCALIZATION_COLUMNS.
+                pixel_size_nm: float, threshold: float, background_photons: float) -> tuple[np.ndarray, np.ndarray]:
+    """(1, C, H', W') network output → (N, 7) rows of LOCALIZATION_COLUMNS, and the flat index
+    row * W + column of each row's peak pixel in `shape`.
 
     `background_photons` is the frame's median: the local background is that
     plus the network's bg map where it has one. The uncertainty is the network's
@@ -113,7 +114,8 @@ def decode_maps(maps: np.ndarray, shape: tuple[int, int], card: dict[str, Any], 
         unc = np.sqrt((m["sigma_x"][iy, ix] ** 2 + m["sigma_y"][iy, ix] ** 2) / 2) * pixel_size_nm
     else:
         unc = mortensen_uncertainty_nm(photons, background, float(card["psf_sigma_nm"]), pixel_size_nm)
-    return np.column_stack([x_nm, y_nm, z_nm, photons, unc, p[iy, ix], background]).astype(np.float64)
+    locs = np.column_stack([x_nm, y_nm, z_nm, photons, unc, p[iy, ix], background]).astype(np.float64)
+    return locs, iy * w + ix
 
 
 def peak_pixels(p: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +154,18 @@ def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.nd
                           camera: Any, *, threshold: float, refine: bool = True,
                           background_photons: float | None = None, psf_calibration: str | None = None,
                           ) -> tuple[np.ndarray, float]:
-    """One frame's network maps (1, C, H', W') → (localizations, background photons/px).
+    """One frame's network maps (1, C, H', W') → (localizations, background photons/px): `localize_maps`."""
+    locs, background, _ = localize_maps(card, maps, photons, shape, camera, threshold=threshold, refine=refine,
+                                        background_photons=background_photons, psf_calibration=psf_calibration)
+    return locs, background
+
+
+def localize_maps(card: dict[str, Any], maps: np.ndarray, photons: np.ndarray, shape: tuple[int, int],
+                  camera: Any, *, threshold: float, refine: bool = True,
+                  background_photons: float | None = None, psf_calibration: str | None = None,
+                  ) -> tuple[np.ndarray, float, np.ndarray]:
+    """One frame's network maps (1, C, H', W') → (localizations, background photons/px, the flat index
+    row * W + column of each localization's peak pixel in `shape`: a tile's result is merged by it).
 
     With `refine`, isolated detections get a maximum-likelihood position
     (inference/refine.py) when the model card carries its PSF calibration, the
@@ -160,20 +173,24 @@ def maps_to_localizations(card: dict[str, Any], maps: np.ndarray, photons: np.nd
     as their uncertainty. The PSF is the card's astigmatic Gaussian, or a bead
     calibration (`inference/psf.py`, a .npz) given as `psf_calibration` or named
     by the card under that key; the camera's `read_noise_e` (where it has one) enters the
-    likelihood. The background is the frame's median (`frame_background`),
+    likelihood. With a bead calibration, detections that its rings explain
+    (`refine.ring_ghosts`) are dropped. The background is the frame's median (`frame_background`),
     or `background_photons`: a tile of a larger frame is given the whole frame's.
     """
     background = frame_background(photons) if background_photons is None else background_photons
-    locs = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
-                       threshold=threshold, background_photons=background)
+    locs, peak_index = decode_maps(maps, shape, card, pixel_size_nm=camera.pixel_size_nm,
+                                   threshold=threshold, background_photons=background)
     if refine and "astigmatism" in card and len(locs):
         calibration = psf_calibration or card.get("psf_calibration")
         psf = load_psf(calibration) if calibration else None
-        locs, _ = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
-                                   astig=card["astigmatism"], background=locs[:, 6], psf=psf,
-                                   read_noise_e=getattr(camera, "read_noise_e", 0.0),
-                                   em_gain=getattr(camera, "em_gain", 1.0))
-    return locs, background
+        camera_noise = {"read_noise_e": getattr(camera, "read_noise_e", 0.0), "em_gain": getattr(camera, "em_gain", 1.0)}
+        locs, refined = refine_positions(photons, locs, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
+                                         astig=card["astigmatism"], background=locs[:, 6], psf=psf, **camera_noise)
+        if psf is not None:  # the calibration knows the PSF's rings: detections that are only those go
+            keep = ~ring_ghosts(photons, locs, refined, psf, qe=camera.qe, pixel_size_nm=camera.pixel_size_nm,
+                                **camera_noise)
+            locs, peak_index = locs[keep], peak_index[keep]
+    return locs, background, peak_index
 
 
 def frame_background(photons: np.ndarray) -> float:

@@ -60,6 +60,11 @@ class CalibratedPSF:
     def z_range_nm(self) -> tuple[float, float]:
         return float(self.z_nm[0]), float(self.z_nm[-1])
 
+    @property
+    def reach_px(self) -> float:
+        """How far from the emitter the beads' crops sampled the model (px); beyond it, the grid is filled."""
+        return (self.grid.shape[-1] - 1) / (2 * self.oversample) - 1
+
     @cached_property
     def _coefficients(self) -> np.ndarray:
         """Cubic B-spline coefficients of the grid (computed once; map_coordinates then skips its prefilter)."""

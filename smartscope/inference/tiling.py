@@ -51,9 +51,8 @@ import numpy as np
 from smartscope.inference.localization import (
     frame_background,
     frame_to_photons,
-    maps_to_localizations,
+    localize_maps,
     pad_to_stride,
-    peak_pixels,
     prepare_frame,
     window_input,
 )
@@ -358,15 +357,14 @@ def localize_tile(model: LoadedModel, job: TileJob, camera: Any, *, threshold: f
 def decode_tile(card: dict[str, Any], maps: np.ndarray, tile: Tile, photons: np.ndarray, stats: FrameStatistics,
                 camera: Any, *, threshold: float, refine: bool = True) -> TileResult:
     """One tile's network maps (1, C, h', w') and its (h, w) photons of the frame localized → its result in frame
-    coordinates: `maps_to_localizations` with the whole frame's background, shifted by the tile's origin.
+    coordinates: `localize_maps` with the whole frame's background, shifted by the tile's origin.
 
     For a worker that prepares the tiles' windows itself (`prepare_frame` with
     the whole frame's `fill_photons` and `median_photons`) and batches them.
     """
-    locs, _ = maps_to_localizations(card, maps, photons, tile.shape, camera, threshold=threshold, refine=refine,
-                                    background_photons=stats.background_photons)
-    h, w = tile.shape
-    rows, cols = peak_pixels(maps[0, card["outputs"][0]["channels"].index("p"), :h, :w], threshold)
+    locs, _, peak_index = localize_maps(card, maps, photons, tile.shape, camera, threshold=threshold, refine=refine,
+                                        background_photons=stats.background_photons)
+    rows, cols = np.divmod(peak_index, tile.shape[1])
     locs[:, 0] += tile.x0 * camera.pixel_size_nm
     locs[:, 1] += tile.y0 * camera.pixel_size_nm
     return TileResult(locs, (rows + tile.y0) * tile.frame_shape[1] + cols + tile.x0)
