@@ -25,9 +25,11 @@ def small_config() -> SmartscopeConfig:
 def first_event_window_frame(card: dict, interval_ms: float) -> int:
     """The index of the first frame the event model scores, frames coming every interval_ms
     from 0: the worker's EventWindow takes a keyframe at 0 and then at the first frame
-    window_spacing_ms after the last, and scores from the frame after its frames − 1 keyframes."""
+    window_spacing_ms after the last, and scores from the frame after its min_window_frames − 1 keyframes
+    (a card without that field: its frames − 1), or from the first frame where min_window_frames is 1."""
     frames_per_keyframe = math.ceil(card["window_spacing_ms"] / interval_ms - 1e-9)
-    return (card["frames"] - 2) * frames_per_keyframe + 1
+    needed = int(card.get("min_window_frames", card["frames"]))
+    return 0 if needed == 1 else (needed - 2) * frames_per_keyframe + 1
 
 
 @pytest.fixture

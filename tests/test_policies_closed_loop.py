@@ -161,7 +161,8 @@ def test_event_model_feeds_the_frame_rate_policy_as_the_worker_would():
 
     spec = {"name": "frame_rate", "module": "policies.frame_rate"}
     run = run_closed_loop(cfg, [spec], 90, localize=False, event_score=score)
-    # the window's frames are window_spacing_ms apart: keyframes at 0, 500, 1000, 1500 ms (frame 75), then scores
+    # the window's frames are window_spacing_ms apart; scores from the card's min_window_frames-th on (v2's card:
+    # keyframes at 0, 500, 1000, 1500 ms, scores from frame 76; min_window_frames 1: from frame 0)
     card = shipped_model("events.onnx").card
     first = first_event_window_frame(card, 20.0)
     assert seen[:first] == [None] * first and all(0.0 <= v <= 1.0 for v in seen[first:])
