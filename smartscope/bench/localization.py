@@ -166,17 +166,22 @@ ISOLATED_HEADER = (f"\n{'photons':>8} {'method':<17} {'RMSE x nm':>10} {'√CRLB
                    f"{'recall':>7} {'prec':>6}")
 
 
+def _runs(methods: dict, best: dict, psf_calibration: str | None) -> dict[str, tuple[Method, dict]]:
+    """Every method at its tuned settings, and, given a calibration, ours with the bead-calibrated PSF."""
+    runs = {name: (method, best[name]) for name, (method, _) in methods.items()}
+    if psf_calibration is not None:
+        runs["smartscope-beads"] = (methods["smartscope"][0],
+                                    best["smartscope"] | {"psf_calibration": psf_calibration})
+    return runs
+
+
 def _isolated_entries(methods: dict, best: dict, emitters: list[np.ndarray], frames: np.ndarray, crlb: float,
                       psf_calibration: str | None) -> dict:
     """RMSE x / √CRLB, recall and precision of every method (and, given a calibration, of ours with the
     bead-calibrated PSF) on isolated frames: precision counts what a real PSF's rings draw beside a bright
     emitter."""
-    runs = {name: (method, best[name]) for name, (method, _) in methods.items()}
-    if psf_calibration is not None:
-        runs["smartscope-beads"] = (methods["smartscope"][0],
-                                    best["smartscope"] | {"psf_calibration": psf_calibration})
     out = {}
-    for name, (method, settings) in runs.items():
+    for name, (method, settings) in _runs(methods, best, psf_calibration).items():
         s = score([e[:, :3] for e in emitters], method(frames, settings))
         out[name] = {"rmse_x_nm": s["rmse_x_nm"], "rmse_over_crlb": round(s["rmse_x_nm"] / crlb, 3),
                      "recall": s["recall"], "precision": s["precision"]}
@@ -194,7 +199,7 @@ def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.nda
 def _independent(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, dict], camera: CameraConfig,
                  n_dense: int, n_iso: int, folder: Path | None = None) -> dict:
     """Every method at its tuned settings on held-out frames of a pupil-function PSF; with a `folder` for the
-    bead stack's calibration, ours with that calibrated PSF too (isolated emitters)."""
+    bead stack's calibration, ours with that calibrated PSF too (dense and isolated emitters)."""
     from smartscope.simulation.heldout_smlm import PupilPSF, render_windows
 
     psf = PupilPSF(pixel_size_nm=PIXEL_NM)
@@ -209,8 +214,8 @@ def _independent(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, 
     emitters = dense_emitters(rng, n_dense, 64, PIXEL_NM, 2.0, z_half_range_nm=400.0)
     frames = render_windows(psf, emitters, FRAMES, 64, 20.0, camera, rng)
     print(f"{'density /µm²':>12} {'method':<17} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8}")
-    for name, (method, _) in methods.items():
-        s = score([e[:, :3] for e in emitters], method(frames, best[name]))
+    for name, (method, settings) in _runs(methods, best, calibration).items():
+        s = score([e[:, :3] for e in emitters], method(frames, settings))
         out["dense"][name] = s
         print(f"{2.0:>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
               f"{s['rmse_lateral_nm']:>8.1f}")
