@@ -42,10 +42,11 @@ _SQRT2 = np.sqrt(2.0)
 _NEIGHBOUR_FRACTION = 0.2  # a neighbour this bright (relative) inside the window keeps the network's estimate
 _CONVERGED_PX = 1e-3  # the fit stops once every emitter's last accepted position step is below this (0.1 nm)...
 _GIVEN_UP_DAMPING = 1e5  # ... or its steps have failed so often that no step of any size is taken
+WINDOW_PX = 9  # the fit's window (px): within 0.5 % of the whole-image bound at the in-focus width
 ISOLATION_PX = 7.0  # no such neighbour nearer than this (px): its light barely reaches the window
 GHOST_P_VALUE = 1e-3  # size of the ring-ghost test: a ghost is kept with this probability where the PSF is right
 GHOST_SHIFT_PX = 1.0  # the tested emitter is at the detection: within a pixel of it, as a refined one must be
-GHOST_WINDOW_PX = 9  # the refinement's window: holds the tested detection's light (a smaller one lets the flat
+GHOST_WINDOW_PX = WINDOW_PX  # holds the tested detection's light (a smaller one lets the flat
 # background take a dim, defocused emitter's light, and the test its power)
 
 
@@ -82,7 +83,7 @@ class _Gaussian:
 
 
 def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pixel_size_nm: float, astig: dict,
-                     background: np.ndarray | float, window_px: int = 9, iterations: int = 20,
+                     background: np.ndarray | float, window_px: int = WINDOW_PX, iterations: int = 20,
                      read_noise_e: float = 0.0, em_gain: float = 1.0, psf: CalibratedPSF | None = None,
                      ) -> tuple[np.ndarray, np.ndarray]:
     """locs (N, ≥4: x_nm, y_nm, z_nm, photons, ...) → (a copy with refined x, y, photons, with a
@@ -91,7 +92,7 @@ def refine_positions(photons_img: np.ndarray, locs: np.ndarray, *, qe: float, pi
 
     photons_img: (H, W) photons (ADU converted), as the network saw it;
     background: photons/px, per localization or one for all (the fit's start).
-    The window (9 px) keeps the fit within 0.5 % of the whole-image bound at the in-focus width.
+    The window is WINDOW_PX wide.
     """
     out = np.array(locs, dtype=np.float64, copy=True)
     refined = np.zeros(len(out), bool)
@@ -189,7 +190,7 @@ def ring_ghosts(photons_img: np.ndarray, locs: np.ndarray, fitted: np.ndarray, p
     bright = np.where(first_dimmer, pairs[:, 1], pairs[:, 0])
     dim, bright = dim[fitted[bright]], bright[fitted[bright]]  # the light of a fitted one only is known
     # ... and not where its fit's window held the tested one's light: there the fit took it for its own
-    seen = np.hypot(x[dim] - x[bright], y[dim] - y[bright]) <= window_px / 2
+    seen = np.hypot(x[dim] - x[bright], y[dim] - y[bright]) <= WINDOW_PX / 2
     clear = ~np.isin(dim, dim[seen])
     dim, bright = dim[clear], bright[clear]
     half = window_px // 2
