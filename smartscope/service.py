@@ -365,7 +365,8 @@ class Daemon:
             log.error("acquisition %s: no fresh inference (%s); lasers safe until results return",
                       run.id, self.engine.hold_reason)
             self.decisions.append({"t_s": time.time(), "frame": run.counts.acquired - 1, "policy": None,
-                                   "outcome": "lasers_safe", "reason": "inference lost: lasers at their safe values"})
+                                   "outcome": "lasers_safe", "values": run.lasers_before_hold,
+                                   "reason": "inference lost: lasers at their safe values"})
         elif not holding and run.lasers_before_hold:
             saved, run.lasers_before_hold = run.lasers_before_hold, {}
             if run.state == "paused":  # resume brings them back
