@@ -351,7 +351,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
         stats = localize_stack(Path(args.stack), Path(args.out), pixel_size_nm=args.pixel_size_nm,
                                adu_per_electron=args.adu_per_electron, offset_adu=args.offset_adu, qe=args.qe,
                                em_gain=args.em_gain, model=args.model, threshold=args.threshold,
-                               provider=args.provider, workers=args.workers, psf_calibration=args.psf)
+                               provider=args.provider, workers=args.workers, psf_calibration=args.psf,
+                               read_noise_e=args.read_noise_e)
     except (StackError, ModelError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(stats))
@@ -551,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for the tiles of frames above 1024x1024 px (tiled: the same localizations)")
     p.add_argument("--psf", default=None, metavar="PSF.npz",
                    help="refine with this bead-calibrated PSF (`smartscope calibrate psf`) instead of the card's")
+    p.add_argument("--read-noise-e", type=float, default=0.0, help="rms read noise per pixel (electrons; a sCMOS): its variance enters the fit's likelihood")
     p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("count", help="count the emitters of every frame of a dense SMLM stack (CSV)")

@@ -252,3 +252,28 @@ def test_the_daemon_hands_its_workers_the_calibration_and_refuses_one_from_other
         assert args[args.index("--psf-calibration") + 1] == str(tmp_path / "here.npz")
     finally:
         daemon.close()
+
+
+def test_the_cameras_read_noise_reaches_the_fit():
+    """A sCMOS's read noise, carried by CameraParams (and so by every frame header), is in the fit's
+    likelihood: each emitter's bound (its uncertainty) is the one the refinement gives with that noise, and
+    larger than without it."""
+    from smartscope.inference.localization import localize_frame
+    from smartscope.inference.session import load_model
+    from smartscope.transport import CameraParams
+
+    rng = np.random.default_rng(7)
+    x, y = np.arange(8.0, 60, 12.0) + rng.uniform(0, 1, 5), np.full(5, 20.5)
+    sx, sy = astigmatic_sigmas_nm(np.zeros(5), OPTICS)
+    img = render_gaussian_psfs((40, 64), x, y, 600.0, sx / PX, sy / PX, out=np.full((40, 64), 8.0))
+    adu = photons_to_adu(img, CAM, rng)
+    model = load_model("localization.onnx", "cpu", threads=1)
+    params = {"pixel_size_nm": PX, "offset_adu": CAM.offset_adu, "e_per_adu": CAM.e_per_adu, "qe": CAM.qe}
+    quiet, _ = localize_frame(model, adu, CameraParams(**params), threshold=0.5)
+    noisy, _ = localize_frame(model, adu, CameraParams(**params, read_noise_e=3.0), threshold=0.5)
+    assert len(quiet) == len(noisy) == 5
+    unrefined, _ = localize_frame(model, adu, CameraParams(**params), threshold=0.5, refine=False)
+    expected, _ = refine_positions(adu_to_photons(adu, CAM), unrefined, qe=CAM.qe, pixel_size_nm=PX,
+                                   astig=ASTIG, background=unrefined[:, 6], read_noise_e=3.0)
+    np.testing.assert_allclose(noisy[:, 4], expected[:, 4], rtol=1e-9)
+    assert np.all(noisy[:, 4] > 1.02 * quiet[:, 4])

@@ -18,7 +18,7 @@ from smartscope.transport.protocol import RingRef, TilePart, pack_header
 from smartscope.transport.ring import FrameRing, RingReader
 from smartscope.transport.sockets import FramePublisher, ResultReceiver
 
-CAM = CameraParams(pixel_size_nm=100, offset_adu=100, e_per_adu=0.5, qe=0.8)
+CAM = CameraParams(pixel_size_nm=100, offset_adu=100, e_per_adu=0.5, qe=0.8, read_noise_e=1.6)
 
 
 def header(seq=0, shape=(32, 32)) -> FrameHeader:
@@ -32,6 +32,7 @@ def test_roundtrip_keeps_pixels_and_state():
     sent.t_sent_s, sent.activation_mw = 1.25, 30.0
     h, f = decode_frame(encode_frame(sent, frame))
     assert h == sent and h.z_um == 1.5 and h.excitation_mw is None and h.acquisition == "t"
+    assert h.camera.read_noise_e == 1.6
     np.testing.assert_array_equal(f, frame)
     assert not f.flags.owndata  # a view of the received buffer, not a copy
     ringed = dataclasses.replace(sent, ring=RingRef("smartscope-1-ab", 3, 9), acquisition="αβ")
@@ -65,6 +66,7 @@ def _corrupt(offset: int, value: bytes) -> bytes:
     ([_packed()[:-1], b"x"], "header"),  # the acquisition id cut short
     ([_packed(camera=CameraParams.model_construct(pixel_size_nm=-5, offset_adu=0, e_per_adu=1, qe=0.5,
                                                   em_gain=1.0)), b"x"], "header"),
+    ([_packed(camera=CAM.model_construct(**{**CAM.model_dump(), "read_noise_e": -1.0})), b"x"], "header"),
     ([_packed(), b"short"], "size"),
     ([_packed(), np.zeros((32, 33), np.uint16).tobytes()], "size"),
     ([_packed()], "parts"),
@@ -101,14 +103,15 @@ def test_without_a_worker_each_frame_replaces_the_last_and_nothing_blocks():
 def test_ready_requests_are_credits_and_bad_ones_are_counted():
     """A real DEALER peer gets exactly as many frames as it asked for, the newest; malformed requests are
     counted by reason and give nothing."""
-    from smartscope.transport.protocol import encode_ready
+    from smartscope.transport.protocol import PROTOCOL_VERSION, encode_ready
 
     pub = FramePublisher("tcp://127.0.0.1:*", hwm=16)
     peer = zmq.Context.instance().socket(zmq.DEALER)
     peer.setsockopt(zmq.LINGER, 0)
     peer.connect(pub.endpoint)
     try:
-        for bad in (b"ready", b"SSRD" + struct.pack("<HHI", 5, 0, 0), b"SSRD" + struct.pack("<HHI", 4, 1, 0)):
+        for bad in (b"ready", b"SSRD" + struct.pack("<HHI", PROTOCOL_VERSION, 0, 0),
+                    b"SSRD" + struct.pack("<HHI", PROTOCOL_VERSION - 1, 1, 0)):
             peer.send(bad)
         peer.send_multipart([encode_ready(1), b"extra"])
         deadline = time.time() + 5

@@ -43,6 +43,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-adu", type=float, default=100.0, help="camera baseline (ADU)")
     p.add_argument("--qe", type=float, default=0.8, help="quantum efficiency")
     p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
+    p.add_argument("--read-noise-e", type=float, default=0.0, help="rms read noise per pixel (electrons; a sCMOS): its variance enters the fit's likelihood")
     p.add_argument("--model", default="localization.onnx")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="cpu")
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
@@ -76,7 +77,8 @@ def settings_from_args(args: argparse.Namespace):
 
     return AnalysisSettings.model_validate({
         "localize": {"pixel_size_nm": args.pixel_size_nm, "adu_per_electron": args.adu_per_electron,
-                     "offset_adu": args.offset_adu, "qe": args.qe, "em_gain": args.em_gain, "model": args.model,
+                     "offset_adu": args.offset_adu, "qe": args.qe, "em_gain": args.em_gain,
+                     "read_noise_e": args.read_noise_e, "model": args.model,
                      "threshold": args.threshold, "provider": args.provider, "chunk_frames": args.chunk_frames},
         "drift": None if args.no_drift else _drift(args),
         "merge": None if args.no_merge else _merge(args),

@@ -36,6 +36,7 @@ class LocalizeSettings(BaseModel):
     offset_adu: float = 100.0
     qe: float = Field(0.8, gt=0, le=1)
     em_gain: float = Field(1.0, gt=0)
+    read_noise_e: float = Field(0.0, ge=0, description="rms read noise (electrons, sCMOS): in the fit's likelihood")
     model: str = "localization.onnx"
     threshold: float = Field(0.5, gt=0, lt=1)
     provider: str = "cpu"
@@ -43,7 +44,8 @@ class LocalizeSettings(BaseModel):
 
     def camera(self, pixel_size_nm: float) -> CameraParams:
         return CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=self.offset_adu,
-                            e_per_adu=1.0 / self.adu_per_electron, qe=self.qe, em_gain=self.em_gain)
+                            e_per_adu=1.0 / self.adu_per_electron, qe=self.qe, em_gain=self.em_gain,
+                            read_noise_e=self.read_noise_e)
 
 
 @lru_cache(maxsize=2)

@@ -94,10 +94,10 @@ def _open_for_model(stack: Path, pixel_size_nm: float | None, model: str, provid
 
 
 def _camera_params(pixel_size_nm: float, adu_per_electron: float, offset_adu: float, qe: float,
-                   em_gain: float) -> CameraParams:
+                   em_gain: float, read_noise_e: float = 0.0) -> CameraParams:
     """The camera calibration of the command-line flags (gain given as ADU per electron, as cameras state it)."""
     return CameraParams(pixel_size_nm=pixel_size_nm, offset_adu=offset_adu, e_per_adu=1.0 / adu_per_electron,
-                        qe=qe, em_gain=em_gain)
+                        qe=qe, em_gain=em_gain, read_noise_e=read_noise_e)
 
 
 def _show_progress(verb: str, i: int, n: int, t0: float, extra: str = "") -> None:
@@ -125,16 +125,18 @@ def localize_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None = 
                    offset_adu: float = 100.0, qe: float = 0.8, em_gain: float = 1.0, model: str = "localization.onnx",
                    threshold: float = 0.5, provider: str = "auto", progress: bool = True,
                    tile_above_px: int = TILE_ABOVE_PX, tile_core_px: int = TILE_CORE_PX,
-                   workers: int = 1, psf_calibration: str | None = None) -> dict[str, float]:
+                   workers: int = 1, psf_calibration: str | None = None, read_noise_e: float = 0.0
+                   ) -> dict[str, float]:
     """Localize every frame of `stack` into `out_csv`; returns counts and speed.
 
     Frames of more than `tile_above_px` pixels go through the network in
     tiles (cores of about `tile_core_px`), on `workers` processes (1: in this
     process); the table is the same as from whole frames. With `psf_calibration`
-    (a bead calibration) the refinement fits that PSF.
+    (a bead calibration) the refinement fits that PSF; `read_noise_e` (a sCMOS's
+    rms read noise) enters its likelihood.
     """
     frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider, psf_calibration)
-    camera = _camera_params(pixel_size_nm, adu_per_electron, offset_adu, qe, em_gain)
+    camera = _camera_params(pixel_size_nm, adu_per_electron, offset_adu, qe, em_gain, read_noise_e)
     n, (h, w) = len(frames), frames.shape[1:]
     window = int(loaded.card.get("frames", 1))  # frame i is localized with the frames just before it
     tiled = h * w > tile_above_px

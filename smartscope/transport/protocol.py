@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAGIC = b"SSFH"  # smartscope frame header
 LOCALIZATION_COLUMNS = ("x_nm", "y_nm", "z_nm", "photons", "uncertainty_nm", "p", "background_photons")
 #: why a message was dropped: counted per reason by every receiver
@@ -45,10 +45,10 @@ STATE_FIELDS = ("interval_ms", "activation_mw", "excitation_mw", "x_um", "y_um",
 INDEX_AXES = ("t", "p", "g", "c", "z")
 
 # magic, version, dtype code, has ring, seq, t_capture, t_sent, height, width, exposure, the seven state
-# values, the five camera values (NaN: not known), ring slot, ring generation, the five MDA index values,
+# values, the six camera values (NaN: not known), ring slot, ring generation, the five MDA index values,
 # the tile part (index, count, crop origin, core, whole-frame shape, three whole-frame statistics; count 0: a
 # whole frame), then the two string lengths
-_FIXED = struct.Struct("<4sHBBQddIId7d5dIQ5IHH8I3dHH")
+_FIXED = struct.Struct("<4sHBBQddIId7d6dIQ5IHH8I3dHH")
 _READY = struct.Struct("<4sHHI")  # magic, version, frames the worker can take now, the request's number
 READY_MAGIC = b"SSRD"
 MAX_READY_FRAMES = 64
@@ -71,6 +71,8 @@ class CameraParams(BaseModel):
     e_per_adu: float = Field(gt=0)
     qe: float = Field(gt=0, le=1)
     em_gain: float = Field(1.0, ge=1)
+    read_noise_e: float = Field(0.0, ge=0, description="rms read noise per pixel (electrons, sCMOS); the "
+                                "localization MLE adds its variance to each pixel's")
 
 
 class RingRef(NamedTuple):
@@ -155,7 +157,7 @@ def pack_header(h: FrameHeader) -> bytes:
     return _FIXED.pack(MAGIC, PROTOCOL_VERSION, DTYPES.index(h.dtype), h.ring is not None, h.seq, h.t_capture_s,
                        _nan(h.t_sent_s), h.shape[0], h.shape[1], h.exposure_ms, _nan(h.interval_ms),
                        _nan(h.activation_mw), _nan(h.excitation_mw), _nan(h.x_um), _nan(h.y_um), _nan(h.z_um),
-                       _nan(h.angle_deg), c.pixel_size_nm, c.offset_adu, c.e_per_adu, c.qe, c.em_gain,
+                       _nan(h.angle_deg), *(getattr(c, name) for name in CameraParams.model_fields),
                        h.ring.slot if h.ring else 0, h.ring.gen if h.ring else 0, h.t, h.p, h.g, h.c, h.z,
                        *(h.tile or _NO_TILE), len(acq), len(ring_name)
                        ) + acq + ring_name
@@ -186,8 +188,7 @@ _camera_cache: dict[tuple[float, ...], CameraParams] = {}  # camera parameters c
 def _camera(values: tuple[float, ...]) -> CameraParams:
     camera = _camera_cache.get(values)
     if camera is None:
-        camera = CameraParams(**dict(zip(("pixel_size_nm", "offset_adu", "e_per_adu", "qe", "em_gain"),
-                                         values, strict=True)))
+        camera = CameraParams(**dict(zip(CameraParams.model_fields, values, strict=True)))
         if len(_camera_cache) > 64:
             _camera_cache.clear()
         _camera_cache[values] = camera
@@ -209,17 +210,17 @@ def decode_header(data) -> FrameHeader:
     if dtype_code >= len(DTYPES) or height < 1 or width < 1 or not exposure > 0 or not math.isfinite(t_capture):
         raise MalformedMessage("header", f"dtype code {dtype_code}, {height}x{width} px, exposure {exposure} ms")
     try:
-        camera = _camera(tuple(rest[7:12]))
+        camera = _camera(tuple(rest[7:13]))
         acquisition = data[_FIXED.size:_FIXED.size + n_acq].decode()
-        ring = RingRef(data[_FIXED.size + n_acq:].decode(), rest[12], rest[13]) if has_ring else None
+        ring = RingRef(data[_FIXED.size + n_acq:].decode(), rest[13], rest[14]) if has_ring else None
     except (ValidationError, UnicodeDecodeError) as e:
         raise MalformedMessage("header", str(e)) from e
     if ring is not None and ring.gen < 1:
         raise MalformedMessage("ring", f"ring slot {ring.slot} with generation {ring.gen}")
-    tile = _tile_part(rest[19:32], (height, width))
+    tile = _tile_part(rest[20:33], (height, width))
     state = [None if v != v else v for v in rest[:7]]  # NaN → None
     return FrameHeader(seq, t_capture, (height, width), DTYPES[dtype_code], exposure, camera, acquisition,
-                       None if t_sent != t_sent else t_sent, *state, ring, tile, *rest[14:19])
+                       None if t_sent != t_sent else t_sent, *state, ring, tile, *rest[15:20])
 
 
 class StageTimes(BaseModel):
@@ -244,7 +245,7 @@ class Result(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    v: Literal[5] = PROTOCOL_VERSION
+    v: Literal[PROTOCOL_VERSION] = PROTOCOL_VERSION  # type: ignore[valid-type]  (one number for every message)
     kind: Literal["result", "hello", "heartbeat", "bye", "release"] = "result"
     seq: int = -1
     t_capture_s: float = 0.0
