@@ -552,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for the tiles of frames above 1024x1024 px (tiled: the same localizations)")
     p.add_argument("--psf", default=None, metavar="PSF.npz",
                    help="refine with this bead-calibrated PSF (`smartscope calibrate psf`) instead of the card's")
-    p.add_argument("--read-noise-e", type=float, default=0.0, help="rms read noise per pixel (electrons; a sCMOS): its variance enters the fit's likelihood")
+    p.add_argument("--read-noise-e", type=float, default=0.0,
+                   help="rms read noise per pixel (electrons; a sCMOS): its variance enters the fit's likelihood")
     p.set_defaults(func=cmd_localize)
 
     p = sub.add_parser("count", help="count the emitters of every frame of a dense SMLM stack (CSV)")

@@ -43,7 +43,8 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-adu", type=float, default=100.0, help="camera baseline (ADU)")
     p.add_argument("--qe", type=float, default=0.8, help="quantum efficiency")
     p.add_argument("--em-gain", type=float, default=1.0, help="EM gain (EMCCD), 1 for sCMOS")
-    p.add_argument("--read-noise-e", type=float, default=0.0, help="rms read noise per pixel (electrons; a sCMOS): its variance enters the fit's likelihood")
+    p.add_argument("--read-noise-e", type=float, default=0.0,
+                   help="rms read noise per pixel (electrons; a sCMOS): its variance enters the fit's likelihood")
     p.add_argument("--model", default="localization.onnx")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="cpu")
     p.add_argument("--threshold", type=float, default=0.5, help="detection probability threshold")
