@@ -87,9 +87,7 @@ class NoWorkers(RuntimeError):
 
 def camera_params(config: SmartscopeConfig, core) -> CameraParams:
     if config.hardware.mode == "simulated":
-        cam = config.simulation.camera
-        return CameraParams(pixel_size_nm=cam.pixel_size_nm, offset_adu=cam.offset_adu,
-                            e_per_adu=cam.e_per_adu, qe=cam.qe, em_gain=cam.em_gain, read_noise_e=cam.read_noise_e)
+        return CameraParams.model_validate(config.simulation.camera, from_attributes=True)
     if config.hardware.camera is not None:
         return config.hardware.camera
     pixel_um = core.getPixelSizeUm()

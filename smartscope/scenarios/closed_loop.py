@@ -79,9 +79,7 @@ def event_model_available(name: str = "events.onnx") -> bool:
 
 
 def camera_of(config: SmartscopeConfig) -> CameraParams:
-    cam = config.simulation.camera
-    return CameraParams(pixel_size_nm=cam.pixel_size_nm, offset_adu=cam.offset_adu,
-                        e_per_adu=cam.e_per_adu, qe=cam.qe, em_gain=cam.em_gain, read_noise_e=cam.read_noise_e)
+    return CameraParams.model_validate(config.simulation.camera, from_attributes=True)
 
 
 def counting_model_counter(config: SmartscopeConfig,
