@@ -6,6 +6,11 @@ slow only after the score has fallen below `lower` and the minimum fast dwell
 neither starts nor ends a burst. Frames without an event score (no event
 model loaded) change nothing.
 
+The thresholds belong to the event model: where the config sets neither,
+`upper` is its card's `switch_threshold` (the lowest score with at most 0.5
+false objects per minute on the card's validation episodes) and `lower` half
+of it, as `smartscope bench policies` measures the policy.
+
 The slow interval is the reaction time: the frame that shows an event was
 taken at the slow rate, so each event loses the detector's delay plus up to
 two slow periods before frames come fast; a slower slow rate spends less
@@ -15,6 +20,8 @@ policies` prints both sides of that trade-off).
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from smartscope.control.policy import Action, Observation, Policy, PolicyParams
@@ -23,8 +30,10 @@ from smartscope.control.policy import Action, Observation, Policy, PolicyParams
 class FrameRateParams(PolicyParams):
     slow_interval_ms: float = Field(100.0, gt=0)
     fast_interval_ms: float = Field(20.0, gt=0)
-    upper: float = Field(0.8, ge=0, le=1, description="event score that switches to fast")
-    lower: float = Field(0.5, ge=0, le=1, description="score below which slow is allowed")
+    upper: float = Field(0.8, ge=0, le=1, description="event score that switches to fast (default: the event "
+                         "model card's switch_threshold, else 0.8)")
+    lower: float = Field(0.5, ge=0, le=1, description="score below which slow is allowed (default: half the card's "
+                         "switch_threshold, else 0.5)")
     min_fast_frames: int = Field(10, ge=0)
     retry_frames: int = Field(5, ge=1, description="repeat a switch not yet seen in the frames after this many")
 
@@ -40,6 +49,15 @@ class FrameRateParams(PolicyParams):
 class FrameRate(Policy):
     Params = FrameRateParams
     actuators = ("interval_ms",)
+
+    @classmethod
+    def card_defaults(cls, cards: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:
+        """`upper` the event card's switch_threshold and `lower` half of it, unless the config sets
+        either (the two are one hysteresis)."""
+        switch = cards.get("event_model", {}).get("switch_threshold")
+        if switch is None or {"upper", "lower"} & set(configured):
+            return {}
+        return {"upper": float(switch), "lower": float(switch) / 2}
 
     def reset(self) -> None:
         self._fast = False

@@ -129,7 +129,7 @@ class Daemon:
         self.core, self.scope = build_core(config)
         self.camera = camera_params(config, self.core)
         shape = (self.core.getImageHeight(), self.core.getImageWidth())
-        models = worker_models(config.inference, shape, self.camera.pixel_size_nm)
+        models, cards = worker_models(config.inference, shape, self.camera.pixel_size_nm)
         self.tiler = frame_tiler(config.inference, models, shape)
         self.actuator = Actuator(self.core, config.hardware.devices)
         z_range = config.safety.z_um.range
@@ -137,7 +137,7 @@ class Daemon:
         self.core.mda.set_engine(self.mda_engine)
         self.envelope = SafetyEnvelope(config.safety)
         self.decisions = DecisionLog()
-        self.engine = PolicyEngine(build_policies(config.policies), self.envelope, self.actuator,
+        self.engine = PolicyEngine(build_policies(config.policies, cards), self.envelope, self.actuator,
                                    self.decisions, config.safety.stale_after_s)
         t = config.transport
         self.zmq_context = zmq.Context()  # its own: the ZAP handler (CURVE) is per context

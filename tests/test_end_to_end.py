@@ -100,14 +100,17 @@ def test_live_mode_scores_events_without_localizing(tmp_path, event_views):
     config.inference.event_views = event_views
     config.simulation.camera.width_px = config.simulation.camera.height_px = 64
     config.acquisition.interval_ms = 60  # the 3-view event model keeps up on a busy 2-core machine
+    card = read_card("events.onnx")[1]
     with running_daemon(config) as daemon:
         assert ("--event-one-view" in daemon.pool.procs[0].args) == (event_views == "one")  # the setting reaches the worker
+        # the config sets no thresholds: the frame-rate policy switches where the event card measured it
+        params = daemon.engine.slots["frame_rate"].policy.params
+        assert (params.upper, params.lower) == (card["switch_threshold"], card["switch_threshold"] / 2)
         run = daemon.start_acquisition(tmp_path / "live", 72)
         assert run.done.wait(60)
         assert run.summary["localizations"] == 0 and run.summary["frames_saved"] == 72
         scores = [float(r["event_score"]) for r in _inference_rows(tmp_path / "live") if r["event_score"] != ""]
         # every frame once the window holds its keyframes, window_spacing_ms apart
-        card = read_card("events.onnx")[1]
         assert len(scores) >= 72 - first_event_window_frame(card, 60) - 3 and all(0.0 <= s <= 1.0 for s in scores)
 
 

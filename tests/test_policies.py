@@ -9,7 +9,8 @@ from policies.focus import Focus
 from policies.frame_rate import FrameRate
 from policies.illumination import Illumination
 from policies.view_angle import ViewAngle
-from smartscope.control import Observation, load_policy_class
+from smartscope.config import PolicySpec
+from smartscope.control import Observation, build_policies, load_policy_class
 from smartscope.control.policy import LOCALIZATION_COLUMNS
 
 
@@ -189,6 +190,23 @@ def test_frame_rate_starts_slow():
     pol = FrameRate("frame_rate")
     (a,) = pol.propose(obs(event=0.1, state={"interval_ms": 20.0}))
     assert a.value == pol.params.slow_interval_ms
+
+
+def test_frame_rate_thresholds_come_from_the_event_card_unless_the_config_sets_them():
+    """build_policies: the event card's switch_threshold is `upper` and half of it `lower`; a config that
+    sets either keeps its own pair; no event model (or a card without a switch) keeps the class defaults."""
+    cards = {"event_model": {"switch_threshold": 0.7}}
+
+    def params(configured, cards=cards):
+        (slot,) = build_policies([PolicySpec(name="fr", module="policies.frame_rate", params=configured)], cards)
+        return slot.policy.params.upper, slot.policy.params.lower, slot.policy.params.slow_interval_ms
+
+    assert params({"slow_interval_ms": 300}) == (0.7, 0.35, 300)
+    assert params({"upper": 0.9}) == (0.9, 0.5, 100)
+    assert params({"lower": 0.3}) == (0.8, 0.3, 100)
+    assert params({}, {}) == params({}, {"event_model": {"threshold": 0.5}}) == (0.8, 0.5, 100)
+    with pytest.raises(ValueError, match="lower must be <= upper"):
+        params({"upper": 0.2})  # the config's upper with the class's lower: the config's own mistake
 
 
 def test_frame_rate_params_are_validated_before_they_change():

@@ -101,8 +101,9 @@ def test_auto_in_the_config_gives_the_workers_the_int8_file():
     from smartscope.config import InferenceConfig
     from smartscope.inference.pool import worker_models
 
-    models = worker_models(InferenceConfig(model="auto", provider="cpu"), (64, 64), 100.0)
+    models, cards = worker_models(InferenceConfig(model="auto", provider="cpu"), (64, 64), 100.0)
     assert models == {"--model": bundled_path("models") / "localization-int8.onnx"}
+    assert cards["model"]["variant"]["precision"] == "int8"
 
 
 def test_the_command_on_the_cards_rebuilds_the_shipped_bytes(tmp_path):

@@ -47,8 +47,9 @@ class PolicySlot:
     enabled: bool
 
 
-def build_policies(specs: list[PolicySpec]) -> list[PolicySlot]:
-    """Import and validate every configured policy; ValueError names the bad one."""
+def build_policies(specs: list[PolicySpec], cards: dict[str, dict[str, Any]] | None = None) -> list[PolicySlot]:
+    """Import and validate every configured policy, its params over the defaults that the running
+    models' `cards` give it (`Policy.card_defaults`); ValueError names the bad one."""
     slots, names = [], set()
     for i, spec in enumerate(specs):
         if spec.name in names:
@@ -56,7 +57,8 @@ def build_policies(specs: list[PolicySpec]) -> list[PolicySlot]:
         names.add(spec.name)
         try:
             cls = load_policy_class(spec.module)
-            slots.append(PolicySlot(cls(spec.name, spec.params), spec.module, spec.enabled))
+            params = {**cls.card_defaults(cards or {}, spec.params), **spec.params}
+            slots.append(PolicySlot(cls(spec.name, params), spec.module, spec.enabled))
         except Exception as e:
             raise ValueError(f"policies[{i}] ({spec.name}): {e}") from e
     return slots

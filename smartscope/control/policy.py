@@ -116,6 +116,14 @@ class Policy(ABC):
         self.params = self.Params.model_validate(params or {})
         self.reset()
 
+    @classmethod
+    def card_defaults(cls, cards: dict[str, dict[str, Any]], configured: dict[str, Any]) -> dict[str, Any]:
+        """Parameters that the running models' cards set when the config does not (`configured`):
+        a threshold measured with the model belongs to that model, not to a default written
+        before it was trained. `cards`: each model's card by its `inference` field (model,
+        counting_model, event_model). None by default."""
+        return {}
+
     def update_params(self, changes: dict[str, Any]) -> None:
         """Validate the merged parameters first, then swap them in as one step."""
         merged = {**self.params.model_dump(), **changes}

@@ -50,20 +50,22 @@ def _exit_reason(returncode: int) -> str:
 
 
 def worker_models(inference: InferenceConfig, frame_shape_px: tuple[int, int],
-                  pixel_size_nm: float) -> dict[str, Path]:
-    """Worker flag → model file, each checked against the frames; ValueError if no model is configured."""
-    models = {}
-    for flag, name in (("--model", inference.model), ("--counting-model", inference.counting_model),
-                       ("--event-model", inference.event_model)):
-        if name:
+                  pixel_size_nm: float) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Worker flag → model file, each checked against the frames, and each model's card by its
+    `inference` field (model, counting_model, event_model: the policies take defaults from them);
+    ValueError if no model is configured."""
+    models, cards = {}, {}
+    for flag, field in (("--model", "model"), ("--counting-model", "counting_model"),
+                        ("--event-model", "event_model")):
+        if name := getattr(inference, field):
             path, card = read_card(name, inference.provider)  # `auto` resolves for the workers' provider
             if flag == "--model" and inference.psf_calibration:
                 card = with_psf_calibration(card, inference.psf_calibration)
             check_fits_frames(card, frame_shape_px, pixel_size_nm)
-            models[flag] = path
+            models[flag], cards[field] = path, card
     if not models:
         raise ValueError("inference: no model configured (model, counting_model or event_model)")
-    return models
+    return models, cards
 
 
 class WorkerPool:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from smartscope.config import SmartscopeConfig
+from smartscope.control.policy import load_policy_class
 from smartscope.scenarios.closed_loop import (
     ClosedLoopRun,
     EventScore,
@@ -64,7 +65,8 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     The event score is truth-derived (`truth_event_score`, score="truth") or
     the shipped event model's (score="model", `event_model_scorer`, with the
     card's switch_threshold, set by a false-alarm budget, as the upper
-    hysteresis threshold).
+    hysteresis threshold and half of it as the lower, as the daemon sets
+    them: `FrameRate.card_defaults`).
     Fission is made rarer than the live default (`fission_rate_per_um_per_s`)
     so that events fill about a tenth of the time, the situation event-driven
     acquisition is for. The slow interval sets the reaction time: a frame
@@ -88,9 +90,9 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     n_max = int(duration_s / (max(exposure_ms, fast_interval_ms) / 1000)) + 1
     if score == "model":
         scorer = event_model_scorer(cfg)
-        card = shipped_model("events.onnx").card
-        upper = float(card.get("switch_threshold", card.get("threshold", 0.5)))
-        spec["params"].update({"upper": upper, "lower": upper / 2, **(params or {})})
+        cards = {"event_model": shipped_model("events.onnx").card}
+        # as the daemon sets them (build_policies)
+        spec["params"].update(load_policy_class(spec["module"]).card_defaults(cards, params or {}))
         source = "the shipped event model (events.onnx)"
     else:
         scorer = truth_event_score(detection_delay_s, noise)
