@@ -60,8 +60,9 @@ FRAMES = 3
 Method = Callable[[np.ndarray, dict], list[np.ndarray]]
 
 
-def _ours(camera: CameraConfig, model_name: str = "localization.onnx", one_frame: bool = False,
-          ) -> tuple[Method, list[dict]]:
+def ours_method(camera: CameraConfig, model_name: str = "localization.onnx", one_frame: bool = False,
+                ) -> tuple[Method, list[dict]]:
+    """Our pipeline (network + refinement, the camera's calibration) as a bench method, and its settings grid."""
     model = load_model(model_name, "cpu")
 
     def run(windows: np.ndarray, settings: dict) -> list[np.ndarray]:
@@ -113,7 +114,8 @@ def _trackpy(camera: CameraConfig) -> tuple[Method, list[dict]]:
     return run, [{"diameter": d, "minmass": m} for d in (5, 7) for m in (100.0, 200.0, 400.0, 800.0, 1600.0)]
 
 
-def _dense_set(seed: int, n: int, density_per_um2: float, optics, camera):
+def dense_set(seed: int, n: int, density_per_um2: float, optics, camera):
+    """`n` 64² windows of emitters at `density_per_um2` (background 20 photons/px) and their truth."""
     rng = np.random.default_rng(seed)
     tile = 64
     emitters = dense_emitters(rng, n, tile, PIXEL_NM, density_per_um2, z_half_range_nm=400.0)
@@ -122,7 +124,7 @@ def _dense_set(seed: int, n: int, density_per_um2: float, optics, camera):
     return windows, truth
 
 
-def _read_noise_e(camera: CameraConfig) -> float:
+def pixel_noise_e(camera: CameraConfig) -> float:
     """The camera's per-pixel noise beside shot noise: read noise and ADU rounding, rms electrons."""
     return float(np.hypot(camera.read_noise_e, camera.e_per_adu / np.sqrt(12)))
 
@@ -196,8 +198,8 @@ def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.nda
     return pred, time.perf_counter() - t0
 
 
-def _independent(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, dict], camera: CameraConfig,
-                 n_dense: int, n_iso: int, folder: Path | None = None) -> dict:
+def independent_world(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, dict], camera: CameraConfig,
+                      n_dense: int, n_iso: int, folder: Path | None = None) -> dict:
     """Every method at its tuned settings on held-out frames of a pupil-function PSF; with a `folder` for the
     bead stack's calibration, ours with that calibrated PSF too (dense and isolated emitters)."""
     from smartscope.simulation.heldout_smlm import PupilPSF, render_windows
@@ -223,7 +225,7 @@ def _independent(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, 
     for photons in (500, 1000, 2000, 5000):
         emitters = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]
         frames = render_windows(psf, emitters, FRAMES, 32, 10.0, camera, rng)
-        crlb = psf.crlb_x_nm(photons * camera.qe, 10.0 * camera.qe, read_noise_e=_read_noise_e(camera))
+        crlb = psf.crlb_x_nm(photons * camera.qe, 10.0 * camera.qe, read_noise_e=pixel_noise_e(camera))
         out["isolated"][str(photons)] = {
             "crlb_x_nm": round(crlb, 2),
             "crlb_x_nm_poisson_only": round(psf.crlb_x_nm(photons * camera.qe, 10.0 * camera.qe), 2),
@@ -236,12 +238,13 @@ def run(quick: bool = False, world: str = "simulator") -> dict:
         raise ValueError(f"unknown world {world!r}; one of simulator, independent")
     optics, camera = OpticsConfig(), CameraConfig()
     sigma0_nm = float(astigmatic_sigmas_nm(np.zeros(1), optics)[0][0])
-    methods: dict[str, tuple[Method, list[dict]]] = {"smartscope": _ours(camera),
-                                                     "smartscope-1frame": _ours(camera, one_frame=True)}
+    methods: dict[str, tuple[Method, list[dict]]] = {"smartscope": ours_method(camera),
+                                                     "smartscope-1frame": ours_method(camera, one_frame=True)}
     if resolve_model_path(FAST_MODEL).is_file():  # the narrow variant, for large fields at high rates
-        methods["smartscope-w8"] = _ours(camera, FAST_MODEL)
+        methods["smartscope-w8"] = ours_method(camera, FAST_MODEL)
     missing = {}
-    for name, factory in (("smappy", lambda: _smappy(camera, sigma0_nm / PIXEL_NM)), ("trackpy", lambda: _trackpy(camera))):
+    for name, factory in (("smappy", lambda: _smappy(camera, sigma0_nm / PIXEL_NM)),
+                          ("trackpy", lambda: _trackpy(camera))):
         try:
             methods[name] = factory()
         except ImportError as e:
@@ -249,7 +252,7 @@ def run(quick: bool = False, world: str = "simulator") -> dict:
     n_dense, n_iso = (15, 40) if quick else (60, 1000)  # RMSE of 1000 fits: ±2 % (1 s.e.)
 
     # 1. tune each method's settings on its own tuning frames (best Jaccard)
-    tune_frames, tune_truth = _dense_set(1, n_dense, 1.0, optics, camera)
+    tune_frames, tune_truth = dense_set(1, n_dense, 1.0, optics, camera)
     best: dict[str, dict] = {}
     for name, (method, grid) in methods.items():
         jis = [score([t[:, :3] for t in tune_truth], method(tune_frames, p))["jaccard"] for p in grid]
@@ -260,7 +263,7 @@ def run(quick: bool = False, world: str = "simulator") -> dict:
     # 2. dense frames: detection quality
     print(f"\n{'density /µm²':>12} {'method':<17} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8} {'locs/s':>8}")
     for density in (0.5, 1.0, 2.0):
-        frames, truth = _dense_set(100 + int(density * 10), n_dense, density, optics, camera)
+        frames, truth = dense_set(100 + int(density * 10), n_dense, density, optics, camera)
         results["dense"][str(density)] = {}
         for name, (method, _) in methods.items():
             pred, seconds = _timed(method, frames, best[name])
@@ -285,14 +288,14 @@ def run(quick: bool = False, world: str = "simulator") -> dict:
         frames, truth, _ = simulate_windows(rng, n_iso, FRAMES, 32, optics, camera, emitters=emitters,
                                             background=np.full(n_iso, 10.0), as_adu=True)
         crlb = float(integrated_gaussian_crlb_nm(photons * camera.qe, 10.0 * camera.qe, sigma0_nm, PIXEL_NM,
-                                                 read_noise_e=_read_noise_e(camera)))
+                                                 read_noise_e=pixel_noise_e(camera)))
         results["isolated"][str(photons)] = {
             "crlb_x_nm": round(crlb, 2),
             "crlb_x_nm_poisson_only": round(float(integrated_gaussian_crlb_nm(
                 photons * camera.qe, 10.0 * camera.qe, sigma0_nm, PIXEL_NM)), 2),
             **_isolated_entries(methods, best, truth, frames, crlb, calibration)}
     if world == "independent":
-        results["independent"] = _independent(methods, best, camera, n_dense, n_iso, folder)
+        results["independent"] = independent_world(methods, best, camera, n_dense, n_iso, folder)
     shutil.rmtree(folder, ignore_errors=True)
     for name, why in missing.items():
         print(f"peer {name}: {why}")

@@ -32,7 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from smartscope.bench.localization import FRAMES, PIXEL_NM, Method, _dense_set, _independent, _ours, _read_noise_e
+from smartscope.bench.localization import (
+    FRAMES,
+    PIXEL_NM,
+    Method,
+    dense_set,
+    independent_world,
+    ours_method,
+    pixel_noise_e,
+)
 from smartscope.evaluation import score
 from smartscope.inference.session import GRAPH_OPTIMIZATION, choose_providers, load_model
 from smartscope.resources import bundled_path
@@ -65,7 +73,7 @@ def _accuracy(methods: dict[str, Method], camera: CameraConfig, optics: OpticsCo
               n_dense: int, n_iso: int) -> dict:
     """Jaccard at 2 /µm² and RMSE / √CRLB per photon level, on our simulator, same frames for every model."""
     out: dict = {"dense_2_per_um2": {}, "isolated": {}}
-    frames, truth = _dense_set(120, n_dense, 2.0, optics, camera)  # the frames `bench localization` scores at 2 /µm²
+    frames, truth = dense_set(120, n_dense, 2.0, optics, camera)  # the frames `bench localization` scores at 2 /µm²
     for name, method in methods.items():
         out["dense_2_per_um2"][name] = score([t[:, :3] for t in truth], method(frames, {"threshold": threshold}))
     rng = np.random.default_rng(7)
@@ -75,7 +83,7 @@ def _accuracy(methods: dict[str, Method], camera: CameraConfig, optics: OpticsCo
         frames, truth, _ = simulate_windows(rng, n_iso, FRAMES, 32, optics, camera, emitters=emitters,
                                             background=np.full(n_iso, 10.0), as_adu=True)
         crlb = float(integrated_gaussian_crlb_nm(photons * camera.qe, 10.0 * camera.qe, sigma0_nm, PIXEL_NM,
-                                                 read_noise_e=_read_noise_e(camera)))  # as `bench localization`
+                                                 read_noise_e=pixel_noise_e(camera)))  # as `bench localization`
         out["isolated"][str(photons)] = {"crlb_x_nm": round(crlb, 2)}
         for name, method in methods.items():
             s = score([t[:, :3] for t in truth], method(frames, {"threshold": threshold}))
@@ -121,9 +129,9 @@ def run(quick: bool = False, world: str = "simulator", provider: str = "cpu") ->
     with tempfile.TemporaryDirectory() as tmp:
         families = _models(Path(tmp))
         for parent, paths in families.items():
-            methods = {f"{parent}-{q}" if q != "fp32" else parent: _ours(camera, str(path))[0]
+            methods = {f"{parent}-{q}" if q != "fp32" else parent: ours_method(camera, str(path))[0]
                        for q, path in paths.items()}
-            tune_frames, tune_truth = _dense_set(1, n_dense, 1.0, optics, camera)
+            tune_frames, tune_truth = dense_set(1, n_dense, 1.0, optics, camera)
             jis = [score([t[:, :3] for t in tune_truth], methods[parent](tune_frames, {"threshold": t}))["jaccard"]
                    for t in THRESHOLDS]
             threshold = THRESHOLDS[int(np.argmax(jis))]
@@ -131,7 +139,7 @@ def run(quick: bool = False, world: str = "simulator", provider: str = "cpu") ->
             entry: dict = {"threshold": threshold, "simulator": _accuracy(methods, camera, optics, threshold,
                                                                           n_dense, n_iso)}
             if world == "independent":
-                entry["independent"] = _independent({n: (m, []) for n, m in methods.items()},
+                entry["independent"] = independent_world({n: (m, []) for n, m in methods.items()},
                                                     dict.fromkeys(methods, {"threshold": threshold}),
                                                     camera, n_dense, n_iso)
             entry["sizes_bytes"] = {n: p.stat().st_size for n, p in zip(methods, paths.values(), strict=True)}
