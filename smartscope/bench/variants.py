@@ -140,8 +140,8 @@ def run(quick: bool = False, world: str = "simulator", provider: str = "cpu") ->
                                                                           n_dense, n_iso)}
             if world == "independent":
                 entry["independent"] = independent_world({n: (m, []) for n, m in methods.items()},
-                                                    dict.fromkeys(methods, {"threshold": threshold}),
-                                                    camera, n_dense, n_iso)
+                                                         dict.fromkeys(methods, {"threshold": threshold}),
+                                                         camera, n_dense, n_iso)
             entry["sizes_bytes"] = {n: p.stat().st_size for n, p in zip(methods, paths.values(), strict=True)}
             results["parents"][parent] = entry
             _print_accuracy(entry)

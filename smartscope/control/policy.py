@@ -121,7 +121,7 @@ class Policy(ABC):
         """Parameters that the running models' cards set when the config does not (`configured`):
         a threshold measured with the model belongs to that model, not to a default written
         before it was trained. `cards`: each model's card by its `inference` field (model,
-        counting_model, event_model). None by default."""
+        counting_model, event_model). The base class takes none."""
         return {}
 
     def update_params(self, changes: dict[str, Any]) -> None:
