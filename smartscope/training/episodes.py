@@ -163,8 +163,10 @@ def crop_episode(frames: np.ndarray, events: list[np.ndarray], y0: int, x0: int,
     return frames[:, y0:y0 + tile_px, x0:x0 + tile_px], out
 
 
-def random_microscope(rng: np.random.Generator, tile_px: int = TILE_PX) -> tuple[SimulatedMicroscope, float]:
-    """A live-mode microscope drawn from VARIETY, and its frame interval (ms)."""
+def random_microscope(rng: np.random.Generator, tile_px: int = TILE_PX, fission: bool = True,
+                      ) -> tuple[SimulatedMicroscope, float]:
+    """A live-mode microscope drawn from VARIETY, and its frame interval (ms); without
+    `fission` its tubules never divide (the same draw otherwise)."""
     v = VARIETY
     cfg = SimulationConfig(mode="live")
     cfg.camera.width_px = cfg.camera.height_px = tile_px
@@ -178,6 +180,8 @@ def random_microscope(rng: np.random.Generator, tile_px: int = TILE_PX) -> tuple
     live.motion_nm_per_s = rng.uniform(*v["motion_nm_per_s"])
     live.drift_x_nm_per_s, live.drift_y_nm_per_s = rng.uniform(*v["drift_nm_per_s"], size=2)
     live.fission_rate_per_um_per_s = rng.uniform(*v["fission_rate_per_um_per_s"])
+    if not fission:
+        live.fission_rate_per_um_per_s = 0.0
     live.length_density_um_per_um2 = rng.uniform(*v["length_density_um_per_um2"])
     cfg.focal_plane_um = rng.uniform(*v["focal_plane_um"])
     live.fission_step_s = None  # onsets drawn per frame interval, as for the shipped event model's card
@@ -199,6 +203,22 @@ def simulate_episode(scope: SimulatedMicroscope, n_frames: int, interval_ms: flo
         events.append(np.array([[e.id, e.x_nm / cam.pixel_size_nm, e.y_nm / cam.pixel_size_nm]
                                 for e in truth.events]).reshape(-1, 3))
     return frames, events
+
+
+def edge_touching_episode(seed: int, n_frames: int = 8, size_px: int = 128) -> tuple[np.ndarray, float, float]:
+    """Our simulator's counterpart of `heldout.edge_touching_field`: a VARIETY field with no
+    fission whose tubules cross all four edges (redrawn until the mean frame is brighter than
+    its 90th percentile somewhere along each edge): (T, size, size) photons, the pixel size (nm)
+    and the interval (ms). Beside the held-out fields it tells a border artefact from the held-out
+    world's shift: any detection in it is false."""
+    rng = np.random.default_rng(seed)
+    while True:
+        scope, interval_ms = random_microscope(rng, size_px, fission=False)
+        frames, events = simulate_episode(scope, n_frames, interval_ms)
+        assert not any(len(e) for e in events)
+        mean = frames.mean(axis=0)
+        if all(edge.max() > np.percentile(mean, 90) for edge in (mean[0], mean[-1], mean[:, 0], mean[:, -1])):
+            return frames, scope.config.camera.pixel_size_nm, interval_ms
 
 
 def heatmap(events_px: np.ndarray, shape: tuple[int, int], sigma_px: float = TARGET_SIGMA_PX) -> np.ndarray:
