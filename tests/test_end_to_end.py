@@ -82,7 +82,9 @@ def test_closed_loop_end_to_end(config, tmp_path):
 
 def test_worker_runs_the_counting_model_on_consecutive_frames(config, tmp_path):
     config.inference.counting_model = "counting.onnx"
-    config.acquisition.exposure_ms = config.acquisition.interval_ms = 30
+    # 100 ms frames: the worker keeps up even on a loaded machine, so its windows stay consecutive (at 30 ms
+    # a CI run beside four CPU-bound jobs dropped frames from the live stream and counted 20 of 60)
+    config.acquisition.exposure_ms = config.acquisition.interval_ms = 100
     config.acquisition.activation_mw = 100.0
     with running_daemon(config) as daemon:
         run = daemon.start_acquisition(tmp_path / "count", 60)
