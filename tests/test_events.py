@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import warnings
 
 import numpy as np
@@ -19,6 +21,7 @@ from smartscope.inference.events import (
     link_tracks,
     mirror_views,
     normalise_window,
+    outside_training,
     pad_window,
     persistent,
     persistent_score,
@@ -137,6 +140,36 @@ def test_events_cli_with_the_frame_interval_uses_spaced_windows(tmp_path, model)
     assert all(first[100][k] != first[1000][k] for k in range(max(scored_from, 5), 20))
     with pytest.raises(SystemExit, match="interval_ms must be > 0"):
         main(["events", stack, "--out", str(tmp_path / "bad.csv"), "--interval-ms", "0"])
+
+
+def test_a_stack_outside_the_event_model_s_training_draw_is_warned_about(tmp_path, model, capsys, caplog):
+    """Issue 28's real stacks (56 nm pixels, 5 s frames) lie outside v12's training draw (VARIETY: 80-130 nm,
+    100-1000 ms): `smartscope events` says so on stderr and in its summary, and the daemon's model check logs
+    the pixel size; a card fine-tuned on part of the randomised draw is checked against the wider ranges."""
+    lo, hi = model.card["training"]["variety"]["pixel_size_nm"]
+    name = f"the event model ({model.card['name']} v{model.card['version']}) was trained on"
+    assert outside_training(model.card, 56.0, 5000.0) == [f"pixel size 56 nm is outside the {lo:g}-{hi:g} nm {name}",
+                                                           f"interval 5000 ms is outside the 100-1000 ms {name}"]
+    assert outside_training(model.card, 100.0, 500.0) == outside_training(model.card, 100.0) == []
+    randomised = {**model.card, "training": {**model.card["training"], "randomised_episodes": 0.1}}
+    assert outside_training(randomised, 56.0, 5000.0) == []
+    assert len(outside_training(randomised, 30.0, 20_000.0)) == 2
+
+    assert main(["simulate", "--frames", "3", "--out", str(tmp_path), "--config", str(_live_config(tmp_path))]) == 0
+    capsys.readouterr()
+    assert main(["events", str(tmp_path / "stack.ome.tif"), "--out", str(tmp_path / "ev.csv"), "--pixel-size-nm", "56",
+                 "--interval-ms", "5000"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["outside_training"] == outside_training(model.card, 56.0, 5000.0)
+    assert err.count("warning: ") == 2 and "pixel size 56 nm is outside" in err
+
+    from smartscope.config import InferenceConfig
+    from smartscope.inference.pool import worker_models
+
+    with caplog.at_level(logging.WARNING, logger="smartscope"):
+        worker_models(InferenceConfig(model=None, event_model="events.onnx"), (64, 64), 56.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"pixel size 56 nm is outside the {lo:g}-{hi:g} nm {name}: its scores there are not measured"]
 
 
 def _live_config(tmp_path):

@@ -108,6 +108,27 @@ def event_window_for(card: dict, spacing: bool = True) -> EventWindow:
     return EventWindow(int(card["frames"]), spacing_s, card.get("min_window_frames"))
 
 
+def outside_training(card: dict, pixel_size_nm: float, interval_ms: float | None = None) -> list[str]:
+    """Where a stack lies outside what the event model was trained on (its card's
+    training draw: VARIETY, widened by the randomisation where part of the episodes
+    came from it), one sentence each: its card's figures do not hold there, and on
+    a world the training never saw they fell to F1 0.03 (models/README.md)."""
+    training = card.get("training", {})
+    ranges = dict(training.get("variety", {}))
+    if training.get("randomised_episodes"):
+        for k, wide in training.get("randomisation", {}).items():
+            if isinstance(wide, list) and len(wide) == 2:
+                lo, hi = ranges.get(k, wide)
+                ranges[k] = (min(lo, wide[0]), max(hi, wide[1]))
+    found = []
+    for what, value, unit in (("pixel_size_nm", pixel_size_nm, "nm"), ("interval_ms", interval_ms, "ms")):
+        if value is not None and what in ranges and not ranges[what][0] <= value <= ranges[what][1]:
+            lo, hi = ranges[what]
+            found.append(f"{what.rsplit('_', 1)[0].replace('_', ' ')} {value:g} {unit} is outside the {lo:g}-{hi:g} "
+                         f"{unit} the event model ({card.get('name', '?')} v{card.get('version', '?')}) was trained on")
+    return found
+
+
 def previous_maps_for(card: dict) -> int:
     """How many earlier frames' maps `persistent_score` needs: the card's min_frames − 1."""
     return max(int(card.get("min_frames", 1)) - 1, 0)

@@ -228,14 +228,19 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     min_window_frames on, a full window for cards without it), are scored 0.
     With `interval_ms` (the time between frames) the window is built as in a
     live run, from frames the card's window_spacing_ms apart; without it,
-    from consecutive frames.
+    from consecutive frames. A pixel size or interval outside the model's
+    training draw is warned about on stderr and listed in the summary
+    (`outside_training`).
     """
-    from smartscope.inference.events import detect_events, event_map, event_window_for, persistent
+    from smartscope.inference.events import detect_events, event_map, event_window_for, outside_training, persistent
 
     frames, pixel_size_nm, loaded = _open_for_model(stack, pixel_size_nm, model, provider)
     threshold = loaded.card["threshold"] if threshold is None else threshold
     if interval_ms is not None and not interval_ms > 0:
         raise StackError(f"interval_ms must be > 0, got {interval_ms}")
+    warnings = outside_training(loaded.card, pixel_size_nm, interval_ms)
+    for warning in warnings:
+        print(f"warning: {warning}: its scores there are not measured", file=sys.stderr)
     window = event_window_for(loaded.card, spacing=interval_ms is not None)
     n, t0 = len(frames), time.perf_counter()
     scores, peaks = np.zeros(n), [np.zeros((0, 3)) for _ in range(n)]
@@ -256,4 +261,4 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
                 writer.writerow([i, "", "", f"{scores[i]:.4f}"])
     seconds = time.perf_counter() - t0
     return {"frames": n, "detections": int(sum(len(k) for k in kept)), "seconds": round(seconds, 3),
-            "provider": loaded.provider}
+            "provider": loaded.provider, "outside_training": warnings}

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smartscope.inference.events import outside_training
 from smartscope.inference.session import check_fits_frames, read_card, with_psf_calibration
 from smartscope.inference.worker import HEARTBEAT_S
 
@@ -53,7 +54,8 @@ def worker_models(inference: InferenceConfig, frame_shape_px: tuple[int, int],
                   pixel_size_nm: float) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
     """Worker flag → model file, each checked against the frames, and each model's card by its
     `inference` field (model, counting_model, event_model: the policies take defaults from them);
-    ValueError if no model is configured."""
+    ValueError if no model is configured. An event model used at a pixel size outside its training
+    draw is logged as a warning (`outside_training`)."""
     models, cards = {}, {}
     for flag, field in (("--model", "model"), ("--counting-model", "counting_model"),
                         ("--event-model", "event_model")):
@@ -62,6 +64,9 @@ def worker_models(inference: InferenceConfig, frame_shape_px: tuple[int, int],
             if flag == "--model" and inference.psf_calibration:
                 card = with_psf_calibration(card, inference.psf_calibration)
             check_fits_frames(card, frame_shape_px, pixel_size_nm)
+            if field == "event_model":
+                for warning in outside_training(card, pixel_size_nm):
+                    log.warning("%s: its scores there are not measured", warning)
             models[flag], cards[field] = path, card
     if not models:
         raise ValueError("inference: no model configured (model, counting_model or event_model)")
