@@ -104,7 +104,8 @@ def edge_field_scores(run, card: dict[str, Any], stacks: list[tuple[np.ndarray, 
         h, w = stack.shape[1:]
         yy, xx = np.mgrid[:h, :w] + 0.5
         to_border_px = np.minimum(np.minimum(xx, w - xx), np.minimum(yy, h - yy))
-        in_band = to_border_px < BORDER_UM * 1000 / px
+        band_px = BORDER_UM * 1000 / px
+        in_band = to_border_px < band_px
         top_band = to_border_px < TOP_BAND_UM * 1000 / px
         band_share.append(float(top_band.mean()))
         for m in predict_episode(run, stack, interval_ms, float(card.get("window_spacing_ms", 0.0)),
@@ -115,7 +116,7 @@ def edge_field_scores(run, card: dict[str, Any], stacks: list[tuple[np.ndarray, 
             top_in_band += bool(top_band.flat[int(np.argmax(m))])
             peaks = detect_events(m, card["threshold"])[1]
             all_dets += len(peaks)
-            border_dets += int(sum(min(x, y, w - x, h - y) < BORDER_UM * 1000 / px for x, y, _ in peaks))
+            border_dets += int(sum(min(x, y, w - x, h - y) < band_px for x, y, _ in peaks))
             border_max, inside_max = max(border_max, float(m[in_band].max())), max(inside_max, float(m[~in_band].max()))
     return {"fields": len(stacks), "frames_per_field": len(stacks[0][0]), "frames_scored": scored,
             "detections": all_dets, "detections_within_1um_of_border": border_dets,

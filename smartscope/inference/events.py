@@ -121,11 +121,12 @@ def outside_training(card: dict, pixel_size_nm: float, interval_ms: float | None
                 lo, hi = ranges.get(k, wide)
                 ranges[k] = (min(lo, wide[0]), max(hi, wide[1]))
     found = []
-    for what, value, unit in (("pixel_size_nm", pixel_size_nm, "nm"), ("interval_ms", interval_ms, "ms")):
-        if value is not None and what in ranges and not ranges[what][0] <= value <= ranges[what][1]:
-            lo, hi = ranges[what]
-            found.append(f"{what.rsplit('_', 1)[0].replace('_', ' ')} {value:g} {unit} is outside the {lo:g}-{hi:g} "
-                         f"{unit} the event model ({card.get('name', '?')} v{card.get('version', '?')}) was trained on")
+    for label, key, value, unit in (("pixel size", "pixel_size_nm", pixel_size_nm, "nm"),
+                                    ("interval", "interval_ms", interval_ms, "ms")):
+        if value is not None and key in ranges and not ranges[key][0] <= value <= ranges[key][1]:
+            lo, hi = ranges[key]
+            found.append(f"{label} {value:g} {unit} is outside the {lo:g}-{hi:g} {unit} the event model "
+                         f"({card.get('name', '?')} v{card.get('version', '?')}) was trained on")
     return found
 
 

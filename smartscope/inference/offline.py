@@ -238,9 +238,9 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
     threshold = loaded.card["threshold"] if threshold is None else threshold
     if interval_ms is not None and not interval_ms > 0:
         raise StackError(f"interval_ms must be > 0, got {interval_ms}")
-    warnings = outside_training(loaded.card, pixel_size_nm, interval_ms)
-    for warning in warnings:
-        print(f"warning: {warning}: its scores there are not measured", file=sys.stderr)
+    outside = outside_training(loaded.card, pixel_size_nm, interval_ms)
+    for sentence in outside:
+        print(f"warning: {sentence}: its scores there are not measured", file=sys.stderr)
     window = event_window_for(loaded.card, spacing=interval_ms is not None)
     n, t0 = len(frames), time.perf_counter()
     scores, peaks = np.zeros(n), [np.zeros((0, 3)) for _ in range(n)]
@@ -261,4 +261,4 @@ def events_in_stack(stack: Path, out_csv: Path, *, pixel_size_nm: float | None =
                 writer.writerow([i, "", "", f"{scores[i]:.4f}"])
     seconds = time.perf_counter() - t0
     return {"frames": n, "detections": int(sum(len(k) for k in kept)), "seconds": round(seconds, 3),
-            "provider": loaded.provider, "outside_training": warnings}
+            "provider": loaded.provider, "outside_training": outside}
