@@ -448,7 +448,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from smartscope.bench import run_benchmark
 
     try:
-        options = {key: value for key in ("world", "frames", "baseline", "provider")
+        options = {key: value for key in ("world", "frames", "baseline", "provider", "seeds", "model")
                    if (value := getattr(args, key)) is not None}  # each benchmark says which it takes
         run_benchmark(args.name, Path(args.json) if args.json else None, quick=args.quick, **options)
     except ValueError as e:
@@ -621,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency: this bench's JSON from another version, printed beside each case")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda", "tensorrt"), default=None,
                    help="latency, tiling, gpu: the ONNX Runtime execution provider (default: the benchmark's)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="frame_rate: seeds 0..N-1 (default 18)")
+    p.add_argument("--model", default=None, metavar="ONNX",
+                   help="frame_rate: a candidate event model (its card beside it; default: the shipped events.onnx)")
     p.set_defaults(func=cmd_bench)
     return parser
 

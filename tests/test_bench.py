@@ -39,3 +39,23 @@ def test_the_variants_bench_scores_every_variant_on_both_worlds_against_one_boun
         held_out = entry["independent"]["isolated"]["500"]
         assert held_out["crlb_x_nm"] > held_out["crlb_x_nm_poisson_only"]
     assert all(ms > 0 for ms in results["speed_ms"].values())
+
+
+@pytest.mark.slow
+def test_the_frame_rate_bench_runs_the_policy_on_the_model_it_is_given(tmp_path):
+    """`bench frame_rate --quick --seeds 1 [--model PATH]`: seed 0's 60 s run has 2 events, both imaged fast on
+    the shipped model's score (measured: 2 of 2); the same model with a card whose switch threshold is 1.0 (a
+    probability never reaches it) never switches, so no event time is imaged fast."""
+    from smartscope.resources import resolve_model_path
+
+    shipped = run_benchmark("frame_rate", tmp_path / "fr.json", quick=True, seeds=1)["results"]
+    assert shipped["model"] == "events.onnx" and [row["seed"] for row in shipped["seeds"]] == [0]
+    assert shipped["events"] == 2 and shipped["events_imaged_fast"] == 2
+    onnx = resolve_model_path("events.onnx")
+    card = json.loads(onnx.with_suffix(".json").read_text())
+    (tmp_path / "events.onnx").write_bytes(onnx.read_bytes())
+    (tmp_path / "events.json").write_text(json.dumps({**card, "switch_threshold": 1.0}))
+    never = run_benchmark("frame_rate", None, quick=True, seeds=1, model=str(tmp_path / "events.onnx"))["results"]
+    assert never["events"] == 2 and never["events_imaged_fast"] == 0
+    assert never["fast_fraction_of_event_time_median"] == 0.0
+    assert json.loads((tmp_path / "fr.json").read_text())["results"]["seeds"][0]["events"] == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("acquisition", "transport", "latency", "simulation", "localization", "counting", "events", "policies",
-              "analyze", "soak", "variants", "tiling", "storage", "gpu")
+              "frame_rate", "analyze", "soak", "variants", "tiling", "storage", "gpu")
 
 
 def run_benchmark(name: str, json_out: Path | None = None, quick: bool = False, **options: Any) -> dict[str, Any]:

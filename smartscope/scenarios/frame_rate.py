@@ -59,11 +59,12 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
                         fast_interval_ms: float = 20.0, slow_interval_ms: float = 100.0,
                         exposure_ms: float = 20.0, detection_delay_s: float = 0.25, noise: float = 0.1,
                         dose_budget: float = 0.4, score: str = "truth",
-                        params: dict[str, Any] | None = None) -> dict[str, Any]:
+                        params: dict[str, Any] | None = None, model: str = "events.onnx") -> dict[str, Any]:
     """Event-driven frame rate on the live sample, scored on the truth's fission events.
 
     The event score is truth-derived (`truth_event_score`, score="truth") or
-    the shipped event model's (score="model", `event_model_scorer`, with the
+    event model's (score="model": the shipped one, or `model`, a path to a
+    candidate with its card beside it; `event_model_scorer`, with the
     card's switch_threshold, set by a false-alarm budget, as the upper
     hysteresis threshold and half of it as the lower, as the daemon sets
     them: `FrameRate.card_defaults`).
@@ -89,11 +90,11 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     # frames needed: all slow, plus the fast frames that events will add (bounded by all fast)
     n_max = int(duration_s / (max(exposure_ms, fast_interval_ms) / 1000)) + 1
     if score == "model":
-        scorer = event_model_scorer(cfg)
-        cards = {"event_model": shipped_model("events.onnx").card}
+        scorer = event_model_scorer(cfg, model)
+        cards = {"event_model": shipped_model(model).card}
         # as the daemon sets them (build_policies)
         spec["params"].update(load_policy_class(spec["module"]).card_defaults(cards, params or {}))
-        source = "the shipped event model (events.onnx)"
+        source = f"the event model {model}"
     else:
         scorer = truth_event_score(detection_delay_s, noise)
         source = "truth-derived stand-in (simulated fission events + noise), not the event model"
