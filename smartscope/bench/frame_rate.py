@@ -23,7 +23,7 @@ PER_SEED = ("fast_fraction_of_event_time", "dose_vs_always_fast", "median_switch
 
 
 def run(quick: bool = False, seeds: int | None = None, model: str | None = None) -> dict[str, Any]:
-    """Seeds 0..seeds-1 (quick: 2 seeds of 60 s), each a 200 s live run; medians over the seeds and
+    """Seeds 0..seeds-1, each a 200 s live run (quick: 2 seeds of 60 s); medians over the seeds and
     the events imaged fast over all of them."""
     n_seeds = seeds or (2 if quick else SEEDS)
     duration_s = 60.0 if quick else DURATION_S

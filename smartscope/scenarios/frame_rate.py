@@ -9,6 +9,7 @@ import numpy as np
 
 from smartscope.config import SmartscopeConfig
 from smartscope.control.policy import load_policy_class
+from smartscope.inference.session import read_card
 from smartscope.scenarios.closed_loop import (
     ClosedLoopRun,
     EventScore,
@@ -16,7 +17,6 @@ from smartscope.scenarios.closed_loop import (
     event_model_scorer,
     live_mode_available,
     run_closed_loop,
-    shipped_model,
 )
 from smartscope.scenarios.metrics import event_intervals
 from smartscope.simulation.microscope import FrameTruth
@@ -91,7 +91,7 @@ def frame_rate_scenario(seed: int = 0, *, duration_s: float = 600.0, size_px: in
     n_max = int(duration_s / (max(exposure_ms, fast_interval_ms) / 1000)) + 1
     if score == "model":
         scorer = event_model_scorer(cfg, model)
-        cards = {"event_model": shipped_model(model).card}
+        cards = {"event_model": read_card(model, "cpu")[1]}  # the scorer has the session
         # as the daemon sets them (build_policies)
         spec["params"].update(load_policy_class(spec["module"]).card_defaults(cards, params or {}))
         source = f"the event model {model}"

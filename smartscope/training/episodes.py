@@ -217,7 +217,8 @@ def edge_touching_episode(seed: int, n_frames: int = 8, size_px: int = 128) -> t
         frames, events = simulate_episode(scope, n_frames, interval_ms)
         assert not any(len(e) for e in events)
         mean = frames.mean(axis=0)
-        if all(edge.max() > np.percentile(mean, 90) for edge in (mean[0], mean[-1], mean[:, 0], mean[:, -1])):
+        bright = np.percentile(mean, 90)
+        if all(edge.max() > bright for edge in (mean[0], mean[-1], mean[:, 0], mean[:, -1])):
             return frames, scope.config.camera.pixel_size_nm, interval_ms
 
 

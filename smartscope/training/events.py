@@ -29,10 +29,11 @@ lr 5e-4: the shipped v12, which scores from the first frame. v3 and v11
 put no detection on the held-out edge fields because the randomised episodes
 made them quiet on that whole world, not because of the reflect padding or
 the crops; those episodes also cost the confidence that the frame-rate policy
-needs, so v12 leaves them out (models/README.md, events: the ablation). Half the episodes randomised (v3, v4) or each frame scaled on
-its own (v7) lost more in distribution. Without `--init` it trains from
-scratch. A CPU run outlives a session: `--resume` goes on from its last
-checkpoint, bit for bit.
+needs, so v12 leaves them out (models/README.md, events: the ablation). Half
+the episodes randomised (v3, v4) or each frame scaled on its own (v7) lost
+more in distribution. Without `--init` it trains from scratch. A CPU run
+outlives a session: `--resume` goes on from its last checkpoint, bit for
+bit.
 """
 
 from __future__ import annotations
