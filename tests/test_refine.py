@@ -156,8 +156,9 @@ def test_ring_ghosts_of_a_bright_emitter_go_and_a_real_dim_neighbour_stays():
 
 def test_a_bead_calibration_drops_ring_ghosts_in_tiles_as_in_the_whole_frame(tmp_path):
     """30 bright emitters (5000 photons) of the held-out pupil PSF on a 128 px frame, localized with its bead
-    calibration: every emitter found, and 20 detections further than 250 nm from any (55 without the ghost
-    test; 30 and 24 on seeds 1 and 2, against 52 and 63); tiles of 64 px drop the same rows as the whole frame."""
+    calibration: every emitter found, and 6 detections further than 250 nm from any (5 and 10 on seeds 1 and 2;
+    the model before the pupil family: 19, 29, 29, and 55 without the ghost test); tiles of 64 px drop the same
+    rows as the whole frame."""
     from smartscope.inference.localization import localize_photons
     from smartscope.inference.session import load_model
     from smartscope.inference.tiling import localize_tiled
@@ -174,7 +175,26 @@ def test_a_bead_calibration_drops_ring_ghosts_in_tiles_as_in_the_whole_frame(tmp
     tiled, _ = localize_tiled(model, photons, CAM, threshold=0.3, core_px=64)
     np.testing.assert_allclose(tiled, whole, atol=1e-6)
     assert (cKDTree(whole[:, :2]).query(truth[:, :2])[0] < 250).all()
-    assert (cKDTree(truth[:, :2]).query(whole[:, :2])[0] > 250).sum() <= 25
+    assert (cKDTree(truth[:, :2]).query(whole[:, :2])[0] > 250).sum() <= 15
+
+
+def test_the_localizer_does_not_take_a_real_psfs_side_lobes_for_emitters():
+    """The same held-out pupil PSF, no calibration (the card's Gaussian): 30 bright emitters at z within
+    ±400 nm, where its rings and the side lobes of its focal lines are strongest. Every emitter found, and
+    10-12 detections further than 250 nm from any on seeds 2 and 3 (the model before it was trained on the
+    pupil family, simulation/pupil.py: 49 on each)."""
+    from smartscope.inference.localization import localize_photons
+    from smartscope.inference.session import load_model
+
+    model = load_model("localization.onnx", "cpu", threads=1)
+    pupil = PupilPSF(pixel_size_nm=PX)
+    for seed in (2, 3):
+        rng = np.random.default_rng(seed)
+        truth = np.column_stack([rng.uniform(500, 12300, (30, 2)), rng.uniform(-400, 400, 30), np.full(30, 5000.0)])
+        photons = adu_to_photons(render_frames(pupil, [truth], 128, 10.0, CAM, rng)[0], CAM)
+        found, _ = localize_photons(model, photons, CAM, threshold=0.3)
+        assert (cKDTree(found[:, :2]).query(truth[:, :2])[0] < 250).all()
+        assert (cKDTree(truth[:, :2]).query(found[:, :2])[0] > 250).sum() <= 20
 
 
 def test_cli_calibrates_a_tif(tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 from smartscope.simulation.camera import adu_to_photons, photons_to_adu
 from smartscope.simulation.config import CameraConfig, OpticsConfig
 from smartscope.simulation.optics import astigmatic_sigmas_nm, render_gaussian_psfs
+from smartscope.simulation.pupil import PupilFamily
 
 TILE_DISTRIBUTION = {
     "emitters_per_um2": (0.0, 1.5),
@@ -61,7 +62,8 @@ def simulate_tiles(rng: np.random.Generator, n: int, tile_px: int, optics: Optic
 def simulate_windows(rng: np.random.Generator, n: int, frames: int, tile_px: int, optics: OpticsConfig,
                      camera: CameraConfig, *, emitters: list[np.ndarray] | None = None,
                      background: np.ndarray | None = None, as_adu: bool = False,
-                     structured_background: bool = False,
+                     structured_background: bool = False, pupil_family: PupilFamily | None = None,
+                     pupil_share: float = 0.0,
                      ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """n causal windows of `frames` frames (n, T, H, W), the emitters inside the LAST
     frame (K, 4: x_nm, y_nm, z_nm, photons) and its background (n, H, W) photons/px.
@@ -73,7 +75,11 @@ def simulate_windows(rng: np.random.Generator, n: int, frames: int, tile_px: int
     emitters, elsewhere).
     With `structured_background`, half the tiles get a smooth out-of-focus glow
     (a broad Gaussian up to 3x the flat level) that the network must not take
-    for emitters and learns to estimate. frames=1 draws exactly the old tiles.
+    for emitters and learns to estimate. With a `pupil_family`, `pupil_share` of
+    the tiles draw their emitters through one of its members (a real PSF's rings
+    and side lobes; the emitters snapped to its grid, so the truth is where the
+    light is), the rest through the card's Gaussian. frames=1 draws exactly the
+    old tiles.
     """
     px = camera.pixel_size_nm
     out = np.empty((n, frames, tile_px, tile_px), np.uint16 if as_adu else np.float32)
@@ -85,6 +91,10 @@ def simulate_windows(rng: np.random.Generator, n: int, frames: int, tile_px: int
         bg = (np.exp(rng.uniform(*np.log(TILE_DISTRIBUTION["background_photons_per_px"])))
               if background is None else background[i])
         bg_map = np.full((tile_px, tile_px), bg, np.float64)
+        member = None
+        if pupil_family is not None and rng.random() < pupil_share:
+            member = int(rng.integers(pupil_family.members))
+            em = pupil_family.snap_nm(em)
         if structured_background and rng.random() < 0.5:
             cx, cy = rng.uniform(0, tile_px, 2)
             width_px = rng.uniform(4.0, 16.0)
@@ -97,11 +107,15 @@ def simulate_windows(rng: np.random.Generator, n: int, frames: int, tile_px: int
             # as many went off as stayed off: like the frame's emitters, elsewhere
             gone = em[rng.integers(0, len(em), rng.poisson(len(em) * (1 - P_STAY_ON)))] if len(em) else em
             gone = np.column_stack([rng.uniform(-1.0, tile_px + 1.0, (len(gone), 2)) * px, gone[:, 2:]])
-            lit.append(np.concatenate([stayed, gone]))
+            lit.append(np.concatenate([stayed, gone if member is None else pupil_family.snap_nm(gone)]))
         for t, e in enumerate(reversed(lit)):
-            sx, sy = astigmatic_sigmas_nm(e[:, 2], optics)
-            img = render_gaussian_psfs((tile_px, tile_px), e[:, 0] / px, e[:, 1] / px, e[:, 3], sx / px, sy / px,
-                                       out=bg_map.copy())
+            if member is None:
+                sx, sy = astigmatic_sigmas_nm(e[:, 2], optics)
+                img = render_gaussian_psfs((tile_px, tile_px), e[:, 0] / px, e[:, 1] / px, e[:, 3], sx / px, sy / px,
+                                           out=bg_map.copy())
+            else:
+                img = bg_map.copy()
+                pupil_family.render(img, member, e, px)
             adu = photons_to_adu(img, camera, rng)
             out[i, t] = adu if as_adu else adu_to_photons(adu, camera)
         backgrounds[i] = bg_map

@@ -10,7 +10,9 @@ offset, z and photon count there, and the background everywhere
 molecule blinks over several frames, so the frames before say where a dim one
 is. The network also predicts the uncertainty of each estimate (a Gaussian
 negative log-likelihood on its own errors, as DECODE does), which the worker
-reports for the detections the ML refinement does not reach.
+reports for the detections the ML refinement does not reach. Half the tiles
+draw their emitters through pupil-function PSFs that follow the card's widths
+(`simulation.pupil`): a real PSF's rings and side lobes are not emitters.
 
 `smartscope train localization --seed 0` reproduces models/localization.onnx
 and its card (metrics measured on held-out simulated frames).
@@ -29,6 +31,14 @@ from torch import nn
 from smartscope.evaluation import match_frame, score
 from smartscope.inference.localization import localize_photons, normalise
 from smartscope.simulation import CameraConfig, OpticsConfig, astigmatic_sigmas_nm, integrated_gaussian_crlb_nm
+from smartscope.simulation.pupil import (
+    ANCHOR,
+    ANCHOR_SPREAD,
+    RESIDUAL_RAD,
+    RESIDUAL_TERMS,
+    WAVELENGTH_NM,
+    PupilFamily,
+)
 from smartscope.simulation.tiles import P_STAY_ON, TILE_DISTRIBUTION, dense_emitters, simulate_windows
 from smartscope.training import TEST_SEED_OFFSET
 from smartscope.training.common import UNet2d, export_onnx, fit, seed_everything
@@ -42,9 +52,17 @@ CONTEXT_DROPOUT = {"all": 0.15, "oldest": 0.1}
 NORMALISATION = {"subtract_median": True, "input_scale_photons": 50.0, "z_scale_nm": 500.0,
                  "photon_scale": 1000.0}
 INPUT_MULTIPLE_PX = 4
+# share of training tiles drawn through pupil-function PSFs anchored to the card (rings, side lobes), and
+# how many members the bank holds (simulation/pupil.py)
+PUPIL_SHARE = 0.5
+PUPIL_MEMBERS = 32
 TRAIN = {"tile_px": 40, "pixel_size_nm": 100.0, **TILE_DISTRIBUTION, "p_stay_on": P_STAY_ON,
          "structured_background": "half the tiles: a Gaussian glow, 4-16 px wide, up to 3x the flat level",
-         "context_dropout": CONTEXT_DROPOUT}  # recorded in the model card
+         "context_dropout": CONTEXT_DROPOUT,
+         "pupil_family": {"share": PUPIL_SHARE, "members": PUPIL_MEMBERS, "anchor": ANCHOR,
+                          "anchor_spread": ANCHOR_SPREAD, "wavelength_nm": WAVELENGTH_NM,
+                          "residual_aberrations_rad": RESIDUAL_RAD,
+                          "residual_terms": [f"Z({n},{m})" for n, m in RESIDUAL_TERMS]}}  # recorded in the model card
 
 
 class LocalizationNet(nn.Module):
@@ -224,9 +242,11 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     optics, camera = OpticsConfig(), CameraConfig()
     net = LocalizationNet(width)
     tile = TRAIN["tile_px"]
+    pupil_family = PupilFamily.draw(np.random.default_rng(seed + 1), PUPIL_MEMBERS, optics)
 
     def next_batch() -> tuple[torch.Tensor, ...]:
-        windows, truth, bg = simulate_windows(rng, batch, FRAMES, tile, optics, camera, structured_background=True)
+        windows, truth, bg = simulate_windows(rng, batch, FRAMES, tile, optics, camera, structured_background=True,
+                                              pupil_family=pupil_family, pupil_share=PUPIL_SHARE)
         u = rng.random(batch)
         windows[u < CONTEXT_DROPOUT["all"], :-1] = windows[u < CONTEXT_DROPOUT["all"], -1:]
         oldest = (u >= CONTEXT_DROPOUT["all"]) & (u < CONTEXT_DROPOUT["all"] + CONTEXT_DROPOUT["oldest"])
