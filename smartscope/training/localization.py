@@ -265,7 +265,7 @@ def train_and_export(seed: int = 0, out_dir: Path = Path("models"), steps: int |
     card = {
         **_card_core(),
         "name": model_name(width),
-        "version": 2,
+        "version": 3,
         "file": onnx_path.name,
         "architecture": f"U-Net {width}-{2 * width}-{4 * width}, {FRAMES} frames in, {len(CHANNELS)} maps out",
         "parameters": sum(p.numel() for p in net.parameters()),
