@@ -59,3 +59,24 @@ def test_the_frame_rate_bench_runs_the_policy_on_the_model_it_is_given(tmp_path)
     assert never["events"] == 2 and never["events_imaged_fast"] == 0
     assert never["fast_fraction_of_event_time_median"] == 0.0
     assert json.loads((tmp_path / "fr.json").read_text())["results"]["seeds"][0]["events"] == 2
+
+
+@pytest.mark.slow
+def test_the_held_out_localization_world_scores_the_psfs_outside_the_training_family():
+    """`bench localization --world independent`'s held-out part on a few frames: the default pupil PSF and every
+    one of OTHER_PUPILS (two scalar pupils outside the training family's ranges, one vectorial) get a Jaccard
+    for every method, on frames where the shipped localizer finds most emitters; the variants bench skips them."""
+    from smartscope.bench.localization import OTHER_PUPILS, independent_world, ours_method
+    from smartscope.simulation import CameraConfig
+
+    camera = CameraConfig()
+    method, _ = ours_method(camera)
+    out = independent_world({"smartscope": (method, [])}, {"smartscope": {"threshold": 0.3}}, camera, n_dense=3, n_iso=4)
+    assert set(out["other_pupils"]) == set(OTHER_PUPILS) and len(OTHER_PUPILS) == 3
+    assert any(params.get("vectorial") for params in OTHER_PUPILS.values())
+    for label, scores in out["other_pupils"].items():
+        assert 0.5 < scores["smartscope"]["jaccard"] <= 1.0, label
+    assert 0.5 < out["dense"]["smartscope"]["jaccard"] <= 1.0
+    skipped = independent_world({"smartscope": (method, [])}, {"smartscope": {"threshold": 0.3}}, camera, n_dense=3,
+                                n_iso=4, other_pupils=False)
+    assert skipped["other_pupils"] == {}

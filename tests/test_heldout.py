@@ -109,6 +109,21 @@ def test_pupil_psf_is_centred_and_its_crlb_scales_as_one_over_root_photons():
     assert psf.crlb_x_nm(1000.0, 50.0) > 1.2 * psf.crlb_x_nm(1000.0, 0.0)
 
 
+def test_the_vectorial_psf_is_a_free_dipoles_wider_image():
+    """The vectorial option (OTHER_PUPILS of `bench localization`): centred, its sign of z as the scalar one's,
+    and wider, as a high-NA free dipole's image is (measured at focus: rms width +4-5 %, peak 0.74x)."""
+    scalar, vectorial = PupilPSF(), PupilPSF(vectorial=True)
+    yy, xx = np.mgrid[: scalar.window_px, : scalar.window_px] - scalar.window_px // 2
+    s, v = scalar.image(0.0, 0.0, 0.0), vectorial.image(0.0, 0.0, 0.0)
+    assert abs((v * xx).sum() / v.sum()) < 1e-3 and abs((v * yy).sum() / v.sum()) < 1e-3
+    for axis in (xx, yy):
+        ratio = np.sqrt((v * axis**2).sum() / v.sum() / ((s * axis**2).sum() / s.sum()))
+        assert 1.02 < ratio < 1.08
+    assert 0.65 < v.max() / s.max() < 0.85
+    im = vectorial.image(0.0, 0.0, 400.0)
+    assert (im * yy**2).sum() > 1.3 * (im * xx**2).sum()
+
+
 def test_rendered_emitters_carry_their_photons():
     psf = PupilPSF()
     camera = CameraConfig(read_noise_e=0.0)

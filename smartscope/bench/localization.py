@@ -17,7 +17,10 @@ PSF model (`simulation.heldout_smlm.PupilPSF`: a pupil-function PSF with
 rings, astigmatism and spherical aberration, not our Gaussian family), with
 the Cramér-Rao bound computed for that PSF (numerical Fisher information):
 RMSE / sqrt(CRLB) of isolated emitters per photon level and the Jaccard
-index at 2 /µm², beside the figures above.
+index at 2 /µm², beside the figures above; and the Jaccard index at 2 /µm² on
+OTHER_PUPILS, PSFs outside the pupil family our network trains on
+(`simulation.pupil`), whose physics class (scalar pupils) the default
+held-out PSF shares: two outside its ranges, and a vectorial one.
 
 The bounds include the camera's read noise (and its ADU rounding, e_per_adu²/12),
 as the simulated sCMOS has them (Huang et al. 2013); the Poisson-only bound is
@@ -54,6 +57,16 @@ from smartscope.simulation import (
 from smartscope.simulation.tiles import dense_emitters, simulate_windows
 
 PIXEL_NM = 100.0
+#: held-out PSFs outside the training family (scalar pupils, NA 1.1, oil, 640-700 nm, astigmatism 1.1-1.5 rad,
+#: residual aberrations within ±0.35 rad): two scalar ones outside its ranges and a vectorial one (another
+#: physics class); their Jaccard at 2 /µm², each on its own 60 tiles
+OTHER_PUPILS = {
+    "oil, NA 1.49, 600 nm, astigmatism 0.9 rad, spherical -0.6 rad":
+        {"na": 1.49, "immersion_index": 1.518, "wavelength_nm": 600.0, "astigmatism_rad": 0.9, "spherical_rad": -0.6},
+    "water, NA 1.2, 720 nm, astigmatism 1.8 rad, spherical 0.6 rad":
+        {"na": 1.2, "immersion_index": 1.333, "wavelength_nm": 720.0, "astigmatism_rad": 1.8, "spherical_rad": 0.6},
+    "vectorial (a freely rotating dipole), the held-out PSF's parameters": {"vectorial": True},
+}
 FAST_MODEL = "localization-w8.onnx"
 FRAMES = 3
 # (windows (n, T, H, W) ADU, settings) → per window, the last frame's localizations (N, 3) nm
@@ -199,9 +212,10 @@ def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.nda
 
 
 def independent_world(methods: dict[str, tuple[Method, list[dict]]], best: dict[str, dict], camera: CameraConfig,
-                      n_dense: int, n_iso: int, folder: Path | None = None) -> dict:
+                      n_dense: int, n_iso: int, folder: Path | None = None, other_pupils: bool = True) -> dict:
     """Every method at its tuned settings on held-out frames of a pupil-function PSF; with a `folder` for the
-    bead stack's calibration, ours with that calibrated PSF too (dense and isolated emitters)."""
+    bead stack's calibration, ours with that calibrated PSF too (dense and isolated emitters); with
+    `other_pupils`, the Jaccard on OTHER_PUPILS as well."""
     from smartscope.simulation.heldout_smlm import PupilPSF, render_windows
 
     psf = PupilPSF(pixel_size_nm=PIXEL_NM)
@@ -221,6 +235,19 @@ def independent_world(methods: dict[str, tuple[Method, list[dict]]], best: dict[
         out["dense"][name] = s
         print(f"{2.0:>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
               f"{s['rmse_lateral_nm']:>8.1f}")
+    out["other_pupils"] = {}
+    for k, (label, params) in enumerate(OTHER_PUPILS.items() if other_pupils else ()):
+        print(f"\n{label} (outside the training family), 2 /µm²")
+        other_rng = np.random.default_rng(2029 + k)
+        emitters = dense_emitters(other_rng, n_dense, 64, PIXEL_NM, 2.0, z_half_range_nm=400.0)
+        frames = render_windows(PupilPSF(pixel_size_nm=PIXEL_NM, **params), emitters, FRAMES, 64, 20.0, camera,
+                                other_rng)
+        out["other_pupils"][label] = {}
+        for name, (method, _) in methods.items():
+            s = score([e[:, :3] for e in emitters], method(frames, best[name]))
+            out["other_pupils"][label][name] = s
+            print(f"{'':>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
+                  f"{s['rmse_lateral_nm']:>8.1f}")
     print(ISOLATED_HEADER)
     for photons in (500, 1000, 2000, 5000):
         emitters = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]

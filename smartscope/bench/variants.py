@@ -141,7 +141,7 @@ def run(quick: bool = False, world: str = "simulator", provider: str = "cpu") ->
             if world == "independent":
                 entry["independent"] = independent_world({n: (m, []) for n, m in methods.items()},
                                                          dict.fromkeys(methods, {"threshold": threshold}),
-                                                         camera, n_dense, n_iso)
+                                                         camera, n_dense, n_iso, other_pupils=False)
             entry["sizes_bytes"] = {n: p.stat().st_size for n, p in zip(methods, paths.values(), strict=True)}
             results["parents"][parent] = entry
             _print_accuracy(entry)

@@ -11,7 +11,11 @@ that is not a stretched Gaussian, and a wider core than the training PSF's
 sigma0. The Cramér-Rao bound is computed for this PSF numerically (Fisher
 information of the pixelated model, derivatives by central differences),
 the same estimand as `optics.integrated_gaussian_crlb_nm`: x, y, photons
-and background free, z known.
+and background free, z known. With `vectorial`, the image is that of a
+freely rotating dipole (the sum of the x, y and z dipoles' intensities, each
+with both in-plane polarisations of the pupil field, Richards-Wolf factors):
+another physics class than the scalar pupils the localizer trains on
+(`simulation.pupil`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class PupilPSF:
     astigmatism_rad: float = 1.2  # Z(2,2) amplitude: rho^2 cos 2phi
     spherical_rad: float = 0.3  # Z(4,0) amplitude: 6 rho^4 - 6 rho^2 + 1
     window_px: int = 15
+    vectorial: bool = False  # a freely rotating dipole's image instead of the scalar one
 
     @cached_property
     def _pupil(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -57,6 +62,20 @@ class PupilPSF:
         kz = 2 * np.pi * np.sqrt(np.maximum((self.immersion_index / self.wavelength_nm) ** 2 - kr**2, 0))
         return amplitude, np.where(inside, aberration, 0.0), kz, np.stack([kx, ky])
 
+    @cached_property
+    def _polarisation(self) -> np.ndarray:
+        """(components, grid, grid) pupil-field factors whose intensities add up to the image: 1 (scalar),
+        or the x, y and z dipoles' Ex and Ey (vectorial; an isotropic sum, so no cross terms)."""
+        if not self.vectorial:
+            return np.ones((1, PUPIL_GRID, PUPIL_GRID))
+        _, _, _, (kx, ky) = self._pupil
+        sin_t = np.clip(np.hypot(kx, ky) * self.wavelength_nm / self.immersion_index, 0, 0.999)
+        cos_t, phi = np.sqrt(1 - sin_t**2), np.arctan2(ky, kx)
+        c, s = np.cos(phi), np.sin(phi)
+        return np.stack([c**2 * cos_t + s**2, c * s * (cos_t - 1),  # x dipole: Ex, Ey
+                         c * s * (cos_t - 1), s**2 * cos_t + c**2,  # y dipole
+                         -sin_t * c, -sin_t * s])  # z dipole
+
     def image(self, dx_px: float, dy_px: float, z_nm: float) -> np.ndarray:
         """(window, window) pixel-integrated PSF summing to the light that falls in the window,
         the emitter dx_px, dy_px from the centre of the central pixel, z_nm from focus."""
@@ -64,8 +83,8 @@ class PupilPSF:
         # the samples of a pixel sit at its centre +-0.125, +-0.375 px: half a sample off the grid's origin
         off = 0.5 / OVERSAMPLE
         shift = 2 * np.pi * (kx * (dx_px - off) + ky * (dy_px - off)) * self.pixel_size_nm
-        field = np.fft.ifft2(amplitude * np.exp(1j * (aberration + kz * z_nm - shift)))
-        intensity = np.fft.fftshift(np.abs(field) ** 2)
+        fields = np.fft.ifft2(self._polarisation * (amplitude * np.exp(1j * (aberration + kz * z_nm - shift))))
+        intensity = np.fft.fftshift(np.sum(np.abs(fields) ** 2, axis=0))
         intensity /= intensity.sum()
         c = PUPIL_GRID // 2
         # the central camera pixel: sub-pixels c - 2 .. c + 1

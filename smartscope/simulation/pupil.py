@@ -6,10 +6,11 @@ against z, near enough, but also what no Gaussian has: rings around the
 core and side lobes beside each focal line, which a network trained on
 Gaussians takes for dim emitters. A `PupilFamily` is a bank of scalar
 pupil-function PSFs (aplanatic apodisation, exact defocus phase) whose
-astigmatism and extra blur were fitted once so that their Gaussian-fit
-widths follow the card's curves (`ANCHOR`, `fit_anchor`); each member
-varies those by a little and adds small random residual aberrations. The
-training tiles render a share of their emitters through it (`tiles.simulate_windows`).
+effective NA, astigmatism and extra blur were fitted once so that their
+Gaussian-fit widths follow the card's curves (`ANCHOR`, `fit_anchor`); each
+member varies those by a little and adds small random residual aberrations.
+The training tiles render a share of their emitters through it
+(`tiles.simulate_windows`).
 
 Tables are point samples TABLE_SAMPLE_NM apart, so an emitter rendered
 through one sits on that grid (`snap_nm`): the tile's truth is the rendered
@@ -25,6 +26,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.optimize import curve_fit
 
 from smartscope.simulation.config import OpticsConfig
+from smartscope.simulation.optics import astigmatic_sigmas_nm
 
 FFT_SIZE = 512
 FFT_SAMPLE_NM = 12.5  # the FFT's image sampling; tables keep every second sample
@@ -93,8 +95,6 @@ def gaussian_widths_nm(plane: np.ndarray) -> tuple[float, float]:
 def anchor_error_nm(optics: OpticsConfig, na: float, astigmatism_rad: float, blur_nm: float,
                     z_nm: np.ndarray) -> float:
     """rms difference (nm) between the Gaussian-fit widths of that pupil PSF and the card's over `z_nm`."""
-    from smartscope.simulation.optics import astigmatic_sigmas_nm
-
     sx_card, sy_card = astigmatic_sigmas_nm(z_nm, optics)
     planes = psf_planes(z_nm, optics.model_copy(update={"na": na}), optics.wavelength_nm,
                         {(2, 2): astigmatism_rad}, blur_nm)
