@@ -205,6 +205,17 @@ def _isolated_entries(methods: dict, best: dict, emitters: list[np.ndarray], fra
     return out
 
 
+def _dense_scores(runs: dict[str, tuple[Method, dict]], emitters: list[np.ndarray], frames: np.ndarray,
+                  first_column: str) -> dict[str, dict]:
+    """Each run's detection scores on dense frames of a held-out PSF, a printed row each."""
+    out = {}
+    for name, (method, settings) in runs.items():
+        s = out[name] = score([e[:, :3] for e in emitters], method(frames, settings))
+        print(f"{first_column:>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
+              f"{s['rmse_lateral_nm']:>8.1f}")
+    return out
+
+
 def _timed(method: Method, frames: np.ndarray, param: dict) -> tuple[list[np.ndarray], float]:
     t0 = time.perf_counter()
     pred = method(frames, param)
@@ -230,11 +241,7 @@ def independent_world(methods: dict[str, tuple[Method, list[dict]]], best: dict[
     emitters = dense_emitters(rng, n_dense, 64, PIXEL_NM, 2.0, z_half_range_nm=400.0)
     frames = render_windows(psf, emitters, FRAMES, 64, 20.0, camera, rng)
     print(f"{'density /µm²':>12} {'method':<17} {'JI':>6} {'recall':>7} {'prec':>6} {'RMSE nm':>8}")
-    for name, (method, settings) in _runs(methods, best, calibration).items():
-        s = score([e[:, :3] for e in emitters], method(frames, settings))
-        out["dense"][name] = s
-        print(f"{2.0:>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
-              f"{s['rmse_lateral_nm']:>8.1f}")
+    out["dense"] = _dense_scores(_runs(methods, best, calibration), emitters, frames, "2.0")
     out["other_pupils"] = {}
     for k, (label, params) in enumerate(OTHER_PUPILS.items() if other_pupils else ()):
         print(f"\n{label} (outside the training family), 2 /µm²")
@@ -242,12 +249,7 @@ def independent_world(methods: dict[str, tuple[Method, list[dict]]], best: dict[
         emitters = dense_emitters(other_rng, n_dense, 64, PIXEL_NM, 2.0, z_half_range_nm=400.0)
         frames = render_windows(PupilPSF(pixel_size_nm=PIXEL_NM, **params), emitters, FRAMES, 64, 20.0, camera,
                                 other_rng)
-        out["other_pupils"][label] = {}
-        for name, (method, _) in methods.items():
-            s = score([e[:, :3] for e in emitters], method(frames, best[name]))
-            out["other_pupils"][label][name] = s
-            print(f"{'':>12} {name:<17} {s['jaccard']:>6.3f} {s['recall']:>7.3f} {s['precision']:>6.3f} "
-                  f"{s['rmse_lateral_nm']:>8.1f}")
+        out["other_pupils"][label] = _dense_scores(_runs(methods, best, None), emitters, frames, "")
     print(ISOLATED_HEADER)
     for photons in (500, 1000, 2000, 5000):
         emitters = [np.array([[rng.uniform(1500, 1700), rng.uniform(1500, 1700), 0.0, photons]]) for _ in range(n_iso)]

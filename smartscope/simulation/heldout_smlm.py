@@ -47,7 +47,9 @@ class PupilPSF:
 
     @cached_property
     def _pupil(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Pupil amplitude and aberration phase, the axial wavenumber, and frequencies (1/nm)."""
+        """Pupil field amplitudes (components, grid, grid) whose images' intensities add up: one (scalar), or
+        the x, y and z dipoles' Ex and Ey (vectorial; an isotropic sum, so no cross terms); the aberration
+        phase, the axial wavenumber, and the frequencies (1/nm)."""
         dx = self.pixel_size_nm / OVERSAMPLE
         k = np.fft.fftfreq(PUPIL_GRID, d=dx)
         kx, ky = np.meshgrid(k, k)
@@ -56,25 +58,19 @@ class PupilPSF:
         rho = kr / cutoff
         inside = rho <= 1
         sin_t = np.clip(kr * self.wavelength_nm / self.immersion_index, 0, 0.999)
-        amplitude = np.where(inside, 1 / np.sqrt(np.sqrt(1 - sin_t**2)), 0.0)
+        cos_t = np.sqrt(1 - sin_t**2)
+        amplitude = np.where(inside, 1 / np.sqrt(cos_t), 0.0)
         phi = np.arctan2(ky, kx)
+        if self.vectorial:
+            c, s = np.cos(phi), np.sin(phi)
+            amplitude = amplitude * np.stack([c**2 * cos_t + s**2, c * s * (cos_t - 1),  # x dipole: Ex, Ey
+                                              c * s * (cos_t - 1), s**2 * cos_t + c**2,  # y dipole
+                                              -sin_t * c, -sin_t * s])  # z dipole
+        else:
+            amplitude = amplitude[None]
         aberration = self.astigmatism_rad * rho**2 * np.cos(2 * phi) + self.spherical_rad * (6 * rho**4 - 6 * rho**2 + 1)
         kz = 2 * np.pi * np.sqrt(np.maximum((self.immersion_index / self.wavelength_nm) ** 2 - kr**2, 0))
         return amplitude, np.where(inside, aberration, 0.0), kz, np.stack([kx, ky])
-
-    @cached_property
-    def _polarisation(self) -> np.ndarray:
-        """(components, grid, grid) pupil-field factors whose intensities add up to the image: 1 (scalar),
-        or the x, y and z dipoles' Ex and Ey (vectorial; an isotropic sum, so no cross terms)."""
-        if not self.vectorial:
-            return np.ones((1, PUPIL_GRID, PUPIL_GRID))
-        _, _, _, (kx, ky) = self._pupil
-        sin_t = np.clip(np.hypot(kx, ky) * self.wavelength_nm / self.immersion_index, 0, 0.999)
-        cos_t, phi = np.sqrt(1 - sin_t**2), np.arctan2(ky, kx)
-        c, s = np.cos(phi), np.sin(phi)
-        return np.stack([c**2 * cos_t + s**2, c * s * (cos_t - 1),  # x dipole: Ex, Ey
-                         c * s * (cos_t - 1), s**2 * cos_t + c**2,  # y dipole
-                         -sin_t * c, -sin_t * s])  # z dipole
 
     def image(self, dx_px: float, dy_px: float, z_nm: float) -> np.ndarray:
         """(window, window) pixel-integrated PSF summing to the light that falls in the window,
@@ -83,7 +79,7 @@ class PupilPSF:
         # the samples of a pixel sit at its centre +-0.125, +-0.375 px: half a sample off the grid's origin
         off = 0.5 / OVERSAMPLE
         shift = 2 * np.pi * (kx * (dx_px - off) + ky * (dy_px - off)) * self.pixel_size_nm
-        fields = np.fft.ifft2(self._polarisation * (amplitude * np.exp(1j * (aberration + kz * z_nm - shift))))
+        fields = np.fft.ifft2(amplitude * np.exp(1j * (aberration + kz * z_nm - shift)))
         intensity = np.fft.fftshift(np.sum(np.abs(fields) ** 2, axis=0))
         intensity /= intensity.sum()
         c = PUPIL_GRID // 2
